@@ -1,0 +1,225 @@
+"""Configuration: typed defaults (dataclasses) + a YAML file + `key=value` overrides, via OmegaConf.
+
+    python -m stellar_tok.train config=configs/tokenizer/tiny.yaml train.steps=500 model.num_tokens=8
+
+Unknown keys, wrong types and impossible values stop the run before any work, with one line naming the key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    width: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    num_tokens: int = 16  # r
+    latent_channels: int = 16  # c
+    tau: float = 0.06
+    decoder_width: int = 192
+    decoder_depth: int = 3
+    decoder_heads: int = 3
+    decoder_mlp_ratio: float = 4.0
+    loc_floor: float = 1e-4
+    imagenet_norm: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"  # shapes | digits | folder | wds
+    path: Optional[str] = None
+    resolution: int = 32  # images are loaded at this square size; views are cut from them
+    train_size: int = 20000  # shapes only
+    val_size: int = 2000  # shapes only
+    seed: int = 0
+    num_workers: int = 0
+    epoch_size: int = 10000  # wds: samples per "epoch" (ResampledShards are infinite)
+
+
+@dataclass
+class ViewsConfig:
+    global_size: int = 32
+    global_scale: List[float] = field(default_factory=lambda: [0.36, 1.0])
+    global_crops: int = 2  # masked global views, the first a masked copy of the main crop
+    local_crops: int = 4
+    local_size: int = 16
+    local_scale: List[float] = field(default_factory=lambda: [0.06, 0.36])
+    rotation: float = 0.0  # degrees, for every view but the main one
+    mask_ratio: float = 0.75
+    focal_p: float = 0.5
+    focal_sigma: List[float] = field(default_factory=lambda: [0.1, 0.5])
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1  # fraction of a full turn, as torchvision
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    blur_kernel: int = 9
+    noise_p: float = 0.0
+    noise_std: float = 0.1
+
+
+@dataclass
+class AlignWeights:
+    token_self: float = 1.0
+    cls_self: float = 1.0
+    token_masked: float = 1.0
+    cls_masked: float = 1.0
+    cls_local: float = 1.0
+    koleo: float = 0.1
+    koleo_masked: float = 0.1
+
+
+@dataclass
+class AlignConfig:
+    enabled: bool = True
+    weight: float = 1.0  # multiplies the whole alignment objective
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    token_prototypes: int = 16384
+    cls_prototypes: int = 16384
+    sinkhorn_temp: float = 0.06
+    sinkhorn_iters: int = 3
+    student_temp: float = 0.12
+    match: str = "hungarian"  # hungarian (one-to-one) | argmax (the reference code's per-row arg-max)
+    ot_eps: float = 0.1
+    ot_iters: int = 5
+    teacher_momentum: float = 0.0  # 0 = no EMA teacher (targets from the student itself, as the reference)
+    weights: AlignWeights = field(default_factory=AlignWeights)
+
+
+@dataclass
+class ReconConfig:
+    enabled: bool = True
+    weight: float = 1.0  # multiplies the whole reconstruction objective
+    pixel: str = "l1"  # l1 | l2
+    pixel_weight: float = 1.0
+    lpips_weight: float = 1.0
+    lpips_random_backbone: bool = False  # true: random VGG (offline tests only)
+    gan_weight: float = 0.1
+    gan_start: int = 20000
+    gan_max_adaptive: float = 1e4
+    disc_channels: int = 64
+    disc_layers: int = 3
+    disc_lr: float = 1e-4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.5e-4
+    weight_decay: float = 0.04
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 1000
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 3.0
+    batch_size: int = 128  # per process
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100000
+    max_minutes: float = 0.0  # >0: stop (with a checkpoint and export) after this wall time
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    seed: int = 0
+    output_dir: str = "runs/tokenizer"
+    resume: Optional[str] = None  # None | auto | path to a checkpoint folder
+    log_every: int = 20
+    image_every: int = 1000
+    ckpt_every: int = 5000
+    keep_ckpts: int = 3
+    stats_batches: int = 20  # batches used for the exported latent statistics
+    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _friendly(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def load_config(args: list[str], schema=Config):
+    """`args`: optional `config=PATH` plus `key=value` overrides (later wins). Returns a DictConfig."""
+    cfg = OmegaConf.structured(schema)
+    files = [a.split("=", 1)[1] for a in args if a.startswith("config=")]
+    overrides = [a for a in args if not a.startswith("config=")]
+    for a in overrides:
+        if "=" not in a:
+            raise UserError(f"argument {a!r} is not of the form key=value (see --help)")
+    try:
+        for f in files:
+            if not os.path.exists(f):
+                raise UserError(f"config file {f} does not exist")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(f))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as e:
+        raise UserError(_friendly(e)) from None
+    validate(cfg) if schema is Config else None
+    return cfg
+
+
+def _require(ok: bool, key: str, allowed: str, value) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}' must be {allowed} (got {value!r})")
+
+
+def validate(cfg) -> None:
+    m, v, d, a, r, o, t = cfg.model, cfg.views, cfg.data, cfg.align, cfg.recon, cfg.optim, cfg.train
+    _require(m.num_tokens >= 1, "model.num_tokens", "a positive integer", m.num_tokens)
+    _require(m.latent_channels >= 1, "model.latent_channels", "a positive integer", m.latent_channels)
+    _require(m.patch_size >= 1, "model.patch_size", "a positive integer", m.patch_size)
+    _require(m.image_size % m.patch_size == 0, "model.image_size", f"divisible by model.patch_size={m.patch_size}", m.image_size)
+    _require(m.width % m.heads == 0 and m.width % 4 == 0, "model.width", f"divisible by 4 and model.heads={m.heads}", m.width)
+    _require(m.decoder_width % m.decoder_heads == 0 and m.decoder_width % 2 == 0, "model.decoder_width", f"even and divisible by model.decoder_heads={m.decoder_heads}", m.decoder_width)
+    _require(m.tau > 0, "model.tau", "> 0", m.tau)
+    _require(0 < m.loc_floor < 1, "model.loc_floor", "in (0, 1)", m.loc_floor)
+    _require(d.name in ("shapes", "digits", "folder", "wds"), "data.name", "one of shapes, digits, folder, wds", d.name)
+    _require(d.name not in ("folder", "wds") or bool(d.path), "data.path", f"set for data.name={d.name}", d.path)
+    _require(d.resolution >= 8, "data.resolution", ">= 8", d.resolution)
+    for key, size in (("views.global_size", v.global_size), ("views.local_size", v.local_size)):
+        _require(size % m.patch_size == 0 and size > 0, key, f"a positive multiple of model.patch_size={m.patch_size}", size)
+    _require(v.global_size == m.image_size, "views.global_size", f"equal to model.image_size={m.image_size}", v.global_size)
+    _require(0 <= v.mask_ratio < 1, "views.mask_ratio", "in [0, 1)", v.mask_ratio)
+    for key, rng in (("views.global_scale", v.global_scale), ("views.local_scale", v.local_scale), ("views.focal_sigma", v.focal_sigma), ("views.blur_sigma", v.blur_sigma)):
+        _require(len(rng) == 2 and 0 < rng[0] <= rng[1], key, "[lo, hi] with 0 < lo <= hi", list(rng))
+    _require(v.global_scale[1] <= 1 and v.local_scale[1] <= 1, "views.global_scale", "within (0, 1]", list(v.global_scale))
+    _require(v.global_crops >= 0 and v.local_crops >= 0, "views.global_crops", ">= 0 (and local_crops >= 0)", v.global_crops)
+    _require(v.blur_kernel % 2 == 1 and v.blur_kernel < v.local_size * 2, "views.blur_kernel", "odd and smaller than twice views.local_size", v.blur_kernel)
+    for key in ("jitter_p", "grayscale_p", "blur_p", "noise_p", "focal_p"):
+        _require(0 <= v[key] <= 1, f"views.{key}", "a probability in [0, 1]", v[key])
+    _require(a.match in ("hungarian", "argmax"), "align.match", "hungarian or argmax", a.match)
+    _require(0 <= a.teacher_momentum < 1, "align.teacher_momentum", "in [0, 1)", a.teacher_momentum)
+    _require(a.token_prototypes >= 2 and a.cls_prototypes >= 2, "align.token_prototypes", ">= 2 (and cls_prototypes)", a.token_prototypes)
+    _require(a.enabled or r.enabled, "align.enabled", "true when recon.enabled is false (nothing to train)", a.enabled)
+    _require(r.pixel in ("l1", "l2"), "recon.pixel", "l1 or l2", r.pixel)
+    _require(o.lr > 0, "optim.lr", "> 0", o.lr)
+    _require(o.batch_size >= 2, "optim.batch_size", ">= 2", o.batch_size)
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas))
+    _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    _require(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "no, bf16 or fp16", t.mixed_precision)
+    _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
+    _require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)

@@ -1,0 +1,23 @@
+"""User-facing errors: printed as one line by the command-line entry points, never as a traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad config, missing file, missing weights); the message says how."""
+
+
+def cli_entry(fn):
+    """Wrap a `main(argv)`: UserError -> one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

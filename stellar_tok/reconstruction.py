@@ -1,0 +1,107 @@
+"""Reconstruction losses: L1/L2 + LPIPS + PatchGAN hinge loss with the VQGAN adaptive weight.
+
+LPIPS uses the `lpips` package (VGG). Its linear layers ship with the package; the VGG backbone comes from
+torchvision's weight cache. Without those weights and without a network, construction fails with one line
+saying how to provide them, unless `recon.lpips_random_backbone=true` (tests and tiny CPU configs).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+
+
+def vgg16_weights_path() -> str:
+    from torchvision.models import VGG16_Weights
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(VGG16_Weights.IMAGENET1K_V1.url))
+
+
+def build_lpips(random_backbone: bool) -> nn.Module:
+    import lpips
+
+    if not random_backbone and not os.path.exists(vgg16_weights_path()):
+        try:  # a machine with network downloads the weights here, once
+            return lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
+        except Exception as e:  # URLError, socket errors, ...
+            raise UserError(
+                f"LPIPS needs torchvision's VGG16 weights at {vgg16_weights_path()} and they could not be downloaded "
+                f"({type(e).__name__}); copy that file there from a machine with network, or set "
+                "recon.lpips_random_backbone=true (random VGG, for tests only)"
+            ) from None
+    return lpips.LPIPS(net="vgg", pnet_rand=random_backbone, verbose=False).eval().requires_grad_(False)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix/VQGAN NLayerDiscriminator, GroupNorm instead of BatchNorm so that
+    it behaves the same on one process and many)."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers):
+            nxt = channels * min(2**i, 8)
+            mods += [nn.Conv2d(ch, nxt, 4, 2, 1, bias=False), nn.GroupNorm(min(32, nxt // 4), nxt), nn.LeakyReLU(0.2)]
+            ch = nxt
+        nxt = channels * min(2**layers, 8)
+        mods += [nn.Conv2d(ch, nxt, 3, 1, 1, bias=False), nn.GroupNorm(min(32, nxt // 4), nxt), nn.LeakyReLU(0.2)]
+        mods += [nn.Conv2d(nxt, 1, 3, 1, 1)]
+        self.net = nn.Sequential(*mods)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,H,W) -> patch logits (B,1,h,w)
+        return self.net(x)
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """VQGAN's balance: ||d nll / d last|| / (||d g / d last|| + 1e-4), clamped to [0, max_weight], detached."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+class ReconstructionLoss(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.pixel not in ("l1", "l2"):
+            raise UserError(f"recon.pixel must be 'l1' or 'l2' (got {cfg.pixel!r})")
+        self.lpips = build_lpips(cfg.lpips_random_backbone) if cfg.lpips_weight > 0 else None
+
+    def gan_active(self, step: int) -> bool:
+        return self.cfg.gan_weight > 0 and step >= self.cfg.gan_start
+
+    def generator_loss(self, recon, target, step: int, disc: nn.Module | None = None, last_layer=None):
+        """recon, target (B,3,H,W) in [-1,1] -> (loss, logs)."""
+        c = self.cfg
+        recon, target = recon.float(), target.float()
+        pix = (recon - target).abs().mean() if c.pixel == "l1" else F.mse_loss(recon, target)
+        nll = c.pixel_weight * pix
+        logs = {"pixel": float(pix.detach()), "psnr": float(-10 * torch.log10(F.mse_loss(recon.detach().clamp(-1, 1), target) / 4 + 1e-12))}
+        if self.lpips is not None:
+            perc = self.lpips(recon, target).mean()
+            nll = nll + c.lpips_weight * perc
+            logs["lpips"] = float(perc.detach())
+        loss = nll
+        if disc is not None and self.gan_active(step):
+            g = -disc(recon).mean()
+            w = adaptive_weight(nll, g, last_layer, c.gan_max_adaptive) if torch.is_grad_enabled() else torch.tensor(1.0)
+            loss = loss + c.gan_weight * w * g
+            logs.update(gan_g=float(g.detach()), gan_adaptive_weight=float(w))
+        return loss, logs
+
+    def discriminator_loss(self, disc: nn.Module, recon, target):
+        real, fake = disc(target.float()), disc(recon.detach().float())
+        loss = hinge_d_loss(real, fake)
+        return loss, {"gan_d": float(loss.detach()), "d_real": float(real.mean().detach()), "d_fake": float(fake.mean().detach())}

@@ -1,0 +1,224 @@
+"""STELLAR sparse tokenizer: F = L·S.
+
+An image becomes r sparse semantic tokens S (what) and a localization matrix L (where); the dense
+feature map is their low-rank product F = L·S, from which a ViT decoder paints the pixels.
+
+    images (B,3,H,W) in [-1,1]
+      -> ViT encoder over [CLS] + N patches + r learned sparse queries
+      -> cls (B,d), dense (B,N,d), S (B,r,d)
+      -> L = softmax_r( cos(W_d dense, W_s S) / tau )      (B,N,r), rows sum to 1
+      -> z = bottleneck(S)                                  (B,r,c)   the generative latent, with log L
+      -> F = L · up(z)                                      (B,N,d_dec)
+      -> ViT decoder + Fourier positions -> pixels          (B,3,H,W)
+
+Shapes in comments use B batch, N patches (grid*grid), r sparse tokens, d encoder width,
+c latent channels, e decoder width, K kept patches of a masked view.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+
+from .latent import Latent, LatentStats
+from .vit import Block, FourierPositionEncoding, interpolate_pos_embed, sincos_pos_embed
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StellarTokenizer(ModelMixin, ConfigMixin):
+    """The STELLAR tokenizer. Saves/loads like a `diffusers` model: safetensors weights + config.json."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        image_size: int = 256,
+        patch_size: int = 16,
+        width: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_tokens: int = 16,
+        latent_channels: int = 32,
+        tau: float = 0.06,
+        decoder_width: int = 512,
+        decoder_depth: int = 6,
+        decoder_heads: int = 8,
+        decoder_mlp_ratio: float = 4.0,
+        loc_floor: float = 1e-4,
+        imagenet_norm: bool = True,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        self.grid = image_size // patch_size
+        n, d, e = self.grid**2, width, decoder_width
+
+        # --- encoder ---------------------------------------------------------------------------
+        self.patch_embed = nn.Conv2d(3, d, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(d, self.grid)[None])  # (1, N, d), learned
+        self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))
+        self.sparse_tokens = nn.Parameter(torch.randn(1, num_tokens, d) * d**-0.5)  # r learned queries
+        self.blocks = nn.ModuleList([Block(d, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+
+        # --- localization: L = softmax(cos(W_d dense, W_s S) / tau) ----------------------------
+        self.loc_dense = nn.Linear(d, d)
+        self.loc_sparse = nn.Linear(d, d)
+
+        # --- latent bottleneck on S -------------------------------------------------------------
+        self.to_latent = nn.Linear(d, latent_channels)
+        self.from_latent = nn.Linear(latent_channels, e)
+
+        # --- pixel decoder ----------------------------------------------------------------------
+        self.decoder_pos = FourierPositionEncoding(e, self.grid)
+        self.decoder_blocks = nn.ModuleList([Block(e, decoder_heads, decoder_mlp_ratio) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(e, eps=1e-6)
+        self.to_pixels = nn.Linear(e, patch_size * patch_size * 3)
+
+        # latent normalisation statistics (filled by `set_latent_stats`, shipped with the weights)
+        self.register_buffer("latent_token_mean", torch.zeros(latent_channels))
+        self.register_buffer("latent_token_std", torch.ones(latent_channels))
+        self.register_buffer("latent_loc_mean", torch.zeros(()))
+        self.register_buffer("latent_loc_std", torch.ones(()))
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN if imagenet_norm else (0.5,) * 3).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD if imagenet_norm else (0.5,) * 3).view(1, 3, 1, 1))
+        self._init_weights()
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    # ------------------------------------------------------------------------------------------
+    # encoder
+    # ------------------------------------------------------------------------------------------
+    def encode_features(self, images: torch.Tensor, keep: torch.Tensor | None = None):
+        """images (B,3,H,W) in [-1,1]; keep (B,K) indices of visible patches for a masked view.
+
+        Returns cls (B,d), dense (B,N or K,d), S (B,r,d)."""
+        x = ((images + 1) / 2 - self.pixel_mean) / self.pixel_std  # [-1,1] -> ImageNet-normalised
+        x = self.patch_embed(x)  # (B, d, h, w)
+        grid = x.shape[-1]
+        x = rearrange(x, "b d h w -> b (h w) d") + interpolate_pos_embed(self.pos_embed, grid)  # (B, N, d)
+        if keep is not None:  # MAE-style: masked patches are dropped, no mask tokens
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, d)
+        b, n = x.shape[:2]
+        cls = (self.cls_token + self.cls_pos).expand(b, -1, -1)  # (B, 1, d)
+        sparse = self.sparse_tokens.expand(b, -1, -1)  # (B, r, d), no position embedding
+        x = torch.cat([cls, x, sparse], dim=1)  # (B, 1 + N + r, d)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x[:, 0], x[:, 1 : 1 + n], x[:, 1 + n :]  # cls (B,d), dense (B,N,d), S (B,r,d)
+
+    def localize(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """log L (B,N,r): log-softmax over the r tokens of the cosine similarity / tau."""
+        d = F.normalize(self.loc_dense(dense), dim=-1)  # (B, N, d)
+        s = F.normalize(self.loc_sparse(sparse), dim=-1)  # (B, r, d)
+        logits = torch.einsum("bnd,brd->bnr", d, s) / self.config.tau  # (B, N, r)
+        return logits.float().log_softmax(dim=-1)
+
+    def bottleneck(self, sparse: torch.Tensor) -> torch.Tensor:
+        return self.to_latent(sparse)  # (B, r, d) -> (B, r, c)
+
+    # ------------------------------------------------------------------------------------------
+    # decoder
+    # ------------------------------------------------------------------------------------------
+    def decode_pixels(self, tokens: torch.Tensor, log_loc: torch.Tensor) -> torch.Tensor:
+        """tokens (B,r,c), log_loc (B,N,r) -> images (B,3,H,W), unclamped (training output)."""
+        L = log_loc.softmax(dim=-1).to(tokens.dtype)  # (B, N, r), rows sum to 1
+        s = self.from_latent(tokens)  # (B, r, e)
+        f = torch.einsum("bnr,bre->bne", L, s)  # F = L·S  (B, N, e)
+        grid = int(math.isqrt(f.shape[1]))
+        f = f + self.decoder_pos(grid).to(f.dtype)  # (B, N, e)
+        for blk in self.decoder_blocks:
+            f = blk(f)
+        patches = self.to_pixels(self.decoder_norm(f))  # (B, N, p*p*3)
+        p = self.config.patch_size
+        return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid, p=p, q=p, c=3)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the layer that writes pixels (for the GAN's adaptive weight)."""
+        return self.to_pixels.weight
+
+    # ------------------------------------------------------------------------------------------
+    # training forward: everything the losses need from one clean, unmasked view
+    # ------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> dict:
+        cls, dense, sparse = self.encode_features(images)  # (B,d) (B,N,d) (B,r,d)
+        log_loc = self.clamp_loc(self.localize(dense, sparse))  # (B,N,r)
+        tokens = self.bottleneck(sparse)  # (B,r,c)
+        recon = self.decode_pixels(tokens, log_loc)  # (B,3,H,W)
+        return {"cls": cls, "dense": dense, "sparse": sparse, "log_loc": log_loc, "tokens": tokens, "recon": recon}
+
+    def clamp_loc(self, log_loc: torch.Tensor) -> torch.Tensor:
+        return log_loc.clamp(min=math.log(self.config.loc_floor))
+
+    # ------------------------------------------------------------------------------------------
+    # public API
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, normalize: bool = False) -> Latent:
+        """images (B,3,H,W) in [-1,1] -> Latent(tokens (B,r,c), loc = log L (B,N,r)), raw unless normalize."""
+        self._check_images(images)
+        _, dense, sparse = self.encode_features(images)
+        latent = Latent(self.bottleneck(sparse).float(), self.clamp_loc(self.localize(dense, sparse)).float())
+        return latent.normalize(self.latent_stats) if normalize else latent
+
+    @torch.no_grad()
+    def decode(self, latent: Latent) -> torch.Tensor:
+        """Latent (raw or normalised, by its flag) -> images (B,3,H,W) in [-1,1]."""
+        if not isinstance(latent, Latent):
+            raise TypeError(f"decode expects a stellar_tok.Latent, got {type(latent).__name__}")
+        if latent.normalized:
+            latent = latent.denormalize(self.latent_stats)
+        if latent.num_tokens != self.config.num_tokens or latent.tokens.shape[-1] != self.config.latent_channels:
+            raise ValueError(
+                f"latent has r={latent.num_tokens}, c={latent.tokens.shape[-1]}; this tokenizer expects "
+                f"r={self.config.num_tokens}, c={self.config.latent_channels}"
+            )
+        dtype = self.dtype
+        return self.decode_pixels(latent.tokens.to(dtype), latent.loc.to(dtype)).clamp(-1, 1)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> dict:
+        """dict of cls (B,d), tokens = S (B,r,d), dense (B,N,d), loc = L (B,N,r), lowrank = L·S (B,N,d)."""
+        self._check_images(images)
+        cls, dense, sparse = self.encode_features(images)
+        L = self.localize(dense, sparse).exp()
+        return {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": torch.einsum("bnr,brd->bnd", L.to(sparse.dtype), sparse)}
+
+    @property
+    def latent_stats(self) -> LatentStats:
+        return LatentStats(self.latent_token_mean, self.latent_token_std, self.latent_loc_mean, self.latent_loc_std)
+
+    def set_latent_stats(self, stats: LatentStats) -> None:
+        self.latent_token_mean.copy_(stats.token_mean)
+        self.latent_token_std.copy_(stats.token_std.clamp(min=1e-6))
+        self.latent_loc_mean.copy_(stats.loc_mean)
+        self.latent_loc_std.copy_(stats.loc_std.clamp(min=1e-6))
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B,3,H,W), got {tuple(images.shape)}")
+        p = self.config.patch_size
+        if images.shape[-1] % p or images.shape[-2] % p:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} is not divisible by the patch size {p}")

@@ -1,0 +1,373 @@
+"""Train the STELLAR tokenizer.
+
+    accelerate launch -m stellar_tok.train config=configs/tokenizer/tiny.yaml [key=value ...]
+    python -m stellar_tok.train config=configs/tokenizer/tiny.yaml train.steps=200
+
+One process or many (accelerate: DDP/FSDP, CPU or GPU). Writes to train.output_dir:
+    checkpoints/step-XXXXXXX/   accelerate state (model, optimizers, scheduler, RNG, step) for resume
+    tokenizer/                  the exported tokenizer: config.json + safetensors (+ latent statistics)
+    images/step-XXXXXXX.png     input | reconstruction | localization map, every train.image_every steps
+    logs/                       TensorBoard
+    config.yaml                 the resolved configuration
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from .config import Config, load_config
+from .errors import UserError, cli_entry
+
+USAGE = __doc__
+
+
+def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float):
+    """No weight decay on biases, norms, embeddings, queries and prototypes-free 1-D tensors."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "token" in name.split(".")[-1] or "pos" in name.split(".")[-1] else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TrainState:
+    """Counters saved with every checkpoint (registered with accelerate)."""
+
+    def __init__(self):
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.images_seen = 0
+        self.nonfinite = 0
+        self.view_rng = None
+
+    def state_dict(self):
+        return dict(self.__dict__)
+
+    def load_state_dict(self, d):
+        self.__dict__.update(d)
+
+
+def find_checkpoints(ckpt_dir: str) -> list[str]:
+    """Complete checkpoints (those with a `done` marker), oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step-") and os.path.exists(os.path.join(ckpt_dir, n, "done")))
+    return [os.path.join(ckpt_dir, n) for n in names]
+
+
+def save_checkpoint(accelerator, out_dir: str, step: int, keep: int) -> str:
+    """Atomic: accelerate writes into a temporary folder, which is renamed once complete."""
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    final = os.path.join(ckpt_dir, f"step-{step:07d}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "done"), "w") as f:
+            json.dump({"step": step, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in find_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@torch.no_grad()
+def compute_latent_stats(tokenizer, loader, device, batches: int):
+    """Per-channel mean/std of the tokens and scalar mean/std of log L over a few clean batches."""
+    from .latent import LatentStats
+
+    tok_sum = tok_sq = None
+    loc_sum = loc_sq = 0.0
+    n_tok = n_loc = 0
+    for i, (images, _) in enumerate(loader):
+        if i >= batches:
+            break
+        lat = tokenizer.encode(images.to(device).float() / 127.5 - 1)
+        t = lat.tokens.flatten(0, 1).double()
+        tok_sum = t.sum(0) if tok_sum is None else tok_sum + t.sum(0)
+        tok_sq = (t**2).sum(0) if tok_sq is None else tok_sq + (t**2).sum(0)
+        n_tok += t.shape[0]
+        loc_sum += lat.loc.double().sum().item()
+        loc_sq += (lat.loc.double() ** 2).sum().item()
+        n_loc += lat.loc.numel()
+    mean = tok_sum / n_tok
+    std = (tok_sq / n_tok - mean**2).clamp_min(0).sqrt()
+    lm = loc_sum / n_loc
+    ls = math.sqrt(max(loc_sq / n_loc - lm**2, 0.0))
+    return LatentStats(mean.float(), std.float(), torch.tensor(lm, dtype=torch.float32), torch.tensor(ls, dtype=torch.float32))
+
+
+def export_tokenizer(tokenizer, out_dir: str) -> str:
+    """save_pretrained into a temporary folder, then rename (never a half-written export)."""
+    final = os.path.join(out_dir, "tokenizer")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp, safe_serialization=True)
+    old = final + ".old"
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m stellar_tok.train",
+        description=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(Config)),
+    )
+    p.add_argument("overrides", nargs="*", help="config=PATH and key=value overrides, e.g. train.steps=500")
+    return p.parse_args(argv)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.overrides)
+    return train(cfg)
+
+
+def train(cfg) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from .data import build_loader, skipped_samples
+    from .objective import StellarObjective
+    from .reconstruction import PatchDiscriminator, ReconstructionLoss
+    from .tokenizer import StellarTokenizer
+    from .views import make_views
+    from .visual import reconstruction_grid
+
+    out_dir = cfg.train.output_dir
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.train.seed)  # same initial weights on every process
+    device = accelerator.device
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+
+    # --- model, losses, optimisers ------------------------------------------------------------
+    tokenizer = StellarTokenizer(**OmegaConf.to_container(cfg.model))
+    objective = StellarObjective(tokenizer, cfg.align)
+    recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
+    use_gan = cfg.recon.enabled and cfg.recon.gan_weight > 0
+    opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
+    loader = build_loader(cfg.data, cfg.optim.batch_size, "train", num_workers=cfg.data.num_workers, seed=cfg.data.seed)
+    stats_loader = build_loader(cfg.data, cfg.optim.batch_size, "val", num_workers=0, seed=cfg.data.seed)
+    prepare_loader = cfg.data.name != "wds"  # webdataset already splits shards by node and worker
+    if use_gan:
+        disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.recon.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
+        objective, opt, disc, opt_d = accelerator.prepare(objective, opt, disc, opt_d)
+    else:
+        disc = opt_d = None
+        objective, opt = accelerator.prepare(objective, opt)
+    if prepare_loader:
+        loader = accelerator.prepare(loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(sched, state)
+    model = accelerator.unwrap_model(objective)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
+
+    # --- resume -------------------------------------------------------------------------------
+    resume = cfg.train.resume
+    if resume == "auto":
+        found = find_checkpoints(os.path.join(out_dir, "checkpoints"))
+        resume = found[-1] if found else None
+    if resume:
+        accelerator.load_state(resume)
+        if state.view_rng is not None:
+            gen.set_state(state.view_rng[accelerator.process_index].to("cpu") if isinstance(state.view_rng, list) else state.view_rng)
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+
+    accelerator.init_trackers("stellar_tok", config=_flat(OmegaConf.to_container(cfg)))
+
+    # --- graceful stop on SIGTERM/SIGINT: finish the step, checkpoint, export ------------------
+    stop = {"flag": False}
+
+    def _on_signal(signum, frame):
+        stop["flag"] = True
+
+    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    total = cfg.train.steps
+    pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="train")
+    t_start = time.time()
+    t_window, img_window = time.time(), 0
+    last_logs: dict = {}
+    world = accelerator.num_processes
+    views_cfg = cfg.views if cfg.align.enabled else OmegaConf.merge(cfg.views, {"global_crops": 0, "local_crops": 0})
+
+    def batches():
+        while True:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(state.epoch)
+            it = loader
+            if prepare_loader and state.batch_in_epoch:
+                it = accelerator.skip_first_batches(loader, state.batch_in_epoch)
+            for batch in it:
+                state.batch_in_epoch += 1
+                yield batch
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    objective.train()
+    data_iter = batches()
+    while state.step < total and not stop["flag"]:
+        images, _ = next(data_iter)
+        images = images.to(device).float() / 127.5 - 1  # uint8 -> [-1, 1]
+        with torch.no_grad():
+            views = make_views(images, views_cfg, gen, cfg.model.patch_size)
+        with accelerator.autocast():
+            out = objective(views)
+            loss = cfg.align.weight * out["align_loss"]
+            logs = dict(out["align_logs"])
+            if recon_loss is not None:
+                rl, rlogs = recon_loss.generator_loss(out["recon"], views["main"], state.step, disc, model.tokenizer.last_layer)
+                loss = loss + cfg.recon.weight * rl
+                logs.update(rlogs)
+        bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=device), "sum").item()
+        if bad:
+            state.nonfinite += 1
+            opt.zero_grad(set_to_none=True)
+            accelerator.print(f"step {state.step}: non-finite loss, step skipped ({state.nonfinite} in a row)")
+            if state.nonfinite >= cfg.train.max_nonfinite:
+                save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+                raise UserError(f"{state.nonfinite} non-finite losses in a row at step {state.step}; lower optim.lr or use train.mixed_precision=no (checkpoint saved)")
+            continue
+        state.nonfinite = 0
+        accelerator.backward(loss)
+        if cfg.optim.grad_clip > 0:
+            gn = accelerator.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
+            logs["grad_norm"] = float(gn)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if use_gan and recon_loss.gan_active(state.step):
+            with accelerator.autocast():
+                d_loss, dlogs = recon_loss.discriminator_loss(disc, out["recon"], views["main"])
+            accelerator.backward(d_loss)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+            logs.update(dlogs)
+        model.update_teacher()
+        state.step += 1
+        state.images_seen += images.shape[0] * world
+        img_window += images.shape[0] * world
+
+        with torch.no_grad():
+            logs["loc_max"] = float(out["log_loc"].exp().max(-1).values.mean())
+        logs.update(loss=float(loss.detach()), align=float(out["align_loss"].detach()), lr=sched.get_last_lr()[0])
+        last_logs = logs
+        if state.step % cfg.train.log_every == 0 or state.step == total:
+            ips = img_window / max(1e-9, time.time() - t_window)
+            t_window, img_window = time.time(), 0
+            logs["images_per_s"] = ips
+            accelerator.log(logs, step=state.step)
+            pbar.set_postfix(loss=f"{logs['loss']:.3f}", psnr=f"{logs.get('psnr', float('nan')):.1f}", ips=f"{ips:.0f}")
+        pbar.update(1)
+        if accelerator.is_main_process and (state.step % cfg.train.image_every == 0 or state.step == total):
+            _save_grid(out, views["main"], os.path.join(out_dir, "images", f"step-{state.step:07d}.png"), accelerator)
+        if cfg.train.max_minutes > 0 and (time.time() - t_start) / 60 > cfg.train.max_minutes:
+            flag = accelerator.reduce(torch.tensor([1.0], device=device), "sum").item()
+            stop["flag"] = flag > 0
+        if state.step % cfg.train.ckpt_every == 0 and state.step < total:
+            state.view_rng = _gather_rng(gen, accelerator)
+            save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+    pbar.close()
+
+    # --- final checkpoint and export ------------------------------------------------------------
+    state.view_rng = _gather_rng(gen, accelerator)
+    ckpt = save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+    export = None
+    if accelerator.is_main_process:
+        tok = model.tokenizer
+        tok.eval()
+        tok.set_latent_stats(compute_latent_stats(tok, stats_loader, device, cfg.train.stats_batches))
+        export = export_tokenizer(tok, out_dir)
+    elapsed = time.time() - t_start
+    skipped = skipped_samples()
+    summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt,
+               "export": export, "skipped_samples": skipped, "last": {k: round(v, 5) for k, v in last_logs.items()}}
+    if accelerator.is_main_process:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        n_skip = sum(skipped.values()) if skipped else 0
+        accelerator.print(f"done: {state.step} steps, {state.images_seen} images in {elapsed:.0f}s, skipped {n_skip} bad samples; checkpoint {ckpt}; tokenizer {export}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _gather_rng(gen, accelerator):
+    from accelerate.utils import gather_object
+
+    return [s for s in gather_object([gen.get_state()])] if accelerator.num_processes > 1 else gen.get_state()
+
+
+def _save_grid(out, main, path, accelerator):
+    from .visual import reconstruction_grid
+
+    grid = reconstruction_grid(main, out["recon"].detach(), out["log_loc"].detach().exp(), path)
+    try:
+        accelerator.get_tracker("tensorboard").writer.add_image("reconstruction", grid, int(path.split("-")[-1][:-4]))
+    except Exception:
+        pass
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+TINY_MODEL = dict(image_size=32, patch_size=4, width=64, depth=2, heads=2, num_tokens=16, latent_channels=8,
+                  decoder_width=64, decoder_depth=1, decoder_heads=2)
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    from stellar_tok import StellarTokenizer
+
+    torch.manual_seed(0)
+    return StellarTokenizer(**TINY_MODEL).eval()
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(4, 3, 32, 32, generator=g) * 2 - 1

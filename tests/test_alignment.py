@@ -1,0 +1,129 @@
+"""Sinkhorn marginals, OT matching, KoLeo, GAN adaptive weight, views and masks."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from stellar_tok.alignment import AlignmentLoss, clustering_loss, koleo, match_tokens, ot_plan, sinkhorn_knopp
+from stellar_tok.config import AlignConfig, ViewsConfig
+from stellar_tok.reconstruction import PatchDiscriminator, ReconstructionLoss, adaptive_weight, hinge_d_loss
+from stellar_tok.views import make_views, sample_keep
+
+
+def test_sinkhorn_marginals():
+    torch.manual_seed(0)
+    logits = torch.randn(512, 32) * 3 + torch.linspace(0, 4, 32)  # some clusters strongly preferred
+    q = sinkhorn_knopp(logits, temperature=0.5, iterations=50)
+    torch.testing.assert_close(q.sum(1), torch.ones(512))  # each token a distribution
+    torch.testing.assert_close(q.sum(0), torch.full((32,), 512 / 32), rtol=1e-3, atol=1e-3)  # balanced clusters
+    # with few iterations the cluster marginals are already much closer to uniform than the softmax's
+    q3 = sinkhorn_knopp(logits, temperature=0.5, iterations=3)
+    soft = (logits / 0.5).softmax(-1)
+    assert q3.sum(0).std() < 0.5 * soft.sum(0).std()
+
+
+def test_clustering_loss_is_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0]])
+    expected = -torch.log_softmax(logits / 0.12, -1)[0, 0]
+    torch.testing.assert_close(clustering_loss(logits, target, 0.12), expected)
+
+
+def test_ot_matcher_recovers_permutation():
+    torch.manual_seed(0)
+    ref = torch.randn(8, 16, 32)
+    perms = torch.stack([torch.randperm(16) for _ in range(8)])
+    view = torch.gather(ref, 1, perms[..., None].expand(-1, -1, 32)) + 0.05 * torch.randn(8, 16, 32)
+    got = match_tokens(view, ref, method="hungarian")
+    assert torch.equal(got, perms)
+    plan = ot_plan(view, ref, iterations=200)
+    torch.testing.assert_close(plan.sum(-1), torch.full((8, 16), 1 / 16), atol=1e-4, rtol=0)
+
+
+def test_hungarian_is_a_permutation_even_when_argmax_is_not():
+    ref = torch.randn(1, 4, 8)
+    view = ref[:, [0, 0, 0, 0]] + 0.01 * torch.randn(1, 4, 8)  # every view token looks like ref token 0
+    arg = match_tokens(view, ref, method="argmax")
+    hun = match_tokens(view, ref, method="hungarian")
+    assert len(set(arg[0].tolist())) < 4
+    assert sorted(hun[0].tolist()) == [0, 1, 2, 3]
+
+
+def test_koleo_lower_when_spread():
+    torch.manual_seed(0)
+    clumped = torch.randn(1, 1, 16) + 0.01 * torch.randn(1, 16, 16)
+    spread = torch.eye(16)[None]
+    assert koleo(spread) < koleo(clumped)
+    x = clumped.clone().requires_grad_(True)
+    koleo(x).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_alignment_loss_runs_and_backprops(tiny_tokenizer):
+    cfg = OmegaConf.merge(OmegaConf.structured(AlignConfig), {"head_hidden": 32, "head_bottleneck": 16, "token_prototypes": 16, "cls_prototypes": 8})
+    vcfg = OmegaConf.merge(OmegaConf.structured(ViewsConfig), {"blur_kernel": 5})
+    loss_fn = AlignmentLoss(64, cfg)
+    tiny_tokenizer.train()
+    views = make_views(torch.rand(4, 3, 32, 32) * 2 - 1, vcfg, torch.Generator().manual_seed(0), 4)
+    out = tiny_tokenizer(views["main"])
+    total, logs = loss_fn(tiny_tokenizer.encode_features, out, views)
+    total.backward()
+    for key in ("token_self", "cls_self", "token_masked", "cls_masked", "cls_local", "koleo", "koleo_masked", "match_identity"):
+        assert key in logs
+    assert tiny_tokenizer.sparse_tokens.grad.abs().sum() > 0
+    assert loss_fn.token_head.prototypes.weight.grad.abs().sum() > 0
+
+
+def test_views_shapes_and_per_image_randomness():
+    cfg = OmegaConf.merge(OmegaConf.structured(ViewsConfig), {"blur_kernel": 5, "jitter_p": 1.0, "grayscale_p": 0.0, "blur_p": 0.0})
+    x = torch.rand(1, 3, 32, 32).repeat(16, 1, 1, 1) * 2 - 1  # 16 copies of one image
+    v = make_views(x, cfg, torch.Generator().manual_seed(0), 4)
+    assert v["main"].shape == (16, 3, 32, 32) and len(v["masked"]) == 2 and len(v["local"]) == 4
+    assert v["local"][0].shape == (16, 3, 16, 16)
+    assert v["keep"][0].shape == (16, 16)  # 64 patches, 75% masked
+    # copies of the same image get different colour jitter: not one draw per batch
+    means = v["masked"][0].mean(dim=(2, 3))
+    assert means.std(0).max() > 0.01
+    for t in [v["main"], *v["masked"], *v["local"]]:
+        assert t.min() >= -1.0001 and t.max() <= 1.0001
+
+
+def test_focal_mask_is_biased_but_soft():
+    g = torch.Generator().manual_seed(0)
+    keep = sample_keep(2000, 14, 0.8, g, "cpu", focal_p=1.0, focal_sigma=(0.1, 0.1))
+    assert keep.shape == (2000, 39)
+    rows, cols = keep // 14, keep % 14
+    # kept patches lie closer together than uniformly random ones
+    spread_focal = (rows.float().std(1) + cols.float().std(1)).mean()
+    uni = sample_keep(2000, 14, 0.8, g, "cpu", focal_p=0.0)
+    spread_uni = ((uni // 14).float().std(1) + (uni % 14).float().std(1)).mean()
+    assert spread_focal < 0.8 * spread_uni
+    assert all(len(set(k.tolist())) == 39 for k in keep[:50])  # no duplicates
+
+
+def test_gan_adaptive_weight_balances_gradients():
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    x = torch.randn(5, 3)
+    nll = (x @ w).pow(2).mean()
+    g = 10 * (x @ w).mean()
+    aw = adaptive_weight(nll, g, w)
+    gn = torch.autograd.grad(nll, w, retain_graph=True)[0].norm()
+    gg = torch.autograd.grad(g, w, retain_graph=True)[0].norm()
+    torch.testing.assert_close(aw, gn / (gg + 1e-4))
+    # after weighting, the GAN gradient has the norm of the reconstruction gradient
+    torch.testing.assert_close(torch.autograd.grad(aw * g, w)[0].norm(), gn, rtol=1e-3, atol=1e-6)
+
+
+def test_hinge_loss_and_gan_start():
+    assert hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0)) == 0
+    assert hinge_d_loss(torch.zeros(4), torch.zeros(4)) == 1
+    cfg = OmegaConf.create({"pixel": "l1", "pixel_weight": 1.0, "lpips_weight": 0.0, "lpips_random_backbone": True,
+                            "gan_weight": 0.5, "gan_start": 10, "gan_max_adaptive": 1e4})
+    rl = ReconstructionLoss(cfg)
+    disc = PatchDiscriminator(16, 2)
+    recon = torch.zeros(2, 3, 32, 32, requires_grad=True)
+    layer = torch.nn.Conv2d(3, 3, 1)
+    out = layer(recon + 0.1)
+    _, logs = rl.generator_loss(out, torch.zeros(2, 3, 32, 32), step=5, disc=disc, last_layer=layer.weight)
+    assert "gan_g" not in logs
+    _, logs = rl.generator_loss(out, torch.zeros(2, 3, 32, 32), step=10, disc=disc, last_layer=layer.weight)
+    assert "gan_g" in logs and logs["gan_adaptive_weight"] >= 0

@@ -1,0 +1,119 @@
+"""Shapes and invariants of the tokenizer: L rows sum to 1, F = L·S, latent round trip, save/load."""
+import json
+import os
+
+import pytest
+import torch
+
+from stellar_tok import Latent, LatentStats, StellarTokenizer
+from conftest import TINY_MODEL
+
+
+def test_forward_shapes(tiny_tokenizer, images):
+    out = tiny_tokenizer(images)
+    b, n, r, d, c = 4, 64, 16, 64, 8
+    assert out["cls"].shape == (b, d)
+    assert out["dense"].shape == (b, n, d)
+    assert out["sparse"].shape == (b, r, d)
+    assert out["log_loc"].shape == (b, n, r)
+    assert out["tokens"].shape == (b, r, c)
+    assert out["recon"].shape == images.shape
+
+
+def test_localization_rows_sum_to_one_and_lowrank_is_L_times_S(tiny_tokenizer, images):
+    f = tiny_tokenizer.features(images)
+    L, S = f["loc"], f["tokens"]
+    torch.testing.assert_close(L.sum(-1), torch.ones(4, 64), atol=1e-5, rtol=0)
+    assert (L >= 0).all()
+    torch.testing.assert_close(f["lowrank"], torch.einsum("bnr,brd->bnd", L, S))
+    # the low-rank map has rank <= r per image
+    assert torch.linalg.matrix_rank(f["lowrank"][0]) <= 16
+
+
+def test_temperature_sharpens_localization(images):
+    torch.manual_seed(0)
+    soft = StellarTokenizer(**{**TINY_MODEL, "tau": 1.0}).eval()
+    sharp = StellarTokenizer(**{**TINY_MODEL, "tau": 0.01}).eval()
+    sharp.load_state_dict(soft.state_dict())
+    assert sharp.features(images)["loc"].max(-1).values.mean() > soft.features(images)["loc"].max(-1).values.mean()
+
+
+def test_masked_view_uses_only_kept_patches(tiny_tokenizer, images):
+    keep = torch.tensor([[0, 5, 9, 63]] * 4)
+    cls, dense, s = tiny_tokenizer.encode_features(images, keep)
+    assert dense.shape == (4, 4, 64) and s.shape == (4, 16, 64)
+    # changing a dropped patch does not change the output
+    changed = images.clone()
+    changed[:, :, 0:4, 4:8] = 1.0  # patch 1 (row 0, col 1) is masked out
+    cls2, _, s2 = tiny_tokenizer.encode_features(changed, keep)
+    torch.testing.assert_close(s, s2)
+    changed[:, :, 0:4, 0:4] = 1.0  # patch 0 is kept
+    _, _, s3 = tiny_tokenizer.encode_features(changed, keep)
+    assert not torch.allclose(s, s3)
+
+
+def test_smaller_crop_interpolates_positions(tiny_tokenizer):
+    cls, dense, s = tiny_tokenizer.encode_features(torch.zeros(2, 3, 16, 16))
+    assert dense.shape == (2, 16, 64) and s.shape == (2, 16, 64)
+
+
+def test_latent_round_trip(tiny_tokenizer, images):
+    lat = tiny_tokenizer.encode(images)
+    assert isinstance(lat, Latent) and not lat.normalized
+    assert lat.tokens.shape == (4, 16, 8) and lat.loc.shape == (4, 64, 16)
+    torch.testing.assert_close(lat.probs().sum(-1), torch.ones(4, 64), atol=1e-5, rtol=0)
+    stats = LatentStats(torch.randn(8), torch.rand(8) + 0.5, torch.tensor(-3.0), torch.tensor(2.0))
+    tiny_tokenizer.set_latent_stats(stats)
+    norm = lat.normalize(tiny_tokenizer.latent_stats)
+    assert norm.normalized
+    back = norm.denormalize(tiny_tokenizer.latent_stats)
+    torch.testing.assert_close(back.tokens, lat.tokens)
+    torch.testing.assert_close(back.loc, lat.loc)
+    # decode accepts both forms and gives the same image
+    torch.testing.assert_close(tiny_tokenizer.decode(norm), tiny_tokenizer.decode(lat), atol=1e-5, rtol=0)
+    img = tiny_tokenizer.decode(lat)
+    assert img.shape == images.shape and img.min() >= -1 and img.max() <= 1
+    # the decoder sees the latent only: encode -> decode equals the training forward's reconstruction
+    torch.testing.assert_close(img, tiny_tokenizer(images)["recon"].clamp(-1, 1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        norm.normalize(tiny_tokenizer.latent_stats)
+
+
+def test_latent_indexing_and_cat(tiny_tokenizer, images):
+    lat = tiny_tokenizer.encode(images)
+    assert len(lat[1:3]) == 2 and len(lat[0]) == 1
+    both = Latent.cat([lat[:2], lat[2:]])
+    assert torch.equal(both.tokens, lat.tokens)
+    with pytest.raises(ValueError):
+        Latent(torch.zeros(2, 16, 8), torch.zeros(2, 64, 15))
+
+
+def test_decode_rejects_wrong_latent(tiny_tokenizer):
+    with pytest.raises(ValueError, match="expects"):
+        tiny_tokenizer.decode(Latent(torch.zeros(1, 8, 8), torch.zeros(1, 64, 8)))
+    with pytest.raises(TypeError):
+        tiny_tokenizer.decode(torch.zeros(1, 16, 8))
+
+
+def test_save_load_bit_exact(tiny_tokenizer, images, tmp_path):
+    tiny_tokenizer.set_latent_stats(LatentStats(torch.randn(8), torch.rand(8) + 0.5, torch.tensor(-3.0), torch.tensor(2.0)))
+    tiny_tokenizer.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+    assert json.load(open(tmp_path / "config.json"))["num_tokens"] == 16
+    loaded = StellarTokenizer.from_pretrained(tmp_path).eval()
+    sd0, sd1 = tiny_tokenizer.state_dict(), loaded.state_dict()
+    assert sd0.keys() == sd1.keys()
+    for k in sd0:
+        assert torch.equal(sd0[k], sd1[k]), k  # includes the decoder's random Fourier features
+    lat = tiny_tokenizer.encode(images)
+    assert torch.equal(loaded.encode(images).tokens, lat.tokens)
+    assert torch.equal(loaded.decode(lat), tiny_tokenizer.decode(lat))
+
+
+def test_bad_inputs_are_refused(tiny_tokenizer):
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_tokenizer.encode(torch.zeros(1, 3, 30, 30))
+    with pytest.raises(ValueError, match="divisible"):
+        StellarTokenizer(image_size=30, patch_size=4)
