@@ -108,7 +108,8 @@ class ReconConfig:
     pixel: str = "l1"  # l1 | l2
     pixel_weight: float = 1.0
     lpips_weight: float = 1.0
-    lpips_random_backbone: bool = False  # true: random VGG (offline tests only)
+    lpips_net: str = "vgg"  # vgg (standard) | alex (cheaper)
+    lpips_random_backbone: bool = False  # true: random backbone (offline tests and tiny CPU runs only)
     gan_weight: float = 0.1
     gan_start: int = 20000
     gan_max_adaptive: float = 1e4
@@ -216,6 +217,7 @@ def validate(cfg) -> None:
     _require(a.token_prototypes >= 2 and a.cls_prototypes >= 2, "align.token_prototypes", ">= 2 (and cls_prototypes)", a.token_prototypes)
     _require(a.enabled or r.enabled, "align.enabled", "true when recon.enabled is false (nothing to train)", a.enabled)
     _require(r.pixel in ("l1", "l2"), "recon.pixel", "l1 or l2", r.pixel)
+    _require(r.lpips_net in ("vgg", "alex"), "recon.lpips_net", "vgg or alex", r.lpips_net)
     _require(o.lr > 0, "optim.lr", "> 0", o.lr)
     _require(o.batch_size >= 2, "optim.batch_size", ">= 2", o.batch_size)
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas))

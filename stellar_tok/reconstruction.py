@@ -15,25 +15,34 @@ import torch.nn.functional as F
 from .errors import UserError
 
 
-def vgg16_weights_path() -> str:
-    from torchvision.models import VGG16_Weights
+def backbone_weights_path(net: str = "vgg") -> str:
+    """Where torchvision caches the ImageNet weights that LPIPS's backbone loads."""
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
 
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(VGG16_Weights.IMAGENET1K_V1.url))
+    url = {"vgg": VGG16_Weights.IMAGENET1K_V1.url, "alex": AlexNet_Weights.IMAGENET1K_V1.url}[net]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
-def build_lpips(random_backbone: bool) -> nn.Module:
+def build_lpips(random_backbone: bool, net: str = "vgg") -> nn.Module:
+    """lpips.LPIPS with its shipped linear layers. net: vgg (the standard) or alex (about 20x cheaper)."""
+    import warnings
+
     import lpips
 
-    if not random_backbone and not os.path.exists(vgg16_weights_path()):
-        try:  # a machine with network downloads the weights here, once
-            return lpips.LPIPS(net="vgg", verbose=False).eval().requires_grad_(False)
-        except Exception as e:  # URLError, socket errors, ...
-            raise UserError(
-                f"LPIPS needs torchvision's VGG16 weights at {vgg16_weights_path()} and they could not be downloaded "
-                f"({type(e).__name__}); copy that file there from a machine with network, or set "
-                "recon.lpips_random_backbone=true (random VGG, for tests only)"
-            ) from None
-    return lpips.LPIPS(net="vgg", pnet_rand=random_backbone, verbose=False).eval().requires_grad_(False)
+    if net not in ("vgg", "alex"):
+        raise UserError(f"recon.lpips_net must be 'vgg' or 'alex' (got {net!r})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation notes
+        if not random_backbone and not os.path.exists(backbone_weights_path(net)):
+            try:  # a machine with network downloads the weights here, once
+                return lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+            except Exception as e:  # URLError, socket errors, ...
+                raise UserError(
+                    f"LPIPS needs torchvision's {net} weights at {backbone_weights_path(net)} and they could not be downloaded "
+                    f"({type(e).__name__}); copy that file there from a machine with network, or set "
+                    "recon.lpips_random_backbone=true (random backbone, for tests only)"
+                ) from None
+        return lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False).eval().requires_grad_(False)
 
 
 class PatchDiscriminator(nn.Module):
@@ -77,7 +86,7 @@ class ReconstructionLoss(nn.Module):
         self.cfg = cfg
         if cfg.pixel not in ("l1", "l2"):
             raise UserError(f"recon.pixel must be 'l1' or 'l2' (got {cfg.pixel!r})")
-        self.lpips = build_lpips(cfg.lpips_random_backbone) if cfg.lpips_weight > 0 else None
+        self.lpips = build_lpips(cfg.lpips_random_backbone, cfg.get("lpips_net", "vgg")) if cfg.lpips_weight > 0 else None
 
     def gan_active(self, step: int) -> bool:
         return self.cfg.gan_weight > 0 and step >= self.cfg.gan_start

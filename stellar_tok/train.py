@@ -8,6 +8,7 @@ One process or many (accelerate: DDP/FSDP, CPU or GPU). Writes to train.output_d
     tokenizer/                  the exported tokenizer: config.json + safetensors (+ latent statistics)
     images/step-XXXXXXX.png     input | reconstruction | localization map, every train.image_every steps
     logs/                       TensorBoard
+    metrics.jsonl               the logged scalars, one JSON line per train.log_every steps
     config.yaml                 the resolved configuration
 """
 from __future__ import annotations
@@ -303,6 +304,9 @@ def train(cfg) -> dict:
             t_window, img_window = time.time(), 0
             logs["images_per_s"] = ips
             accelerator.log(logs, step=state.step)
+            if accelerator.is_main_process:
+                with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
             pbar.set_postfix(loss=f"{logs['loss']:.3f}", psnr=f"{logs.get('psnr', float('nan')):.1f}", ips=f"{ips:.0f}")
         pbar.update(1)
         if accelerator.is_main_process and (state.step % cfg.train.image_every == 0 or state.step == total):

@@ -1,0 +1,219 @@
+"""Convert an image folder into WebDataset tar shards.
+
+    python -m stellar_tok.make_shards data/imagenet/train shards/ --prefix train --shard-size 1000
+    python -m stellar_tok.make_shards data/imagenet/val   shards/ --prefix val
+
+writes ``shards/train-000000.tar, ...`` and ``shards/val-000000.tar, ...``, which the trainer reads with
+``data.name=wds data.path=shards/`` (or a brace pattern such as ``shards/train-{000000..001281}.tar``).
+
+SRC_FOLDER holds class sub-folders (sorted names -> labels 0..C-1) or, for unlabelled data, images
+directly. Every sample is ``<key>.<ext>`` holding the original encoded bytes (``jpg``, ``png`` or
+``webp``, named after the real format; other formats are re-encoded losslessly as PNG) plus ``<key>.cls``,
+the label as text (absent for unlabelled data). Keys are unique (``<prefix>_<index>``) and the samples
+are shuffled with ``--seed`` before writing, so each shard mixes all classes. Every image is decoded
+first: unreadable files and images under 8 px on a side are skipped and counted. ``--resize N`` stores
+JPEG (quality 95) re-encodings whose shorter side is at most N (smaller images keep their size).
+
+The class list goes to ``OUT_DIR/classes.json``. If that file already exists (say from the train
+conversion) it is reused, so val labels match train labels even when val lacks some classes.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import os
+import random
+import sys
+from typing import Sequence
+
+from PIL import Image
+
+from .data import BadSample, DataError, find_images, load_rgb
+
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+def _parse_size(text: str) -> float:
+    """Parse a byte count such as ``0``, ``3e9``, ``500M`` or ``2G`` (0: no limit)."""
+    units = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+    text = text.strip().lower().removesuffix("b")
+    factor = units.get(text[-1:], 1.0)
+    try:
+        value = float(text[:-1] if text[-1:] in units else text) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (examples: 0, 3e9, 500M, 2G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"size must be >= 0 (got {text!r})")
+    return value
+
+
+def encode_sample(path: str, resize: int | None = None) -> tuple[str, bytes]:
+    """Validate one image and return ``(extension, bytes)`` to store; raises `BadSample` if it is bad.
+
+    Without ``resize`` the original bytes are kept for JPEG, PNG and WebP files (other formats become
+    PNG). With ``resize`` the image is converted to RGB, shrunk so its shorter side is at most
+    ``resize`` and stored as JPEG quality 95.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    img = load_rgb(data)  # full decode: catches truncated and corrupt files, tiny images
+    if resize:
+        short = min(img.size)
+        if short > resize:
+            img = img.resize((max(1, round(img.width * resize / short)), max(1, round(img.height * resize / short))), Image.BICUBIC)
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=95)
+        return "jpg", out.getvalue()
+    fmt = Image.open(io.BytesIO(data)).format
+    if fmt in _KEEP_FORMATS:
+        return _KEEP_FORMATS[fmt], data
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return "png", out.getvalue()
+
+
+def _encode_job(job: tuple[int, str, int, int | None]) -> tuple[int, int, str, bytes | str]:
+    """Worker: ``(index, path, label, resize)`` -> ``(index, label, ext or "", bytes or skip reason)``."""
+    index, path, label, resize = job
+    try:
+        ext, data = encode_sample(path, resize)
+        return index, label, ext, data
+    except BadSample as bad:
+        return index, label, "", bad.reason
+    except OSError:
+        return index, label, "", "decode_error"
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of the package
+        return None
+    return tqdm(total=total, unit="img", desc="shards", disable=not enabled, dynamic_ncols=True)
+
+
+def _load_classes(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            classes = json.load(f)
+    except (OSError, ValueError) as exn:
+        raise DataError(f"cannot read the class list {path!r}: {exn}") from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path!r} must hold a JSON list of class names")
+    return classes
+
+
+def make_shards(src: str, out_dir: str, shard_size: int = 1000, prefix: str = "train", max_size: float = 0,
+                seed: int = 0, resize: int | None = None, classes_file: str | None = None,
+                workers: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the shards; returns a summary dict (written, skipped by reason, shards, paths)."""
+    import webdataset as wds
+
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1 (got {shard_size})")
+    if not prefix or any(c in prefix for c in "/.{}%"):
+        raise DataError(f"--prefix must be a plain name without / . {{ }} % (got {prefix!r})")
+    os.makedirs(out_dir, exist_ok=True)
+    existing = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{prefix}-*.tar")))
+    if existing and not overwrite:
+        raise DataError(f"{out_dir!r} already holds {len(existing)} {prefix}-*.tar shards; remove them or pass --overwrite")
+    classes_path = os.path.join(out_dir, "classes.json")
+    known = None
+    if classes_file:
+        known = _load_classes(classes_file)
+    elif os.path.isfile(classes_path) and not overwrite:
+        known = _load_classes(classes_path)
+    paths, labels, classes = find_images(src, known, what="SRC_FOLDER")
+    for path in existing:
+        os.remove(path)
+
+    order = list(range(len(paths)))
+    random.Random(seed).shuffle(order)
+    jobs = [(i, paths[j], labels[j], resize) for i, j in enumerate(order)]
+    skipped: dict[str, int] = {}
+    written = 0
+    pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
+    bar = _progress(len(jobs), progress)
+    pool = None
+    if workers > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        results = pool.imap(_encode_job, jobs, chunksize=16)
+    else:
+        results = map(_encode_job, jobs)
+    writer = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=max_size or float("inf"), verbose=0,
+                             encoder=False, mtime=0.0, mode=0o644)
+    try:
+        for index, label, ext, payload in results:
+            if ext:
+                sample = {"__key__": f"{prefix}_{index:08d}", ext: payload}
+                if label >= 0:
+                    sample["cls"] = str(label).encode()
+                writer.write(sample)
+                written += 1
+            else:
+                skipped[payload] = skipped.get(payload, 0) + 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        writer.close()
+        if pool is not None:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    shards = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{prefix}-*.tar")))
+    if written == 0:  # ShardWriter opens its first shard eagerly: do not leave an empty one behind
+        for path in shards:
+            os.remove(path)
+        shards = []
+    if classes and (known is None or classes_file):
+        with open(classes_path, "w") as f:
+            json.dump(classes, f, indent=1)
+    return {"written": written, "skipped": skipped, "shards": shards, "classes": classes, "classes_path": classes_path}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m stellar_tok.make_shards",
+        description="Convert an image folder (class sub-folders, or flat for unlabelled images) into WebDataset tar shards "
+        "OUT_DIR/PREFIX-000000.tar ... plus OUT_DIR/classes.json.",
+    )
+    parser.add_argument("src", metavar="SRC_FOLDER", help="folder with one sub-folder of images per class (or images directly)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the shards and classes.json")
+    parser.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    parser.add_argument("--prefix", default="train", help="shard name prefix, e.g. train or val (default train)")
+    parser.add_argument("--max-size", type=_parse_size, default=0.0,
+                        help="also start a new shard once one reaches this many bytes, e.g. 3e9 or 500M (default 0: no limit)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle (default 0)")
+    parser.add_argument("--resize", type=int, default=None, metavar="N",
+                        help="re-encode as JPEG quality 95 with the shorter side at most N (default: keep the original bytes)")
+    parser.add_argument("--classes", default=None, metavar="JSON",
+                        help="class list to label with (default: OUT_DIR/classes.json if it exists, else the sorted sub-folders)")
+    parser.add_argument("--workers", type=int, default=1, help="processes that decode and check images (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing PREFIX-*.tar shards and classes.json in OUT_DIR")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.resize is not None and args.resize < 1:
+        parser.error(f"--resize must be >= 1 (got {args.resize})")
+    try:
+        summary = make_shards(args.src, args.out_dir, shard_size=args.shard_size, prefix=args.prefix, max_size=args.max_size,
+                              seed=args.seed, resize=args.resize, classes_file=args.classes, workers=args.workers,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+    except DataError as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    skipped = summary["skipped"]
+    detail = f" ({', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))})" if skipped else ""
+    shards = summary["shards"]
+    names = [os.path.basename(p) for p in shards]
+    where = "nothing written" if not shards else f"{names[0]}{' .. ' + names[-1] if len(names) > 1 else ''} in {args.out_dir}"
+    print(f"wrote {summary['written']} images, skipped {sum(skipped.values())}{detail}, {len(shards)} shards: {where}; "
+          f"{len(summary['classes'])} classes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""YAML + key=value overrides; bad configs fail early with one line naming the key."""
+import subprocess
+import sys
+
+import pytest
+
+from stellar_tok.config import load_config
+from stellar_tok.errors import UserError
+
+TINY = "config=configs/tokenizer/tiny.yaml"
+
+
+def test_yaml_and_overrides():
+    cfg = load_config([TINY, "model.num_tokens=8", "optim.lr=0.01", "views.global_scale=[0.5,1.0]", "train.resume=auto"])
+    assert cfg.model.num_tokens == 8 and cfg.optim.lr == 0.01
+    assert list(cfg.views.global_scale) == [0.5, 1.0]
+    assert cfg.model.patch_size == 4  # from the YAML
+    assert cfg.align.ot_eps == 0.1  # from the defaults
+    assert cfg.train.resume == "auto"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.num_tokenz=3", "num_tokenz"),
+    ("model.num_tokens=0", "model.num_tokens"),
+    ("model.num_tokens=abc", "model.num_tokens"),
+    ("model.image_size=30", "model.image_size"),
+    ("views.mask_ratio=1.0", "views.mask_ratio"),
+    ("data.name=imagenet", "data.name"),
+    ("data.name=folder", "data.path"),
+    ("align.match=greedy", "align.match"),
+    ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ("views.blur_p=1.5", "views.blur_p"),
+    ("train.resume=/does/not/exist", "train.resume"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(UserError) as e:
+        load_config([TINY, override])
+    msg = str(e.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_not_key_value():
+    with pytest.raises(UserError, match="key=value"):
+        load_config([TINY, "steps"])
+
+
+def test_cli_help_and_one_line_error():
+    out = subprocess.run([sys.executable, "-m", "stellar_tok.train", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "accelerate launch" in out.stdout and "num_tokens" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "stellar_tok.train", TINY, "model.num_tokens=0"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "model.num_tokens" in bad.stderr and "Traceback" not in bad.stderr
