@@ -132,7 +132,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100000
-    max_minutes: float = 0.0  # >0: stop (with a checkpoint and export) after this wall time
+    max_minutes: float = 0.0  # >0: stop (checkpoint + export) after this wall time; the cosine then follows time
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     output_dir: str = "runs/tokenizer"

@@ -174,6 +174,9 @@ def train(cfg) -> dict:
 
     out_dir = cfg.train.output_dir
     accelerator = Accelerator(
+        # several processes without GPUs (`accelerate launch --multi_gpu` or torchrun on a CPU machine):
+        # accelerate only forms the gloo group when asked for the CPU explicitly
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=cfg.train.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
@@ -282,6 +285,12 @@ def train(cfg) -> dict:
             logs["grad_norm"] = float(gn)
         opt.step()
         sched.step()
+        if cfg.train.max_minutes > 0 and state.step >= cfg.optim.warmup_steps:
+            # time budget: the cosine follows whichever is further along, steps or wall time
+            frac = max((state.step - cfg.optim.warmup_steps) / max(1, total - cfg.optim.warmup_steps), (time.time() - t_start) / 60 / cfg.train.max_minutes)
+            factor = cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * factor
         opt.zero_grad(set_to_none=True)
         if use_gan and recon_loss.gan_active(state.step):
             with accelerator.autocast():
@@ -297,7 +306,7 @@ def train(cfg) -> dict:
 
         with torch.no_grad():
             logs["loc_max"] = float(out["log_loc"].exp().max(-1).values.mean())
-        logs.update(loss=float(loss.detach()), align=float(out["align_loss"].detach()), lr=sched.get_last_lr()[0])
+        logs.update(loss=float(loss.detach()), align=float(out["align_loss"].detach()), lr=opt.param_groups[0]["lr"])
         last_logs = logs
         if state.step % cfg.train.log_every == 0 or state.step == total:
             ips = img_window / max(1e-9, time.time() - t_window)

@@ -117,3 +117,21 @@ def test_bad_inputs_are_refused(tiny_tokenizer):
         tiny_tokenizer.encode(torch.zeros(1, 3, 30, 30))
     with pytest.raises(ValueError, match="divisible"):
         StellarTokenizer(image_size=30, patch_size=4)
+
+
+@pytest.mark.parametrize("name,grid", [("vit_b16", 16), ("vit_l16", 16), ("vit_h14", 18)])
+def test_imagenet_configs_build_with_expected_shapes(name, grid):
+    from omegaconf import OmegaConf
+
+    from stellar_tok.config import load_config
+
+    cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "data.path=/data/x.tar"])
+    meta = StellarTokenizer(**OmegaConf.to_container(cfg.model)).to("meta")  # no memory, shapes only
+    n_params = sum(p.numel() for p in meta.parameters())
+    assert n_params > 80e6
+    size = cfg.model.image_size
+    with torch.device("meta"):
+        out = meta(torch.zeros(1, 3, size, size, device="meta"))
+    assert out["log_loc"].shape == (1, grid * grid, 16)
+    assert out["tokens"].shape == (1, 16, cfg.model.latent_channels)
+    assert out["recon"].shape == (1, 3, size, size)

@@ -1,0 +1,1 @@
+"""Generators over the STELLAR latent (class-conditional diffusion transformer); see the README."""
