@@ -38,19 +38,19 @@ class ClusteringHead(nn.Module):
 
 @torch.no_grad()
 def sinkhorn_knopp(logits: torch.Tensor, temperature: float = 0.06, iterations: int = 3) -> torch.Tensor:
-    """logits (T, K) -> assignments Q (T, K), rows summing to 1, clusters near-equally used over the
-    global batch (all processes). Runs in fp32 in the log domain."""
+    """logits (..., T, K) -> assignments Q (..., T, K), rows summing to 1, clusters near-equally used over
+    the T tokens of the global batch (all processes); leading dims are independent problems. fp32."""
     logits = logits.float() / temperature
-    t_local = torch.tensor([logits.shape[0]], device=logits.device, dtype=torch.float32)
+    t_local = torch.tensor([logits.shape[-2]], device=logits.device, dtype=torch.float32)
     t_total = _all_reduce(t_local.clone())
-    k = logits.shape[1]
+    k = logits.shape[-1]
     gmax = _all_reduce(logits.max().clone().view(1), dist.ReduceOp.MAX if dist.is_available() else None)
-    q = torch.exp(logits - gmax)  # (T, K)
-    q /= _all_reduce(q.sum().view(1))
+    q = torch.exp(logits - gmax)  # (..., T, K)
+    q /= _all_reduce(q.sum(dim=(-2, -1), keepdim=True))
     for _ in range(iterations):
-        q /= _all_reduce(q.sum(dim=0, keepdim=True)).clamp_min(1e-30)  # each cluster gets mass 1/K
+        q /= _all_reduce(q.sum(dim=-2, keepdim=True)).clamp_min(1e-30)  # each cluster gets mass 1/K
         q /= k
-        q /= q.sum(dim=1, keepdim=True).clamp_min(1e-30)  # each token gets mass 1/T
+        q /= q.sum(dim=-1, keepdim=True).clamp_min(1e-30)  # each token gets mass 1/T
         q /= t_total
     return q * t_total
 
@@ -120,7 +120,10 @@ class AlignmentLoss(nn.Module):
     def targets(self, token_logits: torch.Tensor, cls_logits: torch.Tensor):
         c = self.cfg
         b, r, k = token_logits.shape
-        q_tok = sinkhorn_knopp(token_logits.detach().reshape(b * r, k), c.sinkhorn_temp, c.sinkhorn_iters).view(b, r, k)
+        if c.token_balance == "slot":  # clusters balanced over the images, separately for each of the r slots
+            q_tok = sinkhorn_knopp(token_logits.detach().transpose(0, 1), c.sinkhorn_temp, c.sinkhorn_iters).transpose(0, 1)
+        else:  # "all": balanced over all B*r tokens together (the reference code)
+            q_tok = sinkhorn_knopp(token_logits.detach().reshape(b * r, k), c.sinkhorn_temp, c.sinkhorn_iters).view(b, r, k)
         q_cls = sinkhorn_knopp(cls_logits.detach(), c.sinkhorn_temp, c.sinkhorn_iters)
         return q_tok, q_cls
 

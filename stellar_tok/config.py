@@ -94,6 +94,7 @@ class AlignConfig:
     sinkhorn_temp: float = 0.06
     sinkhorn_iters: int = 3
     student_temp: float = 0.12
+    token_balance: str = "all"  # all: Sinkhorn over all B*r tokens (reference) | slot: over the images, per token slot
     match: str = "hungarian"  # hungarian (one-to-one) | argmax (the reference code's per-row arg-max)
     ot_eps: float = 0.1
     ot_iters: int = 5
@@ -133,6 +134,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100000
     max_minutes: float = 0.0  # >0: stop (checkpoint + export) after this wall time; the cosine then follows time
+    stop_after: int = 0  # >0: stop (checkpoint + export) after this many steps of this invocation; resume later
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
     output_dir: str = "runs/tokenizer"
@@ -213,6 +215,7 @@ def validate(cfg) -> None:
     for key in ("jitter_p", "grayscale_p", "blur_p", "noise_p", "focal_p"):
         _require(0 <= v[key] <= 1, f"views.{key}", "a probability in [0, 1]", v[key])
     _require(a.match in ("hungarian", "argmax"), "align.match", "hungarian or argmax", a.match)
+    _require(a.token_balance in ("all", "slot"), "align.token_balance", "all or slot", a.token_balance)
     _require(0 <= a.teacher_momentum < 1, "align.teacher_momentum", "in [0, 1)", a.teacher_momentum)
     _require(a.token_prototypes >= 2 and a.cls_prototypes >= 2, "align.token_prototypes", ">= 2 (and cls_prototypes)", a.token_prototypes)
     _require(a.enabled or r.enabled, "align.enabled", "true when recon.enabled is false (nothing to train)", a.enabled)

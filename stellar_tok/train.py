@@ -165,7 +165,7 @@ def train(cfg) -> dict:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from .data import build_loader, skipped_samples
+    from .data import build_loader, reset_skipped_samples, skipped_samples
     from .objective import StellarObjective
     from .reconstruction import PatchDiscriminator, ReconstructionLoss
     from .tokenizer import StellarTokenizer
@@ -173,6 +173,7 @@ def train(cfg) -> dict:
     from .visual import reconstruction_grid
 
     out_dir = cfg.train.output_dir
+    reset_skipped_samples()  # count this run's bad samples only
     accelerator = Accelerator(
         # several processes without GPUs (`accelerate launch --multi_gpu` or torchrun on a CPU machine):
         # accelerate only forms the gloo group when asked for the CPU explicitly
@@ -256,6 +257,7 @@ def train(cfg) -> dict:
 
     objective.train()
     data_iter = batches()
+    start_step = state.step
     while state.step < total and not stop["flag"]:
         images, _ = next(data_iter)
         images = images.to(device).float() / 127.5 - 1  # uint8 -> [-1, 1]
@@ -320,9 +322,13 @@ def train(cfg) -> dict:
         pbar.update(1)
         if accelerator.is_main_process and (state.step % cfg.train.image_every == 0 or state.step == total):
             _save_grid(out, views["main"], os.path.join(out_dir, "images", f"step-{state.step:07d}.png"), accelerator)
-        if cfg.train.max_minutes > 0 and (time.time() - t_start) / 60 > cfg.train.max_minutes:
-            flag = accelerator.reduce(torch.tensor([1.0], device=device), "sum").item()
-            stop["flag"] = flag > 0
+        if cfg.train.max_minutes > 0:  # every process must agree to stop at the same step
+            late = float((time.time() - t_start) / 60 > cfg.train.max_minutes)
+            stop["flag"] = stop["flag"] or accelerator.reduce(torch.tensor([late], device=device), "sum").item() > 0
+        if cfg.train.stop_after and state.step - start_step >= cfg.train.stop_after:
+            stop["flag"] = True
+        if stop["flag"] and accelerator.is_main_process and state.step % cfg.train.image_every:
+            _save_grid(out, views["main"], os.path.join(out_dir, "images", f"step-{state.step:07d}.png"), accelerator)
         if state.step % cfg.train.ckpt_every == 0 and state.step < total:
             state.view_rng = _gather_rng(gen, accelerator)
             save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)

@@ -32,7 +32,11 @@ def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, loc: torch.Te
     x = (images[:n].float().cpu() + 1) / 2
     y = (recon[:n].float().cpu().clamp(-1, 1) + 1) / 2
     m = loc_map(loc[:n].cpu(), images.shape[-1])
-    grid = make_grid(torch.cat([x, y, m]), nrow=n, padding=1, pad_value=1.0)
+    rows = torch.cat([x, y, m])
+    scale = max(1, 96 // images.shape[-1])  # small images are enlarged (nearest) so they can be seen
+    if scale > 1:
+        rows = F.interpolate(rows, scale_factor=scale, mode="nearest")
+    grid = make_grid(rows, nrow=n, padding=2, pad_value=1.0)
     if path:
         save_image(grid, path)
     return grid

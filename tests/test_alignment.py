@@ -127,3 +127,15 @@ def test_hinge_loss_and_gan_start():
     assert "gan_g" not in logs
     _, logs = rl.generator_loss(out, torch.zeros(2, 3, 32, 32), step=10, disc=disc, last_layer=layer.weight)
     assert "gan_g" in logs and logs["gan_adaptive_weight"] >= 0
+
+
+def test_slot_balance_defeats_token_identity():
+    """Logits that depend only on the token slot: balancing over all B*r tokens lets each slot keep its own
+    clusters (identity shortcut), balancing per slot spreads every slot's images over all clusters."""
+    torch.manual_seed(0)
+    b, r, k = 64, 4, 4
+    logits = torch.eye(r, k)[None].expand(b, r, k) * 5 + 0.01 * torch.randn(b, r, k)
+    q_all = sinkhorn_knopp(logits.reshape(b * r, k), 0.5, 20).view(b, r, k)
+    q_slot = sinkhorn_knopp(logits.transpose(0, 1), 0.5, 20).transpose(0, 1)
+    assert q_all[:, 0, 0].mean() > 0.9  # slot 0 always goes to cluster 0
+    torch.testing.assert_close(q_slot.sum(0), torch.full((r, k), b / k), rtol=1e-2, atol=1e-2)

@@ -24,15 +24,15 @@ def _metrics(out):
 
 def test_training_loss_falls_and_exports(tmp_path):
     out = str(tmp_path / "run")
-    summary = main(SMALL + ["train.steps=80", "optim.lr=2e-3", f"train.output_dir={out}", "train.image_every=40", "train.ckpt_every=40"])
-    assert summary["step"] == 80
+    summary = main(SMALL + ["train.steps=40", "optim.lr=2e-3", f"train.output_dir={out}", "train.image_every=20", "train.ckpt_every=20"])
+    assert summary["step"] == 40
     m = _metrics(out)
     first, last = m[0], m[-1]
     assert last["pixel"] < 0.8 * first["pixel"], (first, last)
     assert last["align"] < first["align"], (first, last)
     # outputs: checkpoints, grid PNGs, TensorBoard, export with latent statistics
-    assert [os.path.basename(c) for c in find_checkpoints(os.path.join(out, "checkpoints"))] == ["step-0000040", "step-0000080"]
-    assert os.path.exists(os.path.join(out, "images", "step-0000080.png"))
+    assert [os.path.basename(c) for c in find_checkpoints(os.path.join(out, "checkpoints"))] == ["step-0000020", "step-0000040"]
+    assert os.path.exists(os.path.join(out, "images", "step-0000040.png"))
     assert any(f.startswith("events") for _, _, fs in os.walk(os.path.join(out, "logs")) for f in fs)
     tok = StellarTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
     assert not torch.allclose(tok.latent_token_std, torch.ones_like(tok.latent_token_std))
@@ -55,7 +55,7 @@ def test_resume_is_exact(tmp_path):
     common = SMALL + ["data.train_size=256", "train.ckpt_every=6", "train.image_every=1000", "optim.warmup_steps=2"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     main(common + ["train.steps=12", f"train.output_dir={a}"])
-    main(common + ["train.steps=6", f"train.output_dir={b}"])
+    main(common + ["train.steps=12", "train.stop_after=6", f"train.output_dir={b}"])
     main(common + ["train.steps=12", f"train.output_dir={b}", "train.resume=auto"])
     ta = StellarTokenizer.from_pretrained(os.path.join(a, "tokenizer"))
     tb = StellarTokenizer.from_pretrained(os.path.join(b, "tokenizer"))
