@@ -25,6 +25,12 @@ class StellarObjective(nn.Module):
             self.teacher = nn.ModuleDict({"tokenizer": copy.deepcopy(tokenizer), "align": copy.deepcopy(self.align)})
             self.teacher.requires_grad_(False)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:  # the EMA teacher is never in training mode
+            self.teacher.eval()
+        return self
+
     def forward(self, views: dict) -> dict:
         tok = self.tokenizer
         out = tok(views["main"])  # cls, dense, sparse, log_loc, tokens, recon

@@ -139,3 +139,18 @@ def test_slot_balance_defeats_token_identity():
     q_slot = sinkhorn_knopp(logits.transpose(0, 1), 0.5, 20).transpose(0, 1)
     assert q_all[:, 0, 0].mean() > 0.9  # slot 0 always goes to cluster 0
     torch.testing.assert_close(q_slot.sum(0), torch.full((r, k), b / k), rtol=1e-2, atol=1e-2)
+
+
+def test_ema_teacher_is_frozen_and_follows_student(tiny_tokenizer):
+    from stellar_tok.objective import StellarObjective
+
+    cfg = OmegaConf.merge(OmegaConf.structured(AlignConfig), {"head_hidden": 32, "head_bottleneck": 16, "token_prototypes": 16,
+                                                              "cls_prototypes": 8, "teacher_momentum": 0.5})
+    obj = StellarObjective(tiny_tokenizer, cfg).train()
+    assert not obj.teacher.training and obj.tokenizer.training
+    assert not any(p.requires_grad for p in obj.teacher.parameters())
+    with torch.no_grad():
+        obj.tokenizer.cls_token.add_(1.0)
+    before = obj.teacher["tokenizer"].cls_token.clone()
+    obj.update_teacher()
+    torch.testing.assert_close(obj.teacher["tokenizer"].cls_token, before + 0.5)
