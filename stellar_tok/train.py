@@ -31,12 +31,16 @@ from .errors import UserError, cli_entry
 USAGE = __doc__
 
 
+def cosine_factor(frac: float, min_ratio: float) -> float:
+    """Cosine decay from 1 to min_ratio as frac goes from 0 to 1 (clamped)."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+        return cosine_factor((step - warmup) / max(1, total - warmup), min_ratio)
 
     return f
 
@@ -170,7 +174,6 @@ def train(cfg) -> dict:
     from .reconstruction import PatchDiscriminator, ReconstructionLoss
     from .tokenizer import StellarTokenizer
     from .views import make_views
-    from .visual import reconstruction_grid
 
     out_dir = cfg.train.output_dir
     reset_skipped_samples()  # count this run's bad samples only
@@ -290,7 +293,7 @@ def train(cfg) -> dict:
         if cfg.train.max_minutes > 0 and state.step >= cfg.optim.warmup_steps:
             # time budget: the cosine follows whichever is further along, steps or wall time
             frac = max((state.step - cfg.optim.warmup_steps) / max(1, total - cfg.optim.warmup_steps), (time.time() - t_start) / 60 / cfg.train.max_minutes)
-            factor = cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            factor = cosine_factor(frac, cfg.optim.min_lr_ratio)
             for group, base in zip(opt.param_groups, sched.base_lrs):
                 group["lr"] = base * factor
         opt.zero_grad(set_to_none=True)
@@ -320,14 +323,12 @@ def train(cfg) -> dict:
                     f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
             pbar.set_postfix(loss=f"{logs['loss']:.3f}", psnr=f"{logs.get('psnr', float('nan')):.1f}", ips=f"{ips:.0f}")
         pbar.update(1)
-        if accelerator.is_main_process and (state.step % cfg.train.image_every == 0 or state.step == total):
-            _save_grid(out, views["main"], os.path.join(out_dir, "images", f"step-{state.step:07d}.png"), accelerator)
         if cfg.train.max_minutes > 0:  # every process must agree to stop at the same step
             late = float((time.time() - t_start) / 60 > cfg.train.max_minutes)
             stop["flag"] = stop["flag"] or accelerator.reduce(torch.tensor([late], device=device), "sum").item() > 0
         if cfg.train.stop_after and state.step - start_step >= cfg.train.stop_after:
             stop["flag"] = True
-        if stop["flag"] and accelerator.is_main_process and state.step % cfg.train.image_every:
+        if accelerator.is_main_process and (state.step % cfg.train.image_every == 0 or state.step == total or stop["flag"]):
             _save_grid(out, views["main"], os.path.join(out_dir, "images", f"step-{state.step:07d}.png"), accelerator)
         if state.step % cfg.train.ckpt_every == 0 and state.step < total:
             state.view_rng = _gather_rng(gen, accelerator)
