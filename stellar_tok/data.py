@@ -537,8 +537,10 @@ def _tar_samples(shards: Iterable[dict], handler: _ShardErrorHandler) -> Iterato
     return group_by_keys(expand(), handler=handler)
 
 
-def _decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop: bool, skips: SkipCounter) -> Iterator[ImageSample]:
-    """Pipeline stage: raw webdataset samples -> `ImageSample`s, skipping and counting bad ones."""
+def _decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop: bool, skips: SkipCounter,
+                          with_keys: bool = False) -> Iterator[ImageSample]:
+    """Pipeline stage: raw webdataset samples -> `ImageSample`s (or ``(ImageSample, __key__)`` pairs when
+    ``with_keys``), skipping and counting bad ones."""
     for sample in samples:
         key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
@@ -557,7 +559,8 @@ def _decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop:
         except BadSample as bad:
             skips.add(bad.reason, f"{key}: {bad}")
             continue
-        yield ImageSample(resize_and_crop(img, resolution, random_crop), label)
+        item = ImageSample(resize_and_crop(img, resolution, random_crop), label)
+        yield (item, str(sample.get("__key__", "?"))) if with_keys else item
 
 
 def _shard_urls(path: Any, split: str) -> list[str]:

@@ -4,9 +4,12 @@
     loc:    (B, N, r)  log L, the log-probabilities of the localization matrix, clamped at log(loc_floor);
                        softmax over the last axis gives back L (rows sum to 1)
 
-`normalize` / `denormalize` map a latent to and from zero-mean unit-variance form with the per-channel
-statistics of the tokens and the scalar mean/std of log L that the tokenizer ships (`LatentStats`).
-Generators model the normalised form; `StellarTokenizer.decode` accepts either and checks the flag.
+`normalize(stats)` / `denormalize()` are the one pair that maps a latent to and from zero-mean
+unit-variance form, with per-channel statistics of the tokens and the scalar mean/std of log L
+(`LatentStats`). A normalised latent remembers the statistics it was normalised with (`latent.stats`), so
+`denormalize()` and `StellarTokenizer.decode` undo exactly that normalisation, whether the statistics are
+the ones the tokenizer ships or those of a latent data set (`stellar_tok.latent_data`). Generators model the
+normalised form.
 """
 from __future__ import annotations
 
@@ -25,12 +28,23 @@ class LatentStats:
     def to(self, *args, **kwargs) -> "LatentStats":
         return LatentStats(*(t.to(*args, **kwargs) for t in (self.token_mean, self.token_std, self.loc_mean, self.loc_std)))
 
+    def to_dict(self) -> dict:
+        """JSON-ready: lists of floats."""
+        return {"token_mean": self.token_mean.tolist(), "token_std": self.token_std.tolist(),
+                "loc_mean": float(self.loc_mean), "loc_std": float(self.loc_std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatentStats":
+        t = lambda v: torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
+        return cls(t(d["token_mean"]), t(d["token_std"]), t(d["loc_mean"]), t(d["loc_std"]))
+
 
 @dataclass
 class Latent:
     tokens: torch.Tensor  # (B, r, c)
     loc: torch.Tensor  # (B, N, r) log-probabilities
     normalized: bool = False
+    stats: LatentStats | None = None  # the statistics a normalised latent was normalised with
 
     def __post_init__(self):
         if self.tokens.dim() != 3 or self.loc.dim() != 3 or self.tokens.shape[0] != self.loc.shape[0]:
@@ -67,11 +81,15 @@ class Latent:
         if self.normalized:
             raise ValueError("latent is already normalised")
         s = stats.to(self.tokens.device)
-        return Latent((self.tokens - s.token_mean) / s.token_std, (self.loc - s.loc_mean) / s.loc_std, True)
+        return Latent((self.tokens - s.token_mean) / s.token_std, (self.loc - s.loc_mean) / s.loc_std, True, stats)
 
-    def denormalize(self, stats: LatentStats) -> "Latent":
+    def denormalize(self, stats: LatentStats | None = None) -> "Latent":
+        """Undo `normalize`: with the statistics the latent carries, or with `stats` when given."""
         if not self.normalized:
             raise ValueError("latent is not normalised")
+        stats = stats if stats is not None else self.stats
+        if stats is None:
+            raise ValueError("this normalised latent carries no statistics: pass denormalize(stats)")
         s = stats.to(self.tokens.device)
         return Latent(self.tokens * s.token_std + s.token_mean, self.loc * s.loc_std + s.loc_mean, False)
 
@@ -80,4 +98,7 @@ class Latent:
         flags = {l.normalized for l in latents}
         if len(flags) != 1:
             raise ValueError("cannot concatenate raw and normalised latents")
-        return Latent(torch.cat([l.tokens for l in latents]), torch.cat([l.loc for l in latents]), flags.pop())
+        stats = latents[0].stats
+        if any(l.stats is not stats for l in latents[1:]) and flags == {True}:
+            raise ValueError("cannot concatenate latents normalised with different statistics")
+        return Latent(torch.cat([l.tokens for l in latents]), torch.cat([l.loc for l in latents]), flags.pop(), stats)

@@ -185,11 +185,14 @@ class StellarTokenizer(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def decode(self, latent: Latent) -> torch.Tensor:
-        """Latent (raw or normalised, by its flag) -> images (B,3,H,W) in [-1,1]."""
+        """Latent -> images (B,3,H,W) in [-1,1].
+
+        A raw latent is decoded as it is; a normalised one (``latent.normalized``) is first denormalised with
+        the statistics it carries (``latent.stats``), or with this tokenizer's when it carries none."""
         if not isinstance(latent, Latent):
             raise TypeError(f"decode expects a stellar_tok.Latent, got {type(latent).__name__}")
         if latent.normalized:
-            latent = latent.denormalize(self.latent_stats)
+            latent = latent.denormalize(latent.stats if latent.stats is not None else self.latent_stats)
         if latent.num_tokens != self.config.num_tokens or latent.tokens.shape[-1] != self.config.latent_channels:
             raise ValueError(
                 f"latent has r={latent.num_tokens}, c={latent.tokens.shape[-1]}; this tokenizer expects "

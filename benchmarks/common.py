@@ -1,0 +1,33 @@
+"""Shared helpers for the benchmarks: machine description and writing a section of docs/BENCHMARKS.md."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+
+import torch
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "BENCHMARKS.md")
+HEADER = "# Benchmarks\n\nEvery table is written by the command above it; times are medians of alternating runs in one process.\n"
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section `## name` of docs/BENCHMARKS.md with `body`."""
+    os.makedirs(os.path.dirname(DOC), exist_ok=True)
+    text = open(DOC).read() if os.path.exists(DOC) else HEADER
+    section = f"## {name}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    with open(DOC, "w") as f:
+        f.write(text.rstrip() + "\n")

@@ -1,0 +1,83 @@
+"""Tokenize step against the tokenizer's own batched `encode` in a loop, side by side.
+
+    python benchmarks/tokenize_speed.py [tokenizer=DIR] [images=4096] [batch_size=256] [rounds=3] [threads=2]
+
+Both read the same in-memory `shapes` images (uint8) and produce latents for every one: the loop calls
+`tok.encode` per batch and keeps the result in memory; `stellar_tok.tokenize` also casts to float16,
+accumulates statistics and writes safetensors shards. Runs alternate; the table reports medians.
+Cost does not depend on the weights, so without `tokenizer=` a random tiny tokenizer is used.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, median, write_section  # noqa: E402
+
+
+def main(argv):
+    from omegaconf import OmegaConf
+
+    from stellar_tok import StellarTokenizer
+    from stellar_tok.config import load_config
+    from stellar_tok.data import build_dataset
+    from stellar_tok.tokenize import TokenizeConfig, tokenize
+
+    kv = dict(a.split("=", 1) for a in argv)
+    torch.set_num_threads(int(kv.get("threads", 2)))
+    n, bs, rounds = int(kv.get("images", 4096)), int(kv.get("batch_size", 256)), int(kv.get("rounds", 3))
+    if "tokenizer" in kv:
+        tok = StellarTokenizer.from_pretrained(kv["tokenizer"]).eval()
+    else:
+        model = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer", "tiny.yaml")).model
+        torch.manual_seed(0)
+        tok = StellarTokenizer(**OmegaConf.to_container(model)).eval()
+    res = tok.config.image_size
+    ds = build_dataset({"name": "shapes", "resolution": res, "train_size": n, "val_size": 8}, "train")
+    images = torch.from_numpy(ds.images.copy()).permute(0, 3, 1, 2)
+
+    def encode_loop():
+        t = time.perf_counter()
+        out = []
+        for i in range(0, n, bs):
+            lat = tok.encode(images[i : i + bs].float() / 127.5 - 1)
+            out.append((lat.tokens, lat.loc))
+        return n / (time.perf_counter() - t)
+
+    def tokenize_run():
+        with tempfile.TemporaryDirectory() as d:
+            cfg = load_config([f"out={d}/lat", "data.name=shapes", f"data.resolution={res}", f"data.train_size={n}",
+                               f"batch_size={bs}", "shard_size=4096", "progress=false"], schema=TokenizeConfig)
+            t = time.perf_counter()
+            tokenize(cfg, tokenizer=tok)
+            return n / (time.perf_counter() - t)
+
+    encode_loop()  # warm-up
+    loop, job = [], []
+    for _ in range(rounds):
+        loop.append(encode_loop())
+        job.append(tokenize_run())
+    cmd = "python benchmarks/tokenize_speed.py " + " ".join(argv)
+    body = f"""```bash
+{cmd.strip()}
+```
+
+{machine()}; {n} `shapes` images at {res} px, batch {bs}, tokenizer width {tok.config.width} depth {tok.config.depth}, {rounds} alternating rounds.
+
+| | images/s (median) | runs |
+|---|---|---|
+| `tok.encode` in a loop (latents kept in memory) | {median(loop):.0f} | {', '.join(f'{x:.0f}' for x in loop)} |
+| `stellar_tok.tokenize` (float16 shards + stats on disk) | {median(job):.0f} | {', '.join(f'{x:.0f}' for x in job)} |
+| ratio tokenize / loop | {median(job) / median(loop):.2f} | |
+"""
+    print(body)
+    write_section("Tokenize step against an encode loop", body)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,238 @@
+"""Latent shards on disk: the format `python -m stellar_tok.tokenize` writes and `LatentDataset` reads.
+
+A latent data set is a folder:
+
+    manifest.json         what made it (tokenizer fingerprint and config, data, split, flip, dtype), the shard
+                          list with counts, the tensor shapes and dtypes, and whether it is complete
+    stats.json            LatentStats over every stored latent (flipped copies included): per-channel
+                          mean/std of the tokens, scalar mean/std of log L, and the image count
+    shards/<split>-NNNNNN.safetensors
+        tokens       (n, r, c)   sparse tokens after the bottleneck
+        loc          (n, N, r)   log L, clamped at log(loc_floor): the representation the generator models
+        label        (n,)        int64 class (-1 when unlabelled)
+        tokens_flip, loc_flip    the same for the horizontally flipped image (when tokenized with flip=true)
+        metadata: tokenizer fingerprint, source keys (JSON list), and the float64 sums the statistics are
+                  aggregated from (so a resumed run never re-reads finished shards)
+
+Shards are written under a temporary name and renamed when complete, so a shard that exists is whole.
+
+Normalisation is one pair of functions, `Latent.normalize(stats)` / `Latent.denormalize()`: the reader
+applies the first (with this folder's stats.json), and a normalised `Latent` carries its statistics, so
+`StellarTokenizer.decode` undoes exactly that normalisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import UserError
+from .latent import Latent, LatentStats
+
+FORMAT = "stellar-latents/1"
+SHARD_DIR = "shards"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+__all__ = ["FORMAT", "LatentDataset", "StatsAccumulator", "tokenizer_fingerprint", "write_shard", "read_shard_meta",
+           "read_manifest", "collate_latents"]
+
+
+def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of a tokenizer's state dict, names and bytes: the same weights, the same hash."""
+    h = hashlib.sha256()
+    for name, t in sorted(tokenizer.state_dict().items()):
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class StatsAccumulator:
+    """Float64 running sums for `LatentStats`: per-channel over tokens, scalar over log L."""
+
+    def __init__(self, channels: int):
+        self.tok_sum = torch.zeros(channels, dtype=torch.float64)
+        self.tok_sq = torch.zeros(channels, dtype=torch.float64)
+        self.n_tok = 0
+        self.loc_sum = self.loc_sq = 0.0
+        self.n_loc = 0
+
+    def add(self, tokens: torch.Tensor, loc: torch.Tensor) -> None:
+        t = tokens.detach().double().reshape(-1, tokens.shape[-1]).cpu()
+        self.tok_sum += t.sum(0)
+        self.tok_sq += (t * t).sum(0)
+        self.n_tok += t.shape[0]
+        l = loc.detach().double().cpu()
+        self.loc_sum += float(l.sum())
+        self.loc_sq += float((l * l).sum())
+        self.n_loc += l.numel()
+
+    def to_dict(self) -> dict:
+        return {"tok_sum": self.tok_sum.tolist(), "tok_sq": self.tok_sq.tolist(), "n_tok": self.n_tok,
+                "loc_sum": self.loc_sum, "loc_sq": self.loc_sq, "n_loc": self.n_loc}
+
+    @classmethod
+    def merge(cls, parts: Iterable[dict], channels: int) -> "StatsAccumulator":
+        acc = cls(channels)
+        for p in parts:
+            acc.tok_sum += torch.tensor(p["tok_sum"], dtype=torch.float64)
+            acc.tok_sq += torch.tensor(p["tok_sq"], dtype=torch.float64)
+            acc.n_tok += p["n_tok"]
+            acc.loc_sum += p["loc_sum"]
+            acc.loc_sq += p["loc_sq"]
+            acc.n_loc += p["n_loc"]
+        return acc
+
+    def stats(self) -> LatentStats:
+        if not self.n_tok:
+            raise ValueError("no latents were accumulated")
+        mean = self.tok_sum / self.n_tok
+        std = (self.tok_sq / self.n_tok - mean**2).clamp_min(0).sqrt()
+        lm = self.loc_sum / self.n_loc
+        ls = max(self.loc_sq / self.n_loc - lm * lm, 0.0) ** 0.5
+        return LatentStats(mean.float(), std.float().clamp_min(1e-6), torch.tensor(lm, dtype=torch.float32),
+                           torch.tensor(max(ls, 1e-6), dtype=torch.float32))
+
+
+def write_shard(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors shard atomically: to `path.tmp`, fsync, then rename onto `path`."""
+    tmp = path + ".tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # readable like any other file the user writes (safetensors makes it 0600)
+    os.replace(tmp, path)
+
+
+def read_shard_meta(path: str) -> dict | None:
+    """The metadata of a finished shard (with `count` as an int), or None if it cannot be read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        if meta.get("format") != FORMAT:
+            return None
+        meta["count"] = int(meta["count"])
+        return meta
+    except Exception:
+        return None
+
+
+def read_manifest(path: str) -> dict:
+    """manifest.json of a latent folder; a one-line UserError if it is missing or incomplete."""
+    f = os.path.join(path, "manifest.json")
+    if not os.path.isfile(f):
+        raise UserError(f"{path} is not a latent folder (no manifest.json): write one with python -m stellar_tok.tokenize")
+    with open(f) as fh:
+        manifest = json.load(fh)
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{f} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not manifest.get("complete"):
+        raise UserError(f"{path} is incomplete (the tokenize run did not finish): rerun the same tokenize command to complete it")
+    return manifest
+
+
+def collate_latents(batch: list[dict]) -> dict:
+    """DataLoader collate for `LatentDataset` items: stacks tokens, loc and label."""
+    return {"tokens": torch.stack([b["tokens"] for b in batch]), "loc": torch.stack([b["loc"] for b in batch]),
+            "label": torch.tensor([b["label"] for b in batch], dtype=torch.int64)}
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Map-style reader of a latent folder. Items: dict(tokens (r,c), loc (N,r), label int), float32.
+
+    normalize   apply `Latent.normalize` with this folder's stats.json (default), or return raw latents
+    flip_p      probability of returning the flipped image's latent instead (default 0.5 when the folder
+                holds flipped copies, else 0); drawn from torch's global RNG, so per DataLoader worker
+    in_memory   load every shard at construction (fast for small sets); else shards are memory-mapped
+                and read item by item
+
+    `to_latent(batch)` turns a collated batch (`collate_latents`) into a `Latent` that carries the
+    statistics, ready for `StellarTokenizer.decode`.
+    """
+
+    def __init__(self, path: str, normalize: bool = True, flip_p: float | None = None, in_memory: bool = False):
+        self.path = path
+        self.manifest = read_manifest(path)
+        with open(os.path.join(path, "stats.json")) as f:
+            self.stats = LatentStats.from_dict(json.load(f))
+        self.normalize = bool(normalize)
+        self.has_flip = bool(self.manifest["flip"])
+        self.flip_p = (0.5 if self.has_flip else 0.0) if flip_p is None else float(flip_p)
+        if self.flip_p > 0 and not self.has_flip:
+            raise UserError(f"flip_p={self.flip_p} but {path} holds no flipped latents (tokenize with flip=true)")
+        self.files = [os.path.join(path, SHARD_DIR, s["file"]) for s in self.manifest["shards"]]
+        counts = np.array([s["count"] for s in self.manifest["shards"]], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.classes = self.manifest.get("classes") or []
+        self._handles: dict[int, object] = {}
+        self._memory: list[dict] | None = None
+        if in_memory:
+            self._memory = [self._load_shard(f) for f in self.files]
+
+    def _load_shard(self, file: str) -> dict:
+        with safe_open(file, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) or int(self.labels().max()) + 1
+
+    def labels(self) -> torch.Tensor:
+        """Every label, in item order (reads only the label tensors)."""
+        out = []
+        for i, file in enumerate(self.files):
+            if self._memory is not None:
+                out.append(self._memory[i]["label"])
+            else:
+                with safe_open(file, framework="pt") as f:
+                    out.append(f.get_tensor("label"))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+    def keys(self) -> list[str]:
+        """The source key of every item, in order."""
+        keys = []
+        for file in self.files:
+            keys += json.loads(read_shard_meta(file)["keys"])
+        return keys
+
+    def __getstate__(self):  # open file handles stay in the process that opened them
+        d = self.__dict__.copy()
+        d["_handles"] = {}
+        return d
+
+    def _get(self, shard: int, name: str, row: int) -> torch.Tensor:
+        if self._memory is not None:
+            return self._memory[shard][name][row]
+        h = self._handles.get(shard)
+        if h is None:
+            h = self._handles[shard] = safe_open(self.files[shard], framework="pt")
+        return h.get_slice(name)[row : row + 1][0]
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        index = int(index) + (n if int(index) < 0 else 0)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} latents")
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        row = index - int(self.offsets[shard])
+        suffix = "_flip" if self.flip_p > 0 and torch.rand(()) < self.flip_p else ""
+        lat = Latent(self._get(shard, "tokens" + suffix, row)[None].float(), self._get(shard, "loc" + suffix, row)[None].float())
+        if self.normalize:
+            lat = lat.normalize(self.stats)
+        return {"tokens": lat.tokens[0], "loc": lat.loc[0], "label": int(self._get(shard, "label", row))}
+
+    def to_latent(self, batch: dict) -> Latent:
+        """A collated batch -> `Latent` (normalised and carrying `stats`, or raw)."""
+        return Latent(batch["tokens"], batch["loc"], self.normalize, self.stats if self.normalize else None)
