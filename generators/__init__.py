@@ -1,1 +1,12 @@
-"""Generators over the STELLAR latent (class-conditional diffusion transformer); see the README."""
+"""A class-conditional diffusion transformer over the STELLAR sparse latent (tokens + localization matrix).
+
+    generators.dit        LatentDiT: adaLN-Zero DiT over r token positions + the patchified localization map
+    generators.flow       rectified-flow loss and the guided ODE sampler (diffusers flow-matching schedulers)
+    generators.pipeline   StellarDiTPipeline: a diffusers DiffusionPipeline (tokenizer + generator + scheduler)
+    generators.train      accelerate launch -m generators.train config=configs/generator/tiny.yaml data.latents=DIR
+    generators.sample     python -m generators.sample generator=DIR tokenizer=DIR classes=0,1 n=8 cfg=4 out=DIR
+"""
+from .dit import LatentDiT
+from .pipeline import StellarDiTPipeline
+
+__all__ = ["LatentDiT", "StellarDiTPipeline"]

@@ -266,7 +266,7 @@ def tokenize(cfg, tokenizer=None) -> dict:
 
     summary = {}
     if state.is_main_process:
-        summary = _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before)
+        summary = _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, cfg.tokenizer)
         print(f"tokenize: {summary['images']} images{' (+ flipped)' if cfg.flip else ''} in {summary['shards']} shards "
               f"({done_before} already done), skipped {summary['skipped']}, {seconds:.1f}s, "
               f"{n_new / max(seconds, 1e-9):.0f} img/s in this run -> {out}")
@@ -274,7 +274,7 @@ def tokenize(cfg, tokenizer=None) -> dict:
     return summary
 
 
-def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before) -> dict:
+def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, tokenizer_path=None) -> dict:
     shard_dir = os.path.join(out, SHARD_DIR)
     shards, parts, skipped, images = [], [], 0, 0
     for w in work:
@@ -295,7 +295,7 @@ def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_befor
     _write_json(os.path.join(out, "stats.json"), {**stats.to_dict(), "images": images, "includes_flipped": identity["flip"]})
     summary = {"images": images, "shards": len(shards), "skipped": skipped, "seconds": round(seconds, 2),
                "images_this_run": n_new, "shards_already_done": done_before}
-    manifest = {**identity, "complete": True, "classes": classes, "shards": shards, "count": images,
+    manifest = {**identity, "complete": True, "classes": classes, "shards": shards, "count": images, "tokenizer_path": tokenizer_path,
                 "shapes": {"tokens": [r, c], "loc": [n * n, r], "label": []},
                 "dtypes": {"tokens": identity["dtype"], "loc": identity["dtype"], "label": "int64"},
                 "loc_representation": f"log L clamped at log({tok_config['loc_floor']})", "summary": summary}

@@ -1,0 +1,158 @@
+"""Sample class-conditional images from a trained latent generator.
+
+    python -m generators.sample generator=runs/generator/tiny/generator tokenizer=runs/demo/tokenizer/tokenizer \\
+        classes=0,1,2 n=8 cfg=3 steps=25 out=samples/tiny
+    accelerate launch -m generators.sample generator=DIR tokenizer=DIR classes=all n=50 out=DIR   # FID-size sets
+
+`n` samples per class (`classes`: ids, names, or `all`). Writes out/grid.png (one row per class, first 16
+per class), out/images/<class>_<i>.png, and out/samples.npz (ADM layout: uint8 NHWC `arr_0`, labels
+`arr_1`) for FID suites. Sample i of the whole set always uses seed `seed + i`, so the result does not
+depend on the batch size or on how many processes share the work (process p takes samples p, p+P, ...).
+Guidance applies to every latent channel, optionally only for t in `interval` (e.g. interval=0.1,0.7).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from stellar_tok.config import load_config
+from stellar_tok.errors import UserError, cli_entry
+
+
+@dataclass
+class SampleConfig:
+    generator: Optional[str] = None  # exported generator folder
+    tokenizer: Optional[str] = None  # exported tokenizer folder (its decoder paints the pixels)
+    out: str = "samples"
+    classes: str = "all"  # comma-separated ids or names, or all
+    n: int = 8  # samples per class
+    cfg: float = 4.0
+    interval: str = "0,1"  # guidance only while t (1 = noise, 0 = data) is in [lo, hi]
+    steps: int = 50
+    seed: int = 0
+    batch_size: int = 64
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
+    save_png: bool = True
+    progress: bool = True
+
+
+def _parse_classes(spec: str, model) -> list[int]:
+    k, names = model.config.num_classes, list(model.config.class_names or [])
+    if spec == "all":
+        return list(range(k))
+    out = []
+    for item in str(spec).split(","):
+        item = item.strip()
+        if item.lstrip("-").isdigit():
+            cid = int(item)
+        elif item in names:
+            cid = names.index(item)
+        else:
+            raise UserError(f"classes: {item!r} is neither a class id (0..{k - 1}) nor a class name {names}")
+        if not 0 <= cid < k:
+            raise UserError(f"classes: id {cid} is out of range 0..{k - 1}")
+        out.append(cid)
+    return out
+
+
+def sample(cfg) -> dict:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from PIL import Image
+    from torchvision.utils import make_grid, save_image
+    from tqdm.auto import tqdm
+
+    from stellar_tok.latent import Latent
+    from stellar_tok.tokenizer import StellarTokenizer
+
+    from .dit import LatentDiT
+    from .flow import sample_latents
+
+    for key in ("generator", "tokenizer"):
+        path = getattr(cfg, key)
+        if not path or not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{key}=DIR must name an exported {key} folder with config.json (got {path!r})")
+    try:
+        lo, hi = (float(x) for x in str(cfg.interval).split(","))
+    except ValueError:
+        raise UserError(f"interval must be two numbers lo,hi in [0, 1] (got {cfg.interval!r})") from None
+    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    device = state.device
+    model = LatentDiT.from_pretrained(cfg.generator).to(device).eval()
+    tok = StellarTokenizer.from_pretrained(cfg.tokenizer).to(device).eval()
+    from stellar_tok.latent_data import tokenizer_fingerprint
+
+    if model.config.tokenizer_hash and model.config.tokenizer_hash != tokenizer_fingerprint(tok):
+        raise UserError(f"the generator was trained on the latents of another tokenizer (fingerprint {model.config.tokenizer_hash}); "
+                        f"pass the tokenizer used by stellar_tok.tokenize")
+    classes = _parse_classes(cfg.classes, model)
+    labels_all = torch.tensor(classes).repeat_interleave(cfg.n)  # (C*n,)
+    mine = list(range(state.process_index, len(labels_all), state.num_processes))
+    r, c, n = model.config.num_tokens, model.config.token_channels, model.config.grid**2
+    dim = r * c + n * r
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    images, t0 = [], time.time()
+    pbar = tqdm(total=len(mine), unit="img", disable=not (cfg.progress and state.is_main_process), desc="sample")
+    for i in range(0, len(mine), cfg.batch_size):
+        idx = mine[i : i + cfg.batch_size]
+        noise = torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(cfg.seed + j)) for j in idx]).to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            tokens, loc = sample_latents(model, labels_all[idx].to(device), cfg.steps, cfg.cfg, (lo, hi),
+                                         scheduler=FlowMatchEulerDiscreteScheduler(), noise=noise)
+            x = tok.decode(Latent(tokens, loc, True, model.latent_stats))
+        images.append(((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        pbar.update(len(idx))
+    pbar.close()
+    mine_images = torch.cat(images).numpy() if images else np.zeros((0, 1, 1, 3), np.uint8)
+    gathered = gather_object([(mine, mine_images)]) if state.num_processes > 1 else [(mine, mine_images)]
+    summary = {}
+    if state.is_main_process:
+        order = np.concatenate([np.array(ix, dtype=np.int64) for ix, _ in gathered])
+        arr = np.concatenate([im for _, im in gathered if len(im)])
+        arr = arr[np.argsort(order)]
+        labels = labels_all.numpy()
+        os.makedirs(cfg.out, exist_ok=True)
+        np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=arr, arr_1=labels)
+        names = list(model.config.class_names or [])
+        if cfg.save_png:
+            os.makedirs(os.path.join(cfg.out, "images"), exist_ok=True)
+            for j, (im, y) in enumerate(zip(arr, labels)):
+                Image.fromarray(im).save(os.path.join(cfg.out, "images", f"{names[y] if names else y}_{j:06d}.png"))
+        per_row = min(cfg.n, 16)
+        rows = [torch.from_numpy(arr[k * cfg.n : k * cfg.n + per_row]) for k in range(len(classes))]
+        grid = torch.cat(rows).permute(0, 3, 1, 2).float() / 255
+        scale = max(1, 64 // grid.shape[-1])
+        if scale > 1:
+            grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
+        save_image(make_grid(grid, nrow=per_row, padding=2, pad_value=1.0), os.path.join(cfg.out, "grid.png"))
+        seconds = time.time() - t0
+        summary = {"images": int(len(arr)), "classes": classes, "seconds": round(seconds, 2), "images_per_s": round(len(arr) / max(seconds, 1e-9), 2),
+                   "cfg": cfg.cfg, "interval": [lo, hi], "steps": cfg.steps, "seed": cfg.seed}
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"sample: {len(arr)} images of {len(classes)} classes in {seconds:.1f}s -> {cfg.out}/grid.png, samples.npz")
+    state.wait_for_everyone()
+    return summary
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m generators.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(SampleConfig)))
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. generator=DIR tokenizer=DIR classes=0,1 n=8")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return sample(load_config(args.overrides, schema=SampleConfig))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Train the latent diffusion transformer on latent shards.
+
+    accelerate launch -m generators.train config=configs/generator/tiny.yaml data.latents=latents/shapes [key=value ...]
+    python -m generators.train config=configs/generator/tiny.yaml data.latents=DIR train.steps=500
+
+Writes to train.output_dir:
+    checkpoints/step-XXXXXXX/   accelerate state (model, EMA, optimizer, scheduler, RNG, step) for resume
+    generator/                  the exported EMA generator: config.json + safetensors (+ latent statistics)
+    pipeline/                   a `StellarDiTPipeline` (tokenizer + generator + scheduler), when a tokenizer is known
+    images/step-XXXXXXX.png     class-conditional samples from the EMA weights (one row per class)
+    logs/, metrics.jsonl, config.yaml, summary.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+from omegaconf import OmegaConf
+
+from stellar_tok.errors import UserError, cli_entry
+from stellar_tok.train import TrainState, _gather_rng, cosine_factor, cosine_with_warmup, find_checkpoints, save_checkpoint
+
+from .config import GenConfig, load_config
+
+
+def export_model(model, out_dir: str, name: str = "generator") -> str:
+    """save_pretrained into a temporary folder, then rename (never a half-written export)."""
+    final = os.path.join(out_dir, name)
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if os.path.exists(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def grid_labels(num_classes: int, per_class: int, device) -> torch.Tensor:
+    """Up to 10 classes, `per_class` samples each: (min(C,10) * per_class,)."""
+    k = min(num_classes, 10)
+    return torch.arange(k, device=device).repeat_interleave(per_class)
+
+
+def save_sample_grid(model, tokenizer, labels, path: str, steps: int, cfg_scale: float, seed: int = 0) -> torch.Tensor:
+    from torchvision.utils import make_grid, save_image
+
+    from stellar_tok.latent import Latent
+
+    from .flow import sample_latents
+
+    g = torch.Generator(device=labels.device).manual_seed(seed)
+    tokens, loc = sample_latents(model, labels, steps, cfg_scale, generator=g)
+    images = tokenizer.decode(Latent(tokens, loc, True, model.latent_stats)).float().cpu()
+    images = (images + 1) / 2
+    per_row = int((labels == labels[0]).sum())
+    scale = max(1, 64 // images.shape[-1])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=per_row, padding=2, pad_value=1.0)
+    save_image(grid, path)
+    return grid
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m generators.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(GenConfig)))
+    p.add_argument("overrides", nargs="*", help="config=PATH and key=value overrides, e.g. data.latents=DIR train.steps=500")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return train(load_config(args.overrides))
+
+
+def train(cfg) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from stellar_tok.latent_data import LatentDataset, collate_latents
+    from stellar_tok.tokenizer import StellarTokenizer
+
+    from .dit import LatentDiT
+    from .flow import flow_loss, sample_t
+    from .pipeline import StellarDiTPipeline
+
+    out_dir = cfg.train.output_dir
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,  # gloo on CPU-only machines
+        mixed_precision=cfg.train.mixed_precision,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.train.seed)
+    device = accelerator.device
+    if accelerator.is_main_process:
+        os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
+
+    # --- data ----------------------------------------------------------------------------------
+    ds = LatentDataset(cfg.data.latents, normalize=True, flip_p=cfg.data.flip_p, in_memory=cfg.data.in_memory)
+    man = ds.manifest
+    r, c = man["shapes"]["tokens"]
+    n, _ = man["shapes"]["loc"]
+    grid = int(round(n**0.5))
+    num_classes = ds.num_classes
+    if num_classes < 1:
+        raise UserError(f"{cfg.data.latents} has no class labels: the generator is class-conditional")
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=len(ds) >= cfg.optim.batch_size,
+                                         num_workers=cfg.data.num_workers, collate_fn=collate_latents,
+                                         generator=torch.Generator().manual_seed(cfg.train.seed))
+
+    # --- model ---------------------------------------------------------------------------------
+    m = cfg.model
+    model = LatentDiT(num_tokens=r, token_channels=c, grid=grid, loc_patch=m.loc_patch, width=m.width, depth=m.depth, heads=m.heads,
+                      mlp_ratio=m.mlp_ratio, num_classes=num_classes, class_names=list(ds.classes) or None,
+                      tokenizer_hash=man["tokenizer_hash"])
+    model.set_latent_stats(ds.stats)
+    ema = EMAModel(model.parameters(), decay=cfg.train.ema, use_ema_warmup=True, power=2 / 3, foreach=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    state = TrainState()
+    accelerator.register_for_checkpointing(sched, state, ema)
+    net = accelerator.unwrap_model(model)
+    ema.to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
+
+    tok_path = cfg.sample.tokenizer or man.get("tokenizer_path")
+    tokenizer = None
+    if tok_path and os.path.isdir(tok_path) and accelerator.is_main_process:
+        tokenizer = StellarTokenizer.from_pretrained(tok_path).to(device).eval()
+
+    resume = cfg.train.resume
+    if resume == "auto":
+        found = find_checkpoints(os.path.join(out_dir, "checkpoints"))
+        resume = found[-1] if found else None
+    if resume:
+        accelerator.load_state(resume)
+        if state.view_rng is not None:
+            gen.set_state(state.view_rng[accelerator.process_index].to("cpu") if isinstance(state.view_rng, list) else state.view_rng)
+        accelerator.print(f"resumed from {resume} at step {state.step}")
+    accelerator.init_trackers("generator", config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})
+
+    stop = {"flag": False}
+    old_handlers = {s: signal.signal(s, lambda *_: stop.__setitem__("flag", True)) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def batches():
+        while True:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(state.epoch)
+            it = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+            for b in it:
+                state.batch_in_epoch += 1
+                yield b
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    total = cfg.train.steps
+    pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="generator")
+    t_start = t_window = time.time()
+    img_window, start_step, last = 0, state.step, {}
+    labels_grid = grid_labels(num_classes, cfg.sample.per_class, device)
+
+    def sample_grid():
+        if tokenizer is None or not accelerator.is_main_process:
+            return
+        ema.store(net.parameters())
+        ema.copy_to(net.parameters())
+        net.eval()
+        path = os.path.join(out_dir, "images", f"step-{state.step:07d}.png")
+        img = save_sample_grid(net, tokenizer, labels_grid, path, cfg.sample.steps, cfg.sample.cfg)
+        net.train()
+        ema.restore(net.parameters())
+        try:
+            accelerator.get_tracker("tensorboard").writer.add_image("samples", img, state.step)
+        except Exception:
+            pass
+
+    model.train()
+    data = batches()
+    while state.step < total and not stop["flag"]:
+        b = next(data)
+        tokens, loc, y = b["tokens"].to(device), b["loc"].to(device), b["label"].to(device)
+        drop = torch.rand(y.shape, generator=gen, device=device) < cfg.flow.class_dropout
+        y = torch.where(drop, torch.full_like(y, num_classes), y)
+        t = sample_t(y.shape[0], cfg.flow.t_sampling, gen, device, cfg.flow.logit_mean, cfg.flow.logit_std)
+        with accelerator.autocast():
+            loss, logs = flow_loss(model, tokens, loc, y, t, gen)
+        if not torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            state.nonfinite += 1
+            accelerator.print(f"step {state.step}: non-finite loss, step skipped")
+            if state.nonfinite >= 20:
+                save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+                raise UserError(f"20 non-finite losses in a row at step {state.step}; lower optim.lr or use train.mixed_precision=no (checkpoint saved)")
+            continue
+        state.nonfinite = 0
+        accelerator.backward(loss)
+        if cfg.optim.grad_clip > 0:
+            logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        opt.step()
+        sched.step()
+        if cfg.train.max_minutes > 0 and state.step >= cfg.optim.warmup_steps:
+            # time budget: the cosine follows whichever is further along, steps or wall time
+            w = cfg.optim.warmup_steps
+            frac = max((state.step - w) / max(1, total - w), (time.time() - t_start) / 60 / cfg.train.max_minutes)
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * cosine_factor(frac, cfg.optim.min_lr_ratio)
+        opt.zero_grad(set_to_none=True)
+        ema.step(net.parameters())
+        state.step += 1
+        state.images_seen += y.shape[0] * accelerator.num_processes
+        img_window += y.shape[0] * accelerator.num_processes
+        logs.update(loss=float(loss.detach()), lr=opt.param_groups[0]["lr"], ema_decay=ema.cur_decay_value or 0.0)
+        last = logs
+        if state.step % cfg.train.log_every == 0 or state.step == total:
+            logs["images_per_s"] = img_window / max(1e-9, time.time() - t_window)
+            t_window, img_window = time.time(), 0
+            accelerator.log(logs, step=state.step)
+            if accelerator.is_main_process:
+                with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
+            pbar.set_postfix(loss=f"{logs['loss']:.3f}", ips=f"{logs['images_per_s']:.0f}")
+        pbar.update(1)
+        if cfg.train.max_minutes > 0:
+            late = float((time.time() - t_start) / 60 > cfg.train.max_minutes)
+            stop["flag"] = stop["flag"] or accelerator.reduce(torch.tensor([late], device=device), "sum").item() > 0
+        if state.step % cfg.train.sample_every == 0 and state.step < total and not stop["flag"]:
+            sample_grid()
+        if state.step % cfg.train.ckpt_every == 0 and state.step < total:
+            state.view_rng = _gather_rng(gen, accelerator)
+            save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+    pbar.close()
+
+    state.view_rng = _gather_rng(gen, accelerator)
+    ckpt = save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+    export = pipe_dir = None
+    if accelerator.is_main_process:
+        sample_grid()
+        ema.store(net.parameters())
+        ema.copy_to(net.parameters())
+        export = export_model(net, out_dir, "generator")
+        if tokenizer is not None:
+            pipe = StellarDiTPipeline(tokenizer=tokenizer, transformer=net, scheduler=FlowMatchEulerDiscreteScheduler())
+            pipe_dir = os.path.join(out_dir, "pipeline")
+            shutil.rmtree(pipe_dir + ".tmp", ignore_errors=True)
+            pipe.save_pretrained(pipe_dir + ".tmp", safe_serialization=True)
+            shutil.rmtree(pipe_dir, ignore_errors=True)
+            os.replace(pipe_dir + ".tmp", pipe_dir)
+        ema.restore(net.parameters())
+    elapsed = time.time() - t_start
+    summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt,
+               "export": export, "pipeline": pipe_dir, "last": {k: round(v, 5) for k, v in last.items()}}
+    if accelerator.is_main_process:
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        accelerator.print(f"done: {state.step} steps ({state.step - start_step} in this run), {elapsed:.0f}s; generator {export}; pipeline {pipe_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
