@@ -21,12 +21,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-from stellar_tok.latent import LatentStats
+from stellar_tok.latent import LatentStatsBuffers
 from stellar_tok.vit import Attention, Mlp, sincos_pos_embed
 
 
@@ -66,7 +65,7 @@ class DiTBlock(nn.Module):
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
-class LatentDiT(ModelMixin, ConfigMixin):
+class LatentDiT(ModelMixin, ConfigMixin, LatentStatsBuffers):
     """DiT over (tokens, loc). Saves/loads like a `diffusers` model and ships the latent statistics it was
     trained with (`latent_stats`), so its samples can be denormalised without the data set."""
 
@@ -107,10 +106,7 @@ class LatentDiT(ModelMixin, ConfigMixin):
         self.token_out = nn.Linear(d, c)
         self.loc_out = nn.Linear(d, p * p * r)
         # the normalisation of the latents this model was trained on (set by the trainer)
-        self.register_buffer("latent_token_mean", torch.zeros(c))
-        self.register_buffer("latent_token_std", torch.ones(c))
-        self.register_buffer("latent_loc_mean", torch.zeros(()))
-        self.register_buffer("latent_loc_std", torch.ones(()))
+        self.register_latent_stats(c)
         self._init_weights()
 
     def _init_weights(self):
@@ -179,16 +175,3 @@ class LatentDiT(ModelMixin, ConfigMixin):
         vt, vl = self(torch.cat([tokens, tokens]), torch.cat([loc, loc]), torch.cat([t, t]), torch.cat([y, null]))
         (ct, ut), (cl, ul) = vt.chunk(2), vl.chunk(2)
         return ut + scale * (ct - ut), ul + scale * (cl - ul)
-
-    # ------------------------------------------------------------------------------------------
-    # latent statistics
-    # ------------------------------------------------------------------------------------------
-    @property
-    def latent_stats(self) -> LatentStats:
-        return LatentStats(self.latent_token_mean, self.latent_token_std, self.latent_loc_mean, self.latent_loc_std)
-
-    def set_latent_stats(self, stats: LatentStats) -> None:
-        self.latent_token_mean.copy_(stats.token_mean)
-        self.latent_token_std.copy_(stats.token_std)
-        self.latent_loc_mean.copy_(stats.loc_mean)
-        self.latent_loc_std.copy_(stats.loc_std)

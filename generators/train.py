@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -24,23 +23,10 @@ import torch
 from omegaconf import OmegaConf
 
 from stellar_tok.errors import UserError, cli_entry
-from stellar_tok.train import TrainState, _gather_rng, cosine_factor, cosine_with_warmup, find_checkpoints, save_checkpoint
+from stellar_tok.train import (TrainState, _gather_rng, budget_lr, cosine_with_warmup, epoch_batches, export_pretrained,
+                               resume_if_asked, save_checkpoint)
 
 from .config import GenConfig, load_config
-
-
-def export_model(model, out_dir: str, name: str = "generator") -> str:
-    """save_pretrained into a temporary folder, then rename (never a half-written export)."""
-    final = os.path.join(out_dir, name)
-    tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def grid_labels(num_classes: int, per_class: int, device) -> torch.Tensor:
@@ -140,30 +126,11 @@ def train(cfg) -> dict:
     if tok_path and os.path.isdir(tok_path) and accelerator.is_main_process:
         tokenizer = StellarTokenizer.from_pretrained(tok_path).to(device).eval()
 
-    resume = cfg.train.resume
-    if resume == "auto":
-        found = find_checkpoints(os.path.join(out_dir, "checkpoints"))
-        resume = found[-1] if found else None
-    if resume:
-        accelerator.load_state(resume)
-        if state.view_rng is not None:
-            gen.set_state(state.view_rng[accelerator.process_index].to("cpu") if isinstance(state.view_rng, list) else state.view_rng)
-        accelerator.print(f"resumed from {resume} at step {state.step}")
+    resume_if_asked(accelerator, cfg.train.resume, out_dir, state, gen)
     accelerator.init_trackers("generator", config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})
 
     stop = {"flag": False}
     old_handlers = {s: signal.signal(s, lambda *_: stop.__setitem__("flag", True)) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def batches():
-        while True:
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(state.epoch)
-            it = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
-            for b in it:
-                state.batch_in_epoch += 1
-                yield b
-            state.epoch += 1
-            state.batch_in_epoch = 0
 
     total = cfg.train.steps
     pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="generator")
@@ -187,7 +154,7 @@ def train(cfg) -> dict:
             pass
 
     model.train()
-    data = batches()
+    data = epoch_batches(loader, state, accelerator)
     while state.step < total and not stop["flag"]:
         b = next(data)
         tokens, loc, y = b["tokens"].to(device), b["loc"].to(device), b["label"].to(device)
@@ -210,12 +177,7 @@ def train(cfg) -> dict:
             logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
         opt.step()
         sched.step()
-        if cfg.train.max_minutes > 0 and state.step >= cfg.optim.warmup_steps:
-            # time budget: the cosine follows whichever is further along, steps or wall time
-            w = cfg.optim.warmup_steps
-            frac = max((state.step - w) / max(1, total - w), (time.time() - t_start) / 60 / cfg.train.max_minutes)
-            for group, base in zip(opt.param_groups, sched.base_lrs):
-                group["lr"] = base * cosine_factor(frac, cfg.optim.min_lr_ratio)
+        budget_lr(opt, sched, state.step, cfg.optim.warmup_steps, total, t_start, cfg.train.max_minutes, cfg.optim.min_lr_ratio)
         opt.zero_grad(set_to_none=True)
         ema.step(net.parameters())
         state.step += 1
@@ -249,14 +211,10 @@ def train(cfg) -> dict:
         sample_grid()
         ema.store(net.parameters())
         ema.copy_to(net.parameters())
-        export = export_model(net, out_dir, "generator")
+        export = export_pretrained(net, out_dir, "generator")
         if tokenizer is not None:
             pipe = StellarDiTPipeline(tokenizer=tokenizer, transformer=net, scheduler=FlowMatchEulerDiscreteScheduler())
-            pipe_dir = os.path.join(out_dir, "pipeline")
-            shutil.rmtree(pipe_dir + ".tmp", ignore_errors=True)
-            pipe.save_pretrained(pipe_dir + ".tmp", safe_serialization=True)
-            shutil.rmtree(pipe_dir, ignore_errors=True)
-            os.replace(pipe_dir + ".tmp", pipe_dir)
+            pipe_dir = export_pretrained(pipe, out_dir, "pipeline")
         ema.restore(net.parameters())
     elapsed = time.time() - t_start
     summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt,

@@ -33,6 +33,7 @@ class ModelConfig:
     decoder_mlp_ratio: float = 4.0
     loc_floor: float = 1e-4
     imagenet_norm: bool = True
+    stem: str = "patch"  # patch (ViT) | conv (stride-2 3x3 convolutions: learns faster on small data)
 
 
 @dataclass
@@ -199,6 +200,8 @@ def validate(cfg) -> None:
     _require(m.width % m.heads == 0 and m.width % 4 == 0, "model.width", f"divisible by 4 and model.heads={m.heads}", m.width)
     _require(m.decoder_width % m.decoder_heads == 0 and m.decoder_width % 2 == 0, "model.decoder_width", f"even and divisible by model.decoder_heads={m.decoder_heads}", m.decoder_width)
     _require(m.tau > 0, "model.tau", "> 0", m.tau)
+    _require(m.stem in ("patch", "conv"), "model.stem", "patch or conv", m.stem)
+    _require(m.stem == "patch" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.patch_size", "a power of two >= 2 with model.stem=conv", m.patch_size)
     _require(0 < m.loc_floor < 1, "model.loc_floor", "in (0, 1)", m.loc_floor)
     _require(d.name in ("shapes", "digits", "folder", "wds"), "data.name", "one of shapes, digits, folder, wds", d.name)
     _require(d.name not in ("folder", "wds") or bool(d.path), "data.path", f"set for data.name={d.name}", d.path)

@@ -102,3 +102,23 @@ class Latent:
         if any(l.stats is not stats for l in latents[1:]) and flags == {True}:
             raise ValueError("cannot concatenate latents normalised with different statistics")
         return Latent(torch.cat([l.tokens for l in latents]), torch.cat([l.loc for l in latents]), flags.pop(), stats)
+
+
+class LatentStatsBuffers:
+    """Mixin for a torch module that ships the latent statistics with its weights (as buffers)."""
+
+    def register_latent_stats(self, channels: int) -> None:
+        self.register_buffer("latent_token_mean", torch.zeros(channels))
+        self.register_buffer("latent_token_std", torch.ones(channels))
+        self.register_buffer("latent_loc_mean", torch.zeros(()))
+        self.register_buffer("latent_loc_std", torch.ones(()))
+
+    @property
+    def latent_stats(self) -> LatentStats:
+        return LatentStats(self.latent_token_mean, self.latent_token_std, self.latent_loc_mean, self.latent_loc_std)
+
+    def set_latent_stats(self, stats: LatentStats) -> None:
+        self.latent_token_mean.copy_(stats.token_mean)
+        self.latent_token_std.copy_(stats.token_std.clamp(min=1e-6))
+        self.latent_loc_mean.copy_(stats.loc_mean)
+        self.latent_loc_std.copy_(stats.loc_std.clamp(min=1e-6))

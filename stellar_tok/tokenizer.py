@@ -25,14 +25,30 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-from .latent import Latent, LatentStats
+from .latent import Latent, LatentStatsBuffers
 from .vit import Block, FourierPositionEncoding, interpolate_pos_embed, sincos_pos_embed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class StellarTokenizer(ModelMixin, ConfigMixin):
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """log2(p) stride-2 3x3 convolutions (GroupNorm, GELU), channels growing to width/2, then a 1x1 to width.
+
+    Its receptive field reaches a few pixels into neighbouring patches, so a masked view's kept patches
+    see the border pixels of dropped ones (the plain patch stem sees nothing of them)."""
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise ValueError(f"the conv stem needs a power-of-two patch size >= 2 (got {patch_size})")
+    n = patch_size.bit_length() - 1
+    chans = [3] + [max(16, width // 2 ** (n - i)) for i in range(n)]
+    layers: list[nn.Module] = []
+    for cin, cout in zip(chans[:-1], chans[1:]):
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, cout), nn.GELU()]
+    layers.append(nn.Conv2d(chans[-1], width, 1))
+    return nn.Sequential(*layers)
+
+
+class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
     """The STELLAR tokenizer. Saves/loads like a `diffusers` model: safetensors weights + config.json."""
 
     config_name = "config.json"
@@ -55,15 +71,21 @@ class StellarTokenizer(ModelMixin, ConfigMixin):
         decoder_mlp_ratio: float = 4.0,
         loc_floor: float = 1e-4,
         imagenet_norm: bool = True,
+        stem: str = "patch",
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         self.grid = image_size // patch_size
-        n, d, e = self.grid**2, width, decoder_width
+        d, e = width, decoder_width
 
         # --- encoder ---------------------------------------------------------------------------
-        self.patch_embed = nn.Conv2d(3, d, kernel_size=patch_size, stride=patch_size)
+        if stem == "patch":  # one linear map per patch (ViT)
+            self.patch_embed = nn.Conv2d(3, d, kernel_size=patch_size, stride=patch_size)
+        elif stem == "conv":  # stride-2 3x3 convolutions down to the patch grid, then 1x1 (Xiao et al. 2021)
+            self.patch_embed = conv_stem(d, patch_size)
+        else:
+            raise ValueError(f"stem must be 'patch' or 'conv' (got {stem!r})")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(sincos_pos_embed(d, self.grid)[None])  # (1, N, d), learned
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))
@@ -86,10 +108,7 @@ class StellarTokenizer(ModelMixin, ConfigMixin):
         self.to_pixels = nn.Linear(e, patch_size * patch_size * 3)
 
         # latent normalisation statistics (filled by `set_latent_stats`, shipped with the weights)
-        self.register_buffer("latent_token_mean", torch.zeros(latent_channels))
-        self.register_buffer("latent_token_std", torch.ones(latent_channels))
-        self.register_buffer("latent_loc_mean", torch.zeros(()))
-        self.register_buffer("latent_loc_std", torch.ones(()))
+        self.register_latent_stats(latent_channels)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN if imagenet_norm else (0.5,) * 3).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD if imagenet_norm else (0.5,) * 3).view(1, 3, 1, 1))
         self._init_weights()
@@ -102,8 +121,9 @@ class StellarTokenizer(ModelMixin, ConfigMixin):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if isinstance(self.patch_embed, nn.Conv2d):
+            w = self.patch_embed.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
 
     # ------------------------------------------------------------------------------------------
@@ -208,16 +228,6 @@ class StellarTokenizer(ModelMixin, ConfigMixin):
         cls, dense, sparse = self.encode_features(images)
         L = self.localize(dense, sparse).exp()
         return {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": torch.einsum("bnr,brd->bnd", L.to(sparse.dtype), sparse)}
-
-    @property
-    def latent_stats(self) -> LatentStats:
-        return LatentStats(self.latent_token_mean, self.latent_token_std, self.latent_loc_mean, self.latent_loc_std)
-
-    def set_latent_stats(self, stats: LatentStats) -> None:
-        self.latent_token_mean.copy_(stats.token_mean)
-        self.latent_token_std.copy_(stats.token_std.clamp(min=1e-6))
-        self.latent_loc_mean.copy_(stats.loc_mean)
-        self.latent_loc_std.copy_(stats.loc_std.clamp(min=1e-6))
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:

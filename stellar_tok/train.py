@@ -131,19 +131,55 @@ def compute_latent_stats(tokenizer, loader, device, batches: int):
     return LatentStats(mean.float(), std.float(), torch.tensor(lm, dtype=torch.float32), torch.tensor(ls, dtype=torch.float32))
 
 
-def export_tokenizer(tokenizer, out_dir: str) -> str:
-    """save_pretrained into a temporary folder, then rename (never a half-written export)."""
-    final = os.path.join(out_dir, "tokenizer")
-    tmp = final + ".tmp"
+def export_pretrained(model, out_dir: str, name: str) -> str:
+    """save_pretrained into `out_dir/name.tmp`, then rename onto `out_dir/name` (never a half-written export)."""
+    final = os.path.join(out_dir, name)
+    tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp, safe_serialization=True)
-    old = final + ".old"
+    model.save_pretrained(tmp, safe_serialization=True)
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def resume_if_asked(accelerator, resume, out_dir: str, state: TrainState, gen: torch.Generator) -> None:
+    """`resume`: None, "auto" (the latest complete checkpoint, if any) or a checkpoint folder. Restores the
+    accelerate state (models, optimizers, registered objects) and this process's view/noise RNG."""
+    if resume == "auto":
+        found = find_checkpoints(os.path.join(out_dir, "checkpoints"))
+        resume = found[-1] if found else None
+    if not resume:
+        return
+    accelerator.load_state(resume)
+    if state.view_rng is not None:
+        gen.set_state(state.view_rng[accelerator.process_index].to("cpu") if isinstance(state.view_rng, list) else state.view_rng)
+    accelerator.print(f"resumed from {resume} at step {state.step}")
+
+
+def epoch_batches(loader, state: TrainState, accelerator, skip: bool = True):
+    """Endless batches, epoch after epoch; after a resume the batches already seen in the current epoch are
+    skipped (`skip`: the loader was prepared by accelerate, so the skip is exact)."""
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(state.epoch)
+        it = accelerator.skip_first_batches(loader, state.batch_in_epoch) if skip and state.batch_in_epoch else loader
+        for batch in it:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch += 1
+        state.batch_in_epoch = 0
+
+
+def budget_lr(opt, sched, step: int, warmup: int, total: int, t_start: float, max_minutes: float, min_ratio: float) -> None:
+    """With a time budget, the cosine follows whichever is further along, steps or wall time."""
+    if max_minutes <= 0 or step < warmup:
+        return
+    frac = max((step - warmup) / max(1, total - warmup), (time.time() - t_start) / 60 / max_minutes)
+    for group, base in zip(opt.param_groups, sched.base_lrs):
+        group["lr"] = base * cosine_factor(frac, min_ratio)
 
 
 def parse_args(argv):
@@ -216,17 +252,7 @@ def train(cfg) -> dict:
     model = accelerator.unwrap_model(objective)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
 
-    # --- resume -------------------------------------------------------------------------------
-    resume = cfg.train.resume
-    if resume == "auto":
-        found = find_checkpoints(os.path.join(out_dir, "checkpoints"))
-        resume = found[-1] if found else None
-    if resume:
-        accelerator.load_state(resume)
-        if state.view_rng is not None:
-            gen.set_state(state.view_rng[accelerator.process_index].to("cpu") if isinstance(state.view_rng, list) else state.view_rng)
-        accelerator.print(f"resumed from {resume} at step {state.step}")
-
+    resume_if_asked(accelerator, cfg.train.resume, out_dir, state, gen)
     accelerator.init_trackers("stellar_tok", config=_flat(OmegaConf.to_container(cfg)))
 
     # --- graceful stop on SIGTERM/SIGINT: finish the step, checkpoint, export ------------------
@@ -245,21 +271,8 @@ def train(cfg) -> dict:
     world = accelerator.num_processes
     views_cfg = cfg.views if cfg.align.enabled else OmegaConf.merge(cfg.views, {"global_crops": 0, "local_crops": 0})
 
-    def batches():
-        while True:
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(state.epoch)
-            it = loader
-            if prepare_loader and state.batch_in_epoch:
-                it = accelerator.skip_first_batches(loader, state.batch_in_epoch)
-            for batch in it:
-                state.batch_in_epoch += 1
-                yield batch
-            state.epoch += 1
-            state.batch_in_epoch = 0
-
     objective.train()
-    data_iter = batches()
+    data_iter = epoch_batches(loader, state, accelerator, skip=prepare_loader)
     start_step = state.step
     while state.step < total and not stop["flag"]:
         images, _ = next(data_iter)
@@ -290,12 +303,7 @@ def train(cfg) -> dict:
             logs["grad_norm"] = float(gn)
         opt.step()
         sched.step()
-        if cfg.train.max_minutes > 0 and state.step >= cfg.optim.warmup_steps:
-            # time budget: the cosine follows whichever is further along, steps or wall time
-            frac = max((state.step - cfg.optim.warmup_steps) / max(1, total - cfg.optim.warmup_steps), (time.time() - t_start) / 60 / cfg.train.max_minutes)
-            factor = cosine_factor(frac, cfg.optim.min_lr_ratio)
-            for group, base in zip(opt.param_groups, sched.base_lrs):
-                group["lr"] = base * factor
+        budget_lr(opt, sched, state.step, cfg.optim.warmup_steps, total, t_start, cfg.train.max_minutes, cfg.optim.min_lr_ratio)
         opt.zero_grad(set_to_none=True)
         if use_gan and recon_loss.gan_active(state.step):
             with accelerator.autocast():
@@ -343,7 +351,7 @@ def train(cfg) -> dict:
         tok = model.tokenizer
         tok.eval()
         tok.set_latent_stats(compute_latent_stats(tok, stats_loader, device, cfg.train.stats_batches))
-        export = export_tokenizer(tok, out_dir)
+        export = export_pretrained(tok, out_dir, "tokenizer")
     elapsed = time.time() - t_start
     skipped = skipped_samples()
     summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt,

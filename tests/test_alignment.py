@@ -1,5 +1,4 @@
 """Sinkhorn marginals, OT matching, KoLeo, GAN adaptive weight, views and masks."""
-import pytest
 import torch
 from omegaconf import OmegaConf
 

@@ -135,3 +135,17 @@ def test_imagenet_configs_build_with_expected_shapes(name, grid):
     assert out["log_loc"].shape == (1, grid * grid, 16)
     assert out["tokens"].shape == (1, 16, cfg.model.latent_channels)
     assert out["recon"].shape == (1, 3, size, size)
+
+
+def test_conv_stem_shapes_and_round_trip(tmp_path, images):
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**{**TINY_MODEL, "stem": "conv"}).eval()
+    out = tok(images)
+    assert out["recon"].shape == images.shape and out["dense"].shape == (4, 64, 64)
+    _, dense, _ = tok.encode_features(images[:, :, :16, :16])  # a 16 px local crop: 4x4 grid
+    assert dense.shape == (4, 16, 64)
+    tok.save_pretrained(str(tmp_path / "t"))
+    back = StellarTokenizer.from_pretrained(str(tmp_path / "t")).eval()
+    assert torch.equal(back(images)["recon"], out["recon"])
+    with pytest.raises(ValueError, match="power-of-two"):
+        StellarTokenizer(**{**TINY_MODEL, "patch_size": 3, "image_size": 30, "stem": "conv"})

@@ -1,0 +1,153 @@
+"""Does a class-conditional sample show the requested class? A classifier trained on real images decides.
+
+    python -m generators.class_accuracy samples=samples/tiny/samples.npz data.name=shapes [epochs=3] [cache=runs/classifiers]
+
+A small CNN (4 conv blocks, batch norm, global average pooling) is trained with labels on the real train
+split (random crops, flips and 90-degree rotations), checked on the real val split, cached by data set
+under `cache`, then applied to the samples (`arr_0` uint8 NHWC, `arr_1` requested labels, ADM layout).
+Reports the real-val accuracy (how far the judge can be trusted) and the fraction of samples classified
+as their requested class, overall and per class.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stellar_tok.errors import UserError, cli_entry
+
+
+def small_cnn(classes: int, width: int = 64) -> nn.Module:
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
+                             nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+
+    w = width
+    return nn.Sequential(block(3, w // 2), nn.MaxPool2d(2), block(w // 2, w), nn.MaxPool2d(2), block(w, 2 * w), nn.MaxPool2d(2),
+                         block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, classes))
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flips, 90-degree rotations and 4-pixel translations (reflect-padded), per batch."""
+    if torch.rand((), generator=g) < 0.5:
+        x = x.flip(-1)
+    x = torch.rot90(x, int(torch.randint(0, 4, (), generator=g)), dims=(-2, -1))
+    pad = 4
+    x = F.pad(x, (pad,) * 4, mode="reflect")
+    i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
+    return x[..., i : i + x.shape[-2] - 2 * pad, j : j + x.shape[-1] - 2 * pad]
+
+
+def _to_input(images_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(np.array(images_uint8_nhwc)).permute(0, 3, 1, 2).float()  # a copy: inputs may be read-only
+    return x / 127.5 - 1
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]).argmax(-1) for i in range(0, len(x), batch_size)])
+
+
+def train_classifier(data_cfg: dict, epochs: int = 3, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, progress: bool = True):
+    """-> (model, real val accuracy %). Trained on the real train split of `data_cfg`."""
+    from tqdm.auto import tqdm
+
+    from stellar_tok.data import build_dataset
+
+    tr, va = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "val")
+    if not hasattr(tr, "images"):
+        raise UserError("class_accuracy trains its judge on an embedded data set: data.name=shapes or digits")
+    xtr, ytr = _to_input(tr.images), torch.as_tensor(tr.labels)
+    xva, yva = _to_input(va.images), torch.as_tensor(va.labels)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = small_cnn(len(tr.classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    steps = epochs * (len(xtr) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    bar = tqdm(total=steps, desc="judge", disable=not progress)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr) - batch_size + 1, batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(model(_augment(xtr[idx], g)), ytr[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+    bar.close()
+    acc = float((predict(model, xva) == yva).float().mean() * 100)
+    return model.eval(), acc, list(tr.classes)
+
+
+def judge(data_cfg: dict, cache: str | None = None, epochs: int = 3, progress: bool = True):
+    """The cached classifier for `data_cfg` (trained on first use): (model, real val accuracy %, class names)."""
+    key = hashlib.sha256(json.dumps({**data_cfg, "epochs": epochs}, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(cache, f"judge-{data_cfg['name']}-{key}.safetensors") if cache else None
+    if path and os.path.exists(path):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+        classes = json.loads(meta["classes"])
+        model = small_cnn(len(classes))
+        model.load_state_dict(load_file(path))
+        return model.eval(), float(meta["val_accuracy"]), classes
+    model, acc, classes = train_classifier(data_cfg, epochs=epochs, progress=progress)
+    if path:
+        from safetensors.torch import save_file
+
+        os.makedirs(cache, exist_ok=True)
+        save_file(model.state_dict(), path + ".tmp", metadata={"classes": json.dumps(classes), "val_accuracy": str(acc)})
+        os.replace(path + ".tmp", path)
+    return model, acc, classes
+
+
+def class_accuracy(samples: np.ndarray, labels: np.ndarray, model: nn.Module, classes: list[str]) -> dict:
+    pred = predict(model, _to_input(samples)).numpy()
+    per = {classes[k]: round(float((pred[labels == k] == k).mean() * 100), 2) for k in np.unique(labels)}
+    return {"accuracy": round(float((pred == labels).mean() * 100), 2), "per_class": per, "n": int(len(labels))}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m generators.class_accuracy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", help="samples=NPZ data.name=shapes|digits [data.resolution=32] [epochs=3] [cache=runs/classifiers] [out=JSON]")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    bad = [s for s in a.args if "=" not in s]
+    if bad:
+        raise UserError(f"argument {bad[0]!r} is not of the form key=value")
+    kv = dict(s.split("=", 1) for s in a.args)
+    if "samples" not in kv or not os.path.isfile(kv["samples"]):
+        raise UserError(f"samples=PATH must name a samples.npz (from python -m generators.sample); got {kv.get('samples')!r}")
+    data_cfg = {"name": kv.get("data.name", "shapes"), "resolution": int(kv.get("data.resolution", 32))}
+    for k in ("train_size", "val_size", "seed"):
+        if f"data.{k}" in kv:
+            data_cfg[k] = int(kv[f"data.{k}"])
+    npz = np.load(kv["samples"])
+    if "arr_1" not in npz:
+        raise UserError(f"{kv['samples']} has no labels (arr_1): sample with python -m generators.sample")
+    t = time.time()
+    model, val_acc, classes = judge(data_cfg, kv.get("cache", "runs/classifiers"), int(kv.get("epochs", 3)))
+    res = {"judge_val_accuracy": round(val_acc, 2), **class_accuracy(npz["arr_0"], npz["arr_1"], model, classes), "seconds": round(time.time() - t, 1)}
+    print(json.dumps(res))
+    if "out" in kv:
+        with open(kv["out"], "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()

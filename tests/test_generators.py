@@ -1,0 +1,178 @@
+"""The latent DiT, its flow-matching sampler, the diffusers pipeline, the sampler CLI and a short training run."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from generators import LatentDiT, StellarDiTPipeline
+from generators.flow import flatten_latent, flow_loss, sample_latents, split_latent
+from stellar_tok import StellarTokenizer
+from stellar_tok.latent import LatentStats
+
+R, C, G = 16, 8, 8  # the tests' tokenizer: 16 tokens x 8 channels, 8x8 patch grid
+
+
+def _dit(seed=0, randomize=False, **kw):
+    torch.manual_seed(seed)
+    m = LatentDiT(num_tokens=R, token_channels=C, grid=G, loc_patch=2, width=64, depth=2, heads=2, num_classes=4, **kw).eval()
+    if randomize:  # leave adaLN-Zero's zero init: every branch open, outputs depend on everything
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def _latent(b=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, R, C, generator=g), torch.randn(b, G * G, R, generator=g)
+
+
+def test_loc_patchify_round_trip_and_layout():
+    m = _dit()
+    _, loc = _latent()
+    packed = m.patchify_loc(loc)
+    assert packed.shape == (3, (G // 2) ** 2, 2 * 2 * R)
+    assert torch.equal(m.unpatchify_loc(packed), loc)
+    # position k of the sequence holds the 2x2 block of patches at (row 2i.., col 2j..) of the grid
+    grid = loc.view(3, G, G, R)
+    i, j = 1, 3
+    block = grid[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, :].reshape(3, -1)
+    assert torch.equal(packed[:, i * (G // 2) + j], block)
+    tok, loc2 = split_latent(flatten_latent(*_latent()), R, C, G * G)
+    assert torch.equal(tok, _latent()[0]) and torch.equal(loc2, _latent()[1])
+    assert m.seq_len == R + (G // 2) ** 2 and m.embed(*_latent()).shape == (3, m.seq_len, 64)
+
+
+def test_adaln_zero_starts_as_identity():
+    m = _dit()
+    x = torch.randn(2, m.seq_len, 64)
+    c = torch.randn(2, 64)
+    for blk in m.blocks:
+        assert torch.equal(blk(x, c), x)
+    vt, vl = m(*_latent(2), torch.rand(2), torch.tensor([0, 1]))
+    assert not vt.abs().any() and not vl.abs().any()  # zero-initialised heads
+
+
+def test_guidance_on_every_channel_and_scale_one_is_conditional():
+    m = _dit(randomize=True)
+    tok, loc = _latent()
+    t, y = torch.tensor([0.3, 0.6, 0.9]), torch.tensor([0, 2, 3])
+    cond = m(tok, loc, t, y)
+    uncond = m(tok, loc, t, torch.full_like(y, m.null_class))
+    for a, b in zip(m.forward_with_cfg(tok, loc, t, y, 1.0), cond):
+        torch.testing.assert_close(a, b)
+    guided = m.forward_with_cfg(tok, loc, t, y, 3.0)
+    for g, c, u in zip(guided, cond, uncond):
+        torch.testing.assert_close(g, u + 3.0 * (c - u), atol=1e-5, rtol=1e-4)
+        moved = (g - c).abs().flatten(0, -2).amax(0)  # per channel
+        assert (moved > 1e-6).all()  # guidance reaches every channel (DiT's sampler guided 3 of 4)
+
+
+def test_sampler_is_deterministic_with_a_seed():
+    m = _dit(randomize=True)
+    y = torch.tensor([0, 1])
+    run = lambda s: sample_latents(m, y, steps=4, cfg_scale=2.0, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.allclose(a[0], c[0])
+    assert a[0].shape == (2, R, C) and a[1].shape == (2, G * G, R)
+
+
+def test_flow_loss_target_is_velocity():
+    """A model that returns the true velocity e - x has zero loss."""
+    tok, loc = _latent()
+    g = torch.Generator().manual_seed(5)
+    e_tok, e_loc = torch.randn(tok.shape, generator=g), torch.randn(loc.shape, generator=g)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, xt_tok, xt_loc, t, y):
+            return e_tok - tok, e_loc - loc
+
+    loss, _ = flow_loss(Oracle(), tok, loc, torch.zeros(3, dtype=torch.long), torch.rand(3), torch.Generator().manual_seed(5))
+    assert loss.item() < 1e-10
+
+
+def test_pipeline_save_load_round_trip(tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**TINY_MODEL).eval()
+    m = _dit(randomize=True, class_names=["a", "b", "c", "d"])
+    m.set_latent_stats(LatentStats(torch.rand(C) - 0.5, torch.rand(C) + 0.5, torch.tensor(-3.0), torch.tensor(2.0)))
+    pipe = StellarDiTPipeline(tokenizer=tok, transformer=m, scheduler=FlowMatchEulerDiscreteScheduler())
+    kw = dict(class_labels=["b", 3], num_inference_steps=3, guidance_scale=2.0, output_type="np")
+    before = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    assert not [f for _, _, fs in os.walk(tmp_path / "pipe") for f in fs if f.endswith((".bin", ".pt", ".pkl"))]  # safetensors only
+    loaded = StellarDiTPipeline.from_pretrained(str(tmp_path / "pipe"))
+    after = loaded(generator=torch.Generator().manual_seed(0), **kw).images
+    assert before.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(before, after)
+    torch.testing.assert_close(loaded.transformer.latent_token_std, m.latent_token_std)
+    pil = loaded(class_labels=[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert pil[0].size == (32, 32)
+    with pytest.raises(ValueError, match="unknown class"):
+        loaded(class_labels=["zebra"], num_inference_steps=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tokenize 256 shapes with a random tiny tokenizer, train the generator 80 steps."""
+    from generators.train import main as train_main
+    from stellar_tok.config import load_config
+    from stellar_tok.tokenize import TokenizeConfig, tokenize
+
+    root = tmp_path_factory.mktemp("gen")
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**TINY_MODEL).eval()
+    tok.save_pretrained(str(root / "tok"))
+    tokenize(load_config([f"tokenizer={root / 'tok'}", f"out={root / 'lat'}", "data.name=shapes", "data.train_size=256",
+                          "flip=true", "progress=false"], schema=TokenizeConfig), tokenizer=tok)
+    args = ["config=configs/generator/tiny.yaml", f"data.latents={root / 'lat'}", "model.width=64", "model.depth=2", "model.heads=2",
+            "optim.batch_size=32", "optim.warmup_steps=10", "train.log_every=10", "train.progress=false", "train.sample_every=40",
+            "train.ckpt_every=40", "sample.steps=3", "sample.per_class=2", f"train.output_dir={root / 'run'}"]
+    summary = train_main(args + ["train.steps=80"])
+    return root, args, summary
+
+
+def test_training_loss_falls_and_exports(trained):
+    root, _, summary = trained
+    assert summary["step"] == 80
+    m = [json.loads(l) for l in open(root / "run" / "metrics.jsonl")]
+    assert m[-1]["loss"] < 0.8 * m[0]["loss"], (m[0], m[-1])
+    assert os.path.exists(root / "run" / "images" / "step-0000040.png") and os.path.exists(root / "run" / "images" / "step-0000080.png")
+    gen = LatentDiT.from_pretrained(str(root / "run" / "generator"))
+    assert gen.config.num_classes == 8 and gen.config.class_names[0] == "circle"
+    stats = json.load(open(root / "lat" / "stats.json"))
+    torch.testing.assert_close(gen.latent_token_mean, torch.tensor(stats["token_mean"]))
+    StellarDiTPipeline.from_pretrained(str(root / "run" / "pipeline"))
+
+
+def test_training_resumes_step_count(trained):
+    from generators.train import main as train_main
+
+    root, args, _ = trained
+    s = train_main(args + ["train.steps=90", "train.resume=auto"])
+    assert s["step"] == 90
+    steps = [json.loads(l)["step"] for l in open(root / "run" / "metrics.jsonl")]
+    assert steps[-2:] == [80, 90] and steps.count(80) == 1
+
+
+def test_sample_cli_is_batch_independent(trained, capsys):
+    from generators.sample import main as sample_main
+
+    root, _, _ = trained
+    common = [f"generator={root / 'run' / 'generator'}", f"tokenizer={root / 'tok'}", "classes=circle,3", "n=3", "steps=3", "cfg=2", "progress=false"]
+    sample_main(common + [f"out={root / 's1'}", "batch_size=6"])
+    sample_main(common + [f"out={root / 's2'}", "batch_size=2", "save_png=false"])
+    a, b = np.load(root / "s1" / "samples.npz"), np.load(root / "s2" / "samples.npz")
+    assert a["arr_0"].shape == (6, 32, 32, 3) and a["arr_0"].dtype == np.uint8
+    assert a["arr_1"].tolist() == [0, 0, 0, 3, 3, 3]
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    assert len(os.listdir(root / "s1" / "images")) == 6 and os.path.exists(root / "s1" / "grid.png")
+    with pytest.raises(SystemExit):
+        sample_main(common[:1] + [f"tokenizer={root / 'run'}", f"out={root / 's3'}"])  # not a tokenizer folder
+    assert capsys.readouterr().err.strip().startswith("error: tokenizer=DIR")
