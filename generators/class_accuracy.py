@@ -66,8 +66,8 @@ def train_classifier(data_cfg: dict, epochs: int = 3, batch_size: int = 128, lr:
     tr, va = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "val")
     if not hasattr(tr, "images"):
         raise UserError("class_accuracy trains its judge on an embedded data set: data.name=shapes or digits")
-    xtr, ytr = _to_input(tr.images), torch.as_tensor(tr.labels)
-    xva, yva = _to_input(va.images), torch.as_tensor(va.labels)
+    xtr, ytr = _to_input(tr.images), torch.as_tensor(np.array(tr.labels))
+    xva, yva = _to_input(va.images), torch.as_tensor(np.array(va.labels))
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = small_cnn(len(tr.classes))

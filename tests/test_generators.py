@@ -176,3 +176,23 @@ def test_sample_cli_is_batch_independent(trained, capsys):
     with pytest.raises(SystemExit):
         sample_main(common[:1] + [f"tokenizer={root / 'run'}", f"out={root / 's3'}"])  # not a tokenizer folder
     assert capsys.readouterr().err.strip().startswith("error: tokenizer=DIR")
+
+
+def test_class_accuracy_and_cached_judge(tmp_path):
+    from generators.class_accuracy import class_accuracy, judge
+
+    class Fixed(torch.nn.Module):  # predicts class 0 for dark images, 1 for bright ones
+        def forward(self, x):
+            bright = (x.mean((1, 2, 3)) > 0).long()
+            return torch.nn.functional.one_hot(bright, 2).float()
+
+    imgs = np.zeros((4, 8, 8, 3), np.uint8)
+    imgs[2:] = 255
+    res = class_accuracy(imgs, np.array([0, 1, 1, 1]), Fixed(), ["dark", "bright"])
+    assert res == {"accuracy": 75.0, "per_class": {"dark": 100.0, "bright": 66.67}, "n": 4}
+    cfg = {"name": "shapes", "resolution": 32, "train_size": 256, "val_size": 64}
+    m1, acc1, classes = judge(cfg, str(tmp_path), epochs=1, progress=False)
+    m2, acc2, _ = judge(cfg, str(tmp_path), epochs=1, progress=False)  # loaded from the cache, not retrained
+    assert len(os.listdir(tmp_path)) == 1 and acc1 == acc2 and classes[0] == "circle"
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(m1.eval()(x), m2(x))
