@@ -95,6 +95,26 @@ def match_tokens(view: torch.Tensor, ref: torch.Tensor, eps: float = 0.1, iterat
     return torch.from_numpy(perm).to(view.device)
 
 
+def _gather_with_grad(z: torch.Tensor) -> torch.Tensor:
+    """Concatenate z over processes; gradients flow into this process's own rows only."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return z
+    parts = [torch.zeros_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.detach().contiguous())
+    parts[dist.get_rank()] = z
+    return torch.cat(parts)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of `a` (B,D) and of `b` (B,D) are a positive pair, every other image of the
+    global batch (all processes) a negative. Vectors are L2-normalised here."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    ga, gb = _gather_with_grad(a), _gather_with_grad(b)  # (P*B, D): every process holds the same batch size
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    target = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    return 0.5 * (F.cross_entropy(a @ gb.T / temperature, target) + F.cross_entropy(b @ ga.T / temperature, target))
+
+
 def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """KoLeo over the r vectors of each set: -mean log distance to the nearest neighbour. x (B,r,d).
 
@@ -133,18 +153,26 @@ class AlignmentLoss(nn.Module):
         `cls_logits` on the main view. Returns (weighted total, dict of terms and diagnostics)."""
         c, w = self.cfg, self.cfg.weights
         s0, c0 = main["sparse"], main["cls"]  # (B,r,d), (B,d)
-        tok0, cls0 = self.token_head(s0), self.cls_head(c0)  # (B,r,K), (B,Kc)
+        tok0 = self.token_head(s0)  # (B,r,K)
+        cls0 = self.cls_head(s0.mean(1) if c.image_feature == "tokens" else c0)  # (B,Kc)
         if teacher is None:
             q_tok, q_cls = self.targets(tok0, cls0)
             ref = s0.detach()
         else:
             q_tok, q_cls = self.targets(teacher["token_logits"], teacher["cls_logits"])
             ref = teacher["sparse"]
-        terms = {
-            "token_self": clustering_loss(tok0, q_tok, c.student_temp),
-            "cls_self": clustering_loss(cls0, q_cls, c.student_temp),
-            "koleo": koleo(s0),
-        }
+        contrastive = c.image_loss == "contrastive"
+        pool = (lambda cls, sparse: sparse.mean(1)) if c.image_feature == "tokens" else (lambda cls, sparse: cls)  # noqa: E731
+        z0 = self.cls_head.mlp(pool(c0, s0)) if contrastive else None  # (B, bottleneck): the main view's embedding
+        terms = {"token_self": clustering_loss(tok0, q_tok, c.student_temp), "koleo": koleo(s0)}
+        if not contrastive:
+            terms["cls_self"] = clustering_loss(cls0, q_cls, c.student_temp)
+
+        def image_term(cls_v, sparse_v):  # the view's image-level feature against the main view's
+            if contrastive:
+                return info_nce(self.cls_head.mlp(pool(cls_v, sparse_v)), z0, c.contrastive_temp)
+            return clustering_loss(self.cls_head(pool(cls_v, sparse_v)), q_cls, c.student_temp)
+
         logs = {}
         m = len(views["masked"])
         tm = cm = km = 0.0
@@ -154,7 +182,7 @@ class AlignmentLoss(nn.Module):
             perm = match_tokens(s_m.detach(), ref, c.ot_eps, c.ot_iters, c.match)  # (B,r)
             target = torch.gather(q_tok, 1, perm[..., None].expand(-1, -1, q_tok.shape[-1]))
             tm = tm + clustering_loss(self.token_head(s_m), target, c.student_temp) / m
-            cm = cm + clustering_loss(self.cls_head(cls_m), q_cls, c.student_temp) / m
+            cm = cm + image_term(cls_m, s_m) / m
             km = km + koleo(s_m) / m
             ident += (perm == torch.arange(perm.shape[1], device=perm.device)).float().mean().item() / m
         if m:
@@ -163,8 +191,8 @@ class AlignmentLoss(nn.Module):
         if views["local"]:
             cl = 0.0
             for img in views["local"]:
-                cls_l, _, _ = encode(img, None)
-                cl = cl + clustering_loss(self.cls_head(cls_l), q_cls, c.student_temp) / len(views["local"])
+                cls_l, _, s_l = encode(img, None)
+                cl = cl + image_term(cls_l, s_l) / len(views["local"])
             terms["cls_local"] = cl
         total = sum(getattr(w, k) * v for k, v in terms.items())
         with torch.no_grad():

@@ -96,6 +96,9 @@ class AlignConfig:
     sinkhorn_iters: int = 3
     student_temp: float = 0.12
     token_balance: str = "all"  # all: Sinkhorn over all B*r tokens (reference) | slot: over the images, per token slot
+    image_loss: str = "clustering"  # clustering: CLS terms as Sinkhorn clustering (reference) | contrastive: InfoNCE
+    image_feature: str = "cls"  # the image-level feature of those terms: cls | tokens (the mean of S)
+    contrastive_temp: float = 0.2
     match: str = "hungarian"  # hungarian (one-to-one) | argmax (the reference code's per-row arg-max)
     ot_eps: float = 0.1
     ot_iters: int = 5
@@ -219,6 +222,9 @@ def validate(cfg) -> None:
         _require(0 <= v[key] <= 1, f"views.{key}", "a probability in [0, 1]", v[key])
     _require(a.match in ("hungarian", "argmax"), "align.match", "hungarian or argmax", a.match)
     _require(a.token_balance in ("all", "slot"), "align.token_balance", "all or slot", a.token_balance)
+    _require(a.image_loss in ("clustering", "contrastive"), "align.image_loss", "clustering or contrastive", a.image_loss)
+    _require(a.image_feature in ("cls", "tokens"), "align.image_feature", "cls or tokens", a.image_feature)
+    _require(a.contrastive_temp > 0, "align.contrastive_temp", "> 0", a.contrastive_temp)
     _require(0 <= a.teacher_momentum < 1, "align.teacher_momentum", "in [0, 1)", a.teacher_momentum)
     _require(a.token_prototypes >= 2 and a.cls_prototypes >= 2, "align.token_prototypes", ">= 2 (and cls_prototypes)", a.token_prototypes)
     _require(a.enabled or r.enabled, "align.enabled", "true when recon.enabled is false (nothing to train)", a.enabled)

@@ -153,3 +153,40 @@ def test_ema_teacher_is_frozen_and_follows_student(tiny_tokenizer):
     before = obj.teacher["tokenizer"].cls_token.clone()
     obj.update_teacher()
     torch.testing.assert_close(obj.teacher["tokenizer"].cls_token, before + 0.5)
+
+
+def test_info_nce_prefers_matching_pairs():
+    from stellar_tok.alignment import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 8, generator=g)
+    matched = info_nce(a, a + 0.01 * torch.randn(16, 8, generator=g), 0.2)
+    shuffled = info_nce(a, a[torch.randperm(16, generator=g)], 0.2)
+    assert matched < 0.5 < torch.log(torch.tensor(16.0)) < shuffled
+
+
+def test_contrastive_image_loss_on_mean_tokens_trains():
+    """align.image_loss=contrastive with image_feature=tokens: the terms exist, are finite and have gradients."""
+    from omegaconf import OmegaConf
+
+    from conftest import TINY_MODEL
+
+    from stellar_tok import StellarTokenizer
+    from stellar_tok.config import Config
+    from stellar_tok.objective import StellarObjective
+    from stellar_tok.views import make_views
+
+    cfg = OmegaConf.structured(Config)
+    cfg.align.merge_with({"image_loss": "contrastive", "image_feature": "tokens", "head_hidden": 32, "head_bottleneck": 16,
+                          "token_prototypes": 8, "cls_prototypes": 8})
+    cfg.views.merge_with({"global_crops": 2, "local_crops": 1})
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**TINY_MODEL)
+    obj = StellarObjective(tok, cfg.align)
+    views = make_views(torch.rand(8, 3, 32, 32) * 2 - 1, cfg.views, torch.Generator().manual_seed(0), 4)
+    out = obj(views)
+    logs = out["align_logs"]
+    assert "cls_self" not in logs and {"cls_masked", "cls_local", "token_masked"} <= set(logs)
+    assert 0 < logs["cls_masked"] < 2 * torch.log(torch.tensor(8.0)).item()
+    out["align_loss"].backward()
+    assert tok.sparse_tokens.grad.abs().sum() > 0
