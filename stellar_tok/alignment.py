@@ -26,14 +26,18 @@ def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 
 
 class ClusteringHead(nn.Module):
-    def __init__(self, dim: int, hidden: int, bottleneck: int, prototypes: int):
+    """MLP -> L2-normalised embedding -> prototype logits; without prototypes (None) a projection head."""
+
+    def __init__(self, dim: int, hidden: int, bottleneck: int, prototypes: int | None):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, bottleneck))
-        self.prototypes = nn.Linear(bottleneck, prototypes, bias=False)
-        nn.init.normal_(self.prototypes.weight, std=bottleneck**-0.5)
+        self.prototypes = nn.Linear(bottleneck, prototypes, bias=False) if prototypes else None
+        if self.prototypes is not None:
+            nn.init.normal_(self.prototypes.weight, std=bottleneck**-0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> logits (..., K)
-        return self.prototypes(F.normalize(self.mlp(x), dim=-1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> logits (..., K), or the embedding (..., bottleneck)
+        z = F.normalize(self.mlp(x), dim=-1)
+        return z if self.prototypes is None else self.prototypes(z)
 
 
 @torch.no_grad()
@@ -135,7 +139,8 @@ class AlignmentLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.token_head = ClusteringHead(dim, cfg.head_hidden, cfg.head_bottleneck, cfg.token_prototypes)
-        self.cls_head = ClusteringHead(dim, cfg.head_hidden, cfg.head_bottleneck, cfg.cls_prototypes)
+        contrastive = getattr(cfg, "image_loss", "clustering") == "contrastive"  # then a projection head, no prototypes
+        self.cls_head = ClusteringHead(dim, cfg.head_hidden, cfg.head_bottleneck, None if contrastive else cfg.cls_prototypes)
 
     def targets(self, token_logits: torch.Tensor, cls_logits: torch.Tensor):
         c = self.cfg
@@ -144,7 +149,7 @@ class AlignmentLoss(nn.Module):
             q_tok = sinkhorn_knopp(token_logits.detach().transpose(0, 1), c.sinkhorn_temp, c.sinkhorn_iters).transpose(0, 1)
         else:  # "all": balanced over all B*r tokens together (the reference code)
             q_tok = sinkhorn_knopp(token_logits.detach().reshape(b * r, k), c.sinkhorn_temp, c.sinkhorn_iters).view(b, r, k)
-        q_cls = sinkhorn_knopp(cls_logits.detach(), c.sinkhorn_temp, c.sinkhorn_iters)
+        q_cls = None if cls_logits is None else sinkhorn_knopp(cls_logits.detach(), c.sinkhorn_temp, c.sinkhorn_iters)
         return q_tok, q_cls
 
     def forward(self, encode, main: dict, views: dict, teacher: dict | None = None) -> tuple[torch.Tensor, dict]:
@@ -153,24 +158,23 @@ class AlignmentLoss(nn.Module):
         `cls_logits` on the main view. Returns (weighted total, dict of terms and diagnostics)."""
         c, w = self.cfg, self.cfg.weights
         s0, c0 = main["sparse"], main["cls"]  # (B,r,d), (B,d)
-        tok0 = self.token_head(s0)  # (B,r,K)
-        cls0 = self.cls_head(s0.mean(1) if c.image_feature == "tokens" else c0)  # (B,Kc)
-        if teacher is None:
-            q_tok, q_cls = self.targets(tok0, cls0)
-            ref = s0.detach()
-        else:
-            q_tok, q_cls = self.targets(teacher["token_logits"], teacher["cls_logits"])
-            ref = teacher["sparse"]
         contrastive = c.image_loss == "contrastive"
         pool = (lambda cls, sparse: sparse.mean(1)) if c.image_feature == "tokens" else (lambda cls, sparse: cls)  # noqa: E731
-        z0 = self.cls_head.mlp(pool(c0, s0)) if contrastive else None  # (B, bottleneck): the main view's embedding
+        tok0 = self.token_head(s0)  # (B,r,K)
+        cls0 = self.cls_head(pool(c0, s0))  # (B,Kc) prototype logits, or (B,bottleneck) embedding when contrastive
+        if teacher is None:
+            q_tok, q_cls = self.targets(tok0, None if contrastive else cls0)
+            ref = s0.detach()
+        else:
+            q_tok, q_cls = self.targets(teacher["token_logits"], None if contrastive else teacher["cls_logits"])
+            ref = teacher["sparse"]
         terms = {"token_self": clustering_loss(tok0, q_tok, c.student_temp), "koleo": koleo(s0)}
         if not contrastive:
             terms["cls_self"] = clustering_loss(cls0, q_cls, c.student_temp)
 
         def image_term(cls_v, sparse_v):  # the view's image-level feature against the main view's
             if contrastive:
-                return info_nce(self.cls_head.mlp(pool(cls_v, sparse_v)), z0, c.contrastive_temp)
+                return info_nce(self.cls_head(pool(cls_v, sparse_v)), cls0, c.contrastive_temp)
             return clustering_loss(self.cls_head(pool(cls_v, sparse_v)), q_cls, c.student_temp)
 
         logs = {}
@@ -199,7 +203,8 @@ class AlignmentLoss(nn.Module):
             used = torch.zeros(q_tok.shape[-1], device=q_tok.device)
             used[tok0.argmax(-1).flatten()] = 1
             logs["token_proto_used"] = _all_reduce(used).clamp(max=1).mean().item()
-            usedc = torch.zeros(q_cls.shape[-1], device=q_cls.device)
-            usedc[cls0.argmax(-1)] = 1
-            logs["cls_proto_used"] = _all_reduce(usedc).clamp(max=1).mean().item()
+            if not contrastive:
+                usedc = torch.zeros(q_cls.shape[-1], device=q_cls.device)
+                usedc[cls0.argmax(-1)] = 1
+                logs["cls_proto_used"] = _all_reduce(usedc).clamp(max=1).mean().item()
         return total, {**{k: float(v.detach()) for k, v in terms.items()}, **logs}
