@@ -3,7 +3,7 @@
     python -m generators.class_accuracy samples=samples/tiny/samples.npz data.name=shapes [epochs=3] [cache=runs/classifiers]
 
 A small CNN (4 conv blocks, batch norm, global average pooling) is trained with labels on the real train
-split (random crops, flips and 90-degree rotations), checked on the real val split, cached by data set
+split (random translations; flips and 90-degree rotations too for shapes), checked on the real val split, cached by data set
 under `cache`, then applied to the samples (`arr_0` uint8 NHWC, `arr_1` requested labels, ADM layout).
 Reports the real-val accuracy (how far the judge can be trusted) and the fraction of samples classified
 as their requested class, overall and per class.
@@ -35,11 +35,13 @@ def small_cnn(classes: int, width: int = 64) -> nn.Module:
                          block(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, classes))
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Flips, 90-degree rotations and 4-pixel translations (reflect-padded), per batch."""
-    if torch.rand((), generator=g) < 0.5:
-        x = x.flip(-1)
-    x = torch.rot90(x, int(torch.randint(0, 4, (), generator=g)), dims=(-2, -1))
+def _augment(x: torch.Tensor, g: torch.Generator, rotate: bool = True) -> torch.Tensor:
+    """Flips and 90-degree rotations (for sets whose classes are invariant to them, like shapes) and
+    4-pixel translations (reflect-padded), per batch."""
+    if rotate:
+        if torch.rand((), generator=g) < 0.5:
+            x = x.flip(-1)
+        x = torch.rot90(x, int(torch.randint(0, 4, (), generator=g)), dims=(-2, -1))
     pad = 4
     x = F.pad(x, (pad,) * 4, mode="reflect")
     i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=g))
@@ -70,6 +72,7 @@ def train_classifier(data_cfg: dict, epochs: int = 3, batch_size: int = 128, lr:
     xva, yva = _to_input(va.images), torch.as_tensor(np.array(va.labels))
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
+    rotate = data_cfg["name"] == "shapes"  # a digit flipped or turned is another digit (or none)
     model = small_cnn(len(tr.classes))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps = epochs * (len(xtr) // batch_size)
@@ -80,7 +83,7 @@ def train_classifier(data_cfg: dict, epochs: int = 3, batch_size: int = 128, lr:
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr) - batch_size + 1, batch_size):
             idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(_augment(xtr[idx], g)), ytr[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(_augment(xtr[idx], g, rotate)), ytr[idx], label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -93,7 +96,7 @@ def train_classifier(data_cfg: dict, epochs: int = 3, batch_size: int = 128, lr:
 
 def judge(data_cfg: dict, cache: str | None = None, epochs: int = 3, progress: bool = True):
     """The cached classifier for `data_cfg` (trained on first use): (model, real val accuracy %, class names)."""
-    key = hashlib.sha256(json.dumps({**data_cfg, "epochs": epochs}, sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps({**data_cfg, "epochs": epochs, "recipe": 2}, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache, f"judge-{data_cfg['name']}-{key}.safetensors") if cache else None
     if path and os.path.exists(path):
         from safetensors import safe_open
