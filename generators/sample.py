@@ -12,19 +12,16 @@ Guidance applies to every latent channel, optionally only for t in `interval` (e
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
-from stellar_tok.config import load_config
+from stellar_tok.config import load_config, parse_overrides
 from stellar_tok.errors import UserError, cli_entry
 
 
@@ -147,12 +144,8 @@ def sample(cfg) -> dict:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m generators.sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(SampleConfig)))
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. generator=DIR tokenizer=DIR classes=0,1 n=8")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return sample(load_config(args.overrides, schema=SampleConfig))
-
+    overrides = parse_overrides("python -m generators.sample", __doc__, SampleConfig, argv, "generator=DIR tokenizer=DIR classes=0,1 n=8")
+    return sample(load_config(overrides, schema=SampleConfig))
 
 if __name__ == "__main__":
     main()

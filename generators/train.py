@@ -12,19 +12,18 @@ Writes to train.output_dir:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
-import sys
 import time
 
 import torch
 from omegaconf import OmegaConf
 
 from stellar_tok.errors import UserError, cli_entry
-from stellar_tok.train import (TrainState, _gather_rng, budget_lr, cosine_with_warmup, epoch_batches, export_pretrained,
-                               resume_if_asked, save_checkpoint)
+from stellar_tok.config import parse_overrides
+from stellar_tok.train import (TrainState, _gather_rng, budget_lr, cosine_with_warmup, end_training, epoch_batches,
+                               export_pretrained, resume_if_asked, save_checkpoint)
 
 from .config import GenConfig, load_config
 
@@ -57,11 +56,8 @@ def save_sample_grid(model, tokenizer, labels, path: str, steps: int, cfg_scale:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m generators.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(GenConfig)))
-    p.add_argument("overrides", nargs="*", help="config=PATH and key=value overrides, e.g. data.latents=DIR train.steps=500")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    return train(load_config(args.overrides))
+    overrides = parse_overrides("python -m generators.train", __doc__, GenConfig, argv, "config=configs/generator/tiny.yaml data.latents=DIR")
+    return train(load_config(overrides))
 
 
 def train(cfg) -> dict:
@@ -223,12 +219,7 @@ def train(cfg) -> dict:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         accelerator.print(f"done: {state.step} steps ({state.step - start_step} in this run), {elapsed:.0f}s; generator {export}; pipeline {pipe_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_training(accelerator, old_handlers)
     return summary
 
 

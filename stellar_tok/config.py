@@ -189,6 +189,18 @@ def load_config(args: list[str], schema=Config):
     return cfg
 
 
+def parse_overrides(prog: str, doc: str, schema, argv: list[str] | None, example: str) -> list[str]:
+    """argparse for a `key=value` command: `--help` prints `doc` and every key of `schema` with its default.
+    Returns the overrides (unparsed strings); `argv` None reads sys.argv."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(schema)))
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    return p.parse_args(sys.argv[1:] if argv is None else argv).overrides
+
+
 def _require(ok: bool, key: str, allowed: str, value) -> None:
     if not ok:
         raise UserError(f"config key '{key}' must be {allowed} (got {value!r})")

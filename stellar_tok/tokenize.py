@@ -13,11 +13,9 @@ other settings is refused (use a new `out=` or `overwrite=true`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -25,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import OmegaConf
 
-from .config import DataConfig, load_config
+from .config import DataConfig, load_config, parse_overrides
 from .errors import UserError, cli_entry
 from .latent_data import DTYPES, FORMAT, SHARD_DIR, StatsAccumulator, read_shard_meta, tokenizer_fingerprint, write_shard
 
@@ -304,14 +302,11 @@ def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_befor
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m stellar_tok.tokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(TokenizeConfig)))
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. tokenizer=DIR out=DIR data.name=shapes flip=true")
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.overrides, schema=TokenizeConfig)
+    overrides = parse_overrides("python -m stellar_tok.tokenize", __doc__, TokenizeConfig, argv, "tokenizer=DIR out=DIR data.name=shapes flip=true")
+    cfg = load_config(overrides, schema=TokenizeConfig)
     if not cfg.tokenizer or not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
         raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {cfg.tokenizer!r})")
-    if not any(a.startswith("data.resolution=") for a in args.overrides):
+    if not any(a.startswith("data.resolution=") for a in overrides):
         with open(os.path.join(cfg.tokenizer, "config.json")) as f:
             cfg.data.resolution = int(json.load(f)["image_size"])
     return tokenize(cfg)

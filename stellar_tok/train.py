@@ -13,19 +13,17 @@ One process or many (accelerate: DDP/FSDP, CPU or GPU). Writes to train.output_d
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import signal
-import sys
 import time
 
 import torch
 from omegaconf import OmegaConf
 
-from .config import Config, load_config
+from .config import Config, load_config, parse_overrides
 from .errors import UserError, cli_entry
 
 USAGE = __doc__
@@ -182,22 +180,20 @@ def budget_lr(opt, sched, step: int, warmup: int, total: int, t_start: float, ma
         group["lr"] = base * cosine_factor(frac, min_ratio)
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m stellar_tok.train",
-        description=USAGE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(Config)),
-    )
-    p.add_argument("overrides", nargs="*", help="config=PATH and key=value overrides, e.g. train.steps=500")
-    return p.parse_args(argv)
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.overrides)
-    return train(cfg)
+    overrides = parse_overrides("python -m stellar_tok.train", USAGE, Config, argv, "config=configs/tokenizer/tiny.yaml train.steps=500")
+    return train(load_config(overrides))
+
+
+def end_training(accelerator, old_handlers: dict) -> None:
+    """Close the trackers, restore the signal handlers, leave the process group (every trainer's last step)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def train(cfg) -> dict:
@@ -361,12 +357,7 @@ def train(cfg) -> dict:
             json.dump(summary, f, indent=1)
         n_skip = sum(skipped.values()) if skipped else 0
         accelerator.print(f"done: {state.step} steps, {state.images_seen} images in {elapsed:.0f}s, skipped {n_skip} bad samples; checkpoint {ckpt}; tokenizer {export}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_training(accelerator, old_handlers)
     return summary
 
 
