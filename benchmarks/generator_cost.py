@@ -8,8 +8,10 @@ a 16x16x16 localization map, patch 2: 80 positions); the reference is `diffusers
 with the same width, depth and heads on a 32x32x4 latent with patch 2 (256 positions), i.e. DiT-XL/2 for
 config=xl. Reported: forward FLOPs per image (torch.utils.flop_counter), and seconds per guided denoising
 step (one forward of 2 x batch, conditional + unconditional), median of alternating runs, from which the
-sampling rate with 50 guided steps follows (images/s = batch / (50 x seconds per step)); the decoders are
-not included.
+sampling rate with 50 guided steps follows (images/s = batch / (50 x seconds per step)), and the
+end-to-end rate from noise to pixels adds each side's decoder (ours: the ViT-B/16 tokenizer's decoder of
+configs/tokenizer/vit_b16.yaml; DiT: the SD-VAE decoder, `diffusers` AutoencoderKL 128/256/512/512), timed on
+the same batch: images/s = batch / (50 x step + decode).
 """
 from __future__ import annotations
 
@@ -60,15 +62,32 @@ def main(argv):
     def step_dit():
         dit(z, timestep=ts, class_labels=y)
 
+    from stellar_tok import Latent, StellarTokenizer
+    from tokenizer_speed import sd_vae
+
+    tcfg = OmegaConf.to_container(OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer", "vit_b16.yaml")).model)
+    tokenizer, vae = StellarTokenizer(**tcfg).eval(), sd_vae()
+    lat = Latent(torch.randn(b, 16, 32), torch.randn(b, 256, 16).log_softmax(-1))
+    zl = torch.randn(b, 4, 32, 32)
+
+    @torch.no_grad()
+    def dec_ours():
+        tokenizer.decode(lat)
+
+    @torch.no_grad()
+    def dec_vae():
+        vae.decode(zl)
+
     f_ours, f_dit = flops(lambda: step_ours()) / (2 * b), flops(lambda: step_dit()) / (2 * b)
-    step_ours(), step_dit()  # warm-up
-    so, sd = [], []
+    step_ours(), step_dit(), dec_ours(), dec_vae()  # warm-up
+    so, sd, do, dv = [], [], [], []
     for _ in range(rounds):
-        for fn, acc in ((step_ours, so), (step_dit, sd)):
+        for fn, acc in ((step_ours, so), (step_dit, sd), (dec_ours, do), (dec_vae, dv)):
             t0 = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t0)
-    mo, md = median(so), median(sd)
+    mo, md, mdo, mdv = median(so), median(sd), median(do), median(dv)
+    e2e_o, e2e_d = b / (50 * mo + mdo), b / (50 * md + mdv)
     cmd = "python benchmarks/generator_cost.py " + " ".join(argv)
     body = f"""```bash
 {cmd.strip()}
@@ -77,11 +96,11 @@ def main(argv):
 {machine()}; config `{name}` (width {m.width}, depth {m.depth}, heads {m.heads}); one guided step = one forward of {2 * b} sequences
 (batch {b}, conditional + unconditional); {rounds} alternating rounds.
 
-| model | sequence | parameters | forward GFLOPs / image | s per guided step (batch {b}) | images/s, 50 guided steps |
-|---|---|---|---|---|---|
-| STELLAR latent DiT (16 tokens + 16x16x16 loc, patch 2) | 80 | {n_ours / 1e6:.0f} M | {f_ours / 1e9:.1f} | {mo:.3f} | {b / (50 * mo):.4f} |
-| DiT on SD-VAE 32x32x4, patch 2 (`diffusers` DiTTransformer2DModel) | 256 | {n_dit / 1e6:.0f} M | {f_dit / 1e9:.1f} | {md:.3f} | {b / (50 * md):.4f} |
-| ratio DiT / ours | | | {f_dit / f_ours:.2f}x | {md / mo:.2f}x | |
+| model | sequence | parameters | forward GFLOPs / image | s per guided step (batch {b}) | images/s, 50 guided steps | s to decode the batch | images/s from noise, decoder included |
+|---|---|---|---|---|---|---|---|
+| STELLAR latent DiT (16 tokens + 16x16x16 loc, patch 2) | 80 | {n_ours / 1e6:.0f} M | {f_ours / 1e9:.1f} | {mo:.3f} | {b / (50 * mo):.4f} | {mdo:.3f} (STELLAR decoder) | {e2e_o:.4f} |
+| DiT on SD-VAE 32x32x4, patch 2 (`diffusers` DiTTransformer2DModel) | 256 | {n_dit / 1e6:.0f} M | {f_dit / 1e9:.1f} | {md:.3f} | {b / (50 * md):.4f} | {mdv:.3f} (SD-VAE decoder) | {e2e_d:.4f} |
+| ratio DiT / ours | | | {f_dit / f_ours:.2f}x | {md / mo:.2f}x | | {mdv / mdo:.1f}x | {e2e_o / e2e_d:.2f}x |
 """
     print(body)
     write_section(f"Generator cost: {name} against DiT on a 32x32x4 latent", body)
