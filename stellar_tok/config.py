@@ -6,6 +6,7 @@ Unknown keys, wrong types and impossible values stop the run before any work, wi
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -186,6 +187,19 @@ def load_config(args: list[str], schema=Config):
     except OmegaConfBaseException as e:
         raise UserError(_friendly(e)) from None
     validate(cfg) if schema is Config else None
+    return cfg
+
+
+def load_tokenizer_command_config(overrides: list[str], schema):
+    """`load_config` for a command that reads an exported tokenizer (`tokenizer=DIR`): the folder must hold a
+    config.json, and `data.resolution` defaults to the tokenizer's image_size unless given."""
+    cfg = load_config(overrides, schema=schema)
+    config_json = os.path.join(cfg.tokenizer or "", "config.json")
+    if not cfg.tokenizer or not os.path.isfile(config_json):
+        raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {cfg.tokenizer!r})")
+    if not any(a.startswith("data.resolution=") for a in overrides):
+        with open(config_json) as f:
+            cfg.data.resolution = int(json.load(f)["image_size"])
     return cfg
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from .config import DataConfig, load_config, parse_overrides
+from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
 from .fid_stats import FIDConfig, cache_root, data_identity, default_ref_path, image_batches
 
@@ -144,19 +144,17 @@ class _ReconMeter:
         return out
 
 
-def _tokenizer_features(tok, x: torch.Tensor, kinds) -> dict:
+def probe_features(tok, x: torch.Tensor, labels: torch.Tensor, kinds, baselines: bool, k_down: int) -> dict:
+    """x (B,3,R,R) in [-1,1] -> the probes' features of one batch on the CPU: the tokenizer's `kinds` (tokens: mean of
+    S, cls, lowrank: mean of L·S), with baselines raw `pixels` and `pixels_down`, and `labels`."""
     f = tok.features(x)
-    out = {}
-    for k in kinds:
-        if k == "tokens":
-            out[k] = f["tokens"].float().mean(1)
-        elif k == "cls":
-            out[k] = f["cls"].float()
-        elif k == "lowrank":
-            out[k] = f["lowrank"].float().mean(1)
-        else:
-            raise UserError(f"features must be a comma list of tokens, cls, lowrank (got {k!r})")
-    return {k: v.cpu() for k, v in out.items()}
+    pooled = {"tokens": lambda: f["tokens"].mean(1), "cls": lambda: f["cls"], "lowrank": lambda: f["lowrank"].mean(1)}
+    out = {k: pooled[k]().float().cpu() for k in kinds}
+    if baselines:
+        out["pixels"] = x.flatten(1).cpu()
+        out["pixels_down"] = pixel_baseline(x, k_down)[0].flatten(1).cpu()
+    out["labels"] = labels.long()
+    return out
 
 
 def _load_cached(path: str, key: dict) -> dict | None:
@@ -194,12 +192,7 @@ def train_features(tok, cfg, kinds, k_down: int, fingerprint: str, device) -> di
     for images, labels in tqdm(image_batches(cfg.data, "train", cfg.n_train, cfg.batch_size), total=total and math.ceil(total / cfg.batch_size),
                                desc="train features", disable=not cfg.progress):
         x = images.to(device).float() / 127.5 - 1
-        feats = _tokenizer_features(tok, x, kinds)
-        if cfg.baselines:
-            feats["pixels"] = x.flatten(1).cpu()
-            feats["pixels_down"] = pixel_baseline(x, k_down)[0].flatten(1).cpu()
-        feats["labels"] = labels.long()
-        for k, v in feats.items():
+        for k, v in probe_features(tok, x, labels, kinds, cfg.baselines, k_down).items():
             acc.setdefault(k, []).append(v)
     out = {k: torch.cat(v) for k, v in acc.items()}
     _save_cached(path, key, out)
@@ -295,12 +288,7 @@ def evaluate(cfg) -> dict:
                 reconstruction_grid(x, rec, latent.probs(), os.path.join(cfg.out, "reconstructions.png"), n=cfg.grid)
                 grid_done = True
         if semantics:
-            feats = _tokenizer_features(tok, x, kinds)
-            if cfg.baselines:
-                feats["pixels"] = x.flatten(1).cpu()
-                feats["pixels_down"] = pixel_baseline(x, k_down)[0].flatten(1).cpu()
-            feats["labels"] = labels.long()
-            for k, v in feats.items():
+            for k, v in probe_features(tok, x, labels, kinds, cfg.baselines, k_down).items():
                 val.setdefault(k, []).append(v)
     times["held_out_pass"] = time.time() - t
     n_eval = sum(len(p) for p in meters["stellar"].psnr) if "recon" in tasks else sum(len(v) for v in val.get("labels", []))
@@ -393,12 +381,7 @@ def markdown_table(report: dict) -> str:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides("python -m stellar_tok.evaluate", __doc__, EvalConfig, argv, "tokenizer=DIR data.name=shapes tasks=recon,linear,knn out=DIR")
-    cfg = load_config(overrides, schema=EvalConfig)
-    if not cfg.tokenizer or not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
-        raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {cfg.tokenizer!r})")
-    if not any(a.startswith("data.resolution=") for a in overrides):
-        with open(os.path.join(cfg.tokenizer, "config.json")) as f:
-            cfg.data.resolution = int(json.load(f)["image_size"])
+    cfg = load_tokenizer_command_config(overrides, EvalConfig)
     report = evaluate(cfg)
     print(markdown_table(report))
     print(f"-> {os.path.join(cfg.out, 'metrics.json')}")

@@ -114,8 +114,8 @@ def _save_safetensors(path: str, sd: dict[str, torch.Tensor], metadata: dict[str
 def _new_extractor(state_dict: dict[str, torch.Tensor] | None, features_list: list[str]) -> nn.Module:
     """torch-fidelity's FeatureExtractorInceptionV3 with `state_dict` (None: an unloaded skeleton on the meta device).
 
-    Its constructor either downloads (weights path None) or calls torch.load(path, weights_only=False), which may run
-    code from the file. We pass no path and patch the download helper it imported to hand over the state dict we
+    Its constructor either downloads (weights path None) or fully unpickles the file at the path it is given, which may
+    run code from the file. We pass no path and patch the download helper it imported to hand over the state dict we
     loaded safely ourselves."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import OmegaConf
 
-from .config import DataConfig, load_config, parse_overrides
+from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
 from .latent_data import DTYPES, FORMAT, SHARD_DIR, StatsAccumulator, read_shard_meta, tokenizer_fingerprint, write_shard
 
@@ -303,12 +303,7 @@ def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_befor
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides("python -m stellar_tok.tokenize", __doc__, TokenizeConfig, argv, "tokenizer=DIR out=DIR data.name=shapes flip=true")
-    cfg = load_config(overrides, schema=TokenizeConfig)
-    if not cfg.tokenizer or not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
-        raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {cfg.tokenizer!r})")
-    if not any(a.startswith("data.resolution=") for a in overrides):
-        with open(os.path.join(cfg.tokenizer, "config.json")) as f:
-            cfg.data.resolution = int(json.load(f)["image_size"])
+    cfg = load_tokenizer_command_config(overrides, TokenizeConfig)
     return tokenize(cfg)
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .config import DataConfig, load_config, parse_overrides
+from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
 from .latent import Latent
 from .visual import loc_map, reconstruction_grid, token_palette
@@ -225,12 +225,7 @@ def visualize(cfg) -> list[str]:
 @cli_entry
 def main(argv: list[str] | None = None) -> list[str]:
     overrides = parse_overrides("python -m stellar_tok.visualize", __doc__, VisualizeConfig, argv, "tokenizer=DIR data.name=shapes out=DIR")
-    cfg = load_config(overrides, schema=VisualizeConfig)
-    if not cfg.tokenizer or not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
-        raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {cfg.tokenizer!r})")
-    if not any(a.startswith("data.resolution=") for a in overrides):
-        with open(os.path.join(cfg.tokenizer, "config.json")) as f:
-            cfg.data.resolution = int(json.load(f)["image_size"])
+    cfg = load_tokenizer_command_config(overrides, VisualizeConfig)
     written = visualize(cfg)
     for p in written:
         print(p)
