@@ -52,8 +52,7 @@ def load_samples(path: str, resolution: int) -> tuple[torch.Tensor, np.ndarray |
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if _is_image(f))
         if not files:
             raise UserError(f"samples={path} holds no images")
-        imgs = [((resize_and_crop(load_rgb(f), resolution, False).float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for f in files]
-        return torch.stack(imgs), None
+        return torch.stack([resize_and_crop(load_rgb(f), resolution, False) for f in files]), None  # uint8 (3,R,R) each
     if not path.endswith(".npz") or not os.path.isfile(path):
         raise UserError(f"samples= must be a .npz file (ADM layout, arr_0 uint8 NHWC) or a folder of images (got {path!r})")
     npz = np.load(path, allow_pickle=False)

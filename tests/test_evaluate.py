@@ -218,6 +218,12 @@ def test_generator_evaluate_real_images_score_near_zero(tmp_path, monkeypatch):
     common = [*SMALL_DATA, "split=val", "n_ref=40", "class_accuracy=false", "progress=false"]
     same = main([f"samples={real}", f"out={tmp_path / 'a'}", *common])["results"]
     assert abs(same["fid"]) < 1e-2 and abs(same["kid"]) < 0.05  # KID is unbiased: near 0, either sign, on 40 images
+    folder = tmp_path / "pngs"  # the same images as a folder of PNG files score the same
+    folder.mkdir()
+    for i, img in enumerate(imgs):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    from_folder = main([f"samples={folder}", f"out={tmp_path / 'c'}", *common])["results"]
+    assert abs(from_folder["fid"]) < 1e-2
     noise = tmp_path / "noise.npz"
     np.savez(noise, arr_0=np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
     far = main([f"samples={noise}", f"out={tmp_path / 'b'}", *common])["results"]
