@@ -22,8 +22,9 @@ from omegaconf import OmegaConf
 
 from stellar_tok.errors import UserError, cli_entry
 from stellar_tok.config import parse_overrides
-from stellar_tok.train import (TrainState, _gather_rng, budget_lr, cosine_with_warmup, end_training, epoch_batches,
-                               export_pretrained, resume_if_asked, save_checkpoint)
+from stellar_tok.budget import Budget, cosine_with_warmup
+from stellar_tok.train import (TrainState, _gather_rng, end_training, epoch_batches, export_pretrained, resume_if_asked,
+                               save_checkpoint)
 
 from .config import GenConfig, load_config
 
@@ -131,6 +132,7 @@ def train(cfg) -> dict:
     total = cfg.train.steps
     pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="generator")
     t_start = t_window = time.time()
+    budget = Budget(state, cfg.train.max_minutes)
     img_window, start_step, last = 0, state.step, {}
     labels_grid = grid_labels(num_classes, cfg.sample.per_class, device)
 
@@ -173,7 +175,7 @@ def train(cfg) -> dict:
             logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
         opt.step()
         sched.step()
-        budget_lr(opt, sched, state.step, cfg.optim.warmup_steps, total, t_start, cfg.train.max_minutes, cfg.optim.min_lr_ratio)
+        budget.adjust_lr(opt, sched, state.step, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
         opt.zero_grad(set_to_none=True)
         ema.step(net.parameters())
         state.step += 1
@@ -190,8 +192,9 @@ def train(cfg) -> dict:
                     f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
             pbar.set_postfix(loss=f"{logs['loss']:.3f}", ips=f"{logs['images_per_s']:.0f}")
         pbar.update(1)
-        if cfg.train.max_minutes > 0:
-            late = float((time.time() - t_start) / 60 > cfg.train.max_minutes)
+        budget.tick()
+        if budget.timed:
+            late = float(budget.exhausted())
             stop["flag"] = stop["flag"] or accelerator.reduce(torch.tensor([late], device=device), "sum").item() > 0
         if state.step % cfg.train.sample_every == 0 and state.step < total and not stop["flag"]:
             sample_grid()

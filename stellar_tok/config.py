@@ -35,6 +35,7 @@ class ModelConfig:
     loc_floor: float = 1e-4
     imagenet_norm: bool = True
     stem: str = "patch"  # patch (ViT) | conv (stride-2 3x3 convolutions: learns faster on small data)
+    decoder_input: str = "lowrank"  # lowrank: the decoder reads F = L·S (STELLAR) | dense: every patch feature (ablation)
 
 
 @dataclass
@@ -139,6 +140,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 100000
     max_minutes: float = 0.0  # >0: stop (checkpoint + export) after this wall time; the cosine then follows time
+    max_cpu_minutes: float = 0.0  # >0: the same with the process's CPU time (all threads): fair budgets on a shared machine
     stop_after: int = 0  # >0: stop (checkpoint + export) after this many steps of this invocation; resume later
     mixed_precision: str = "no"  # no | bf16 | fp16
     seed: int = 0
@@ -231,6 +233,7 @@ def validate(cfg) -> None:
     _require(m.tau > 0, "model.tau", "> 0", m.tau)
     _require(m.stem in ("patch", "conv"), "model.stem", "patch or conv", m.stem)
     _require(m.stem == "patch" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.patch_size", "a power of two >= 2 with model.stem=conv", m.patch_size)
+    _require(m.decoder_input in ("lowrank", "dense"), "model.decoder_input", "lowrank or dense", m.decoder_input)
     _require(0 < m.loc_floor < 1, "model.loc_floor", "in (0, 1)", m.loc_floor)
     _require(d.name in ("shapes", "digits", "folder", "wds"), "data.name", "one of shapes, digits, folder, wds", d.name)
     _require(d.name not in ("folder", "wds") or bool(d.path), "data.path", f"set for data.name={d.name}", d.path)

@@ -72,10 +72,13 @@ class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
         loc_floor: float = 1e-4,
         imagenet_norm: bool = True,
         stem: str = "patch",
+        decoder_input: str = "lowrank",
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
+        if decoder_input != "lowrank":
+            raise ValueError(f"decoder_input must be 'lowrank' (got {decoder_input!r})")
         self.grid = image_size // patch_size
         d, e = width, decoder_width
 

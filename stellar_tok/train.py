@@ -23,24 +23,11 @@ import time
 import torch
 from omegaconf import OmegaConf
 
+from .budget import Budget, cosine_with_warmup
 from .config import Config, load_config, parse_overrides
 from .errors import UserError, cli_entry
 
 USAGE = __doc__
-
-
-def cosine_factor(frac: float, min_ratio: float) -> float:
-    """Cosine decay from 1 to min_ratio as frac goes from 0 to 1 (clamped)."""
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-
-def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return cosine_factor((step - warmup) / max(1, total - warmup), min_ratio)
-
-    return f
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float):
@@ -61,7 +48,10 @@ class TrainState:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.images_seen = 0
-        self.nonfinite = 0
+        self.nonfinite = 0  # non-finite losses in a row
+        self.nonfinite_total = 0  # steps skipped for a non-finite loss, over the whole run
+        self.wall_s = 0.0  # training time spent so far, over every resume (the time budget's clock)
+        self.cpu_s = 0.0
         self.view_rng = None
 
     def state_dict(self):
@@ -171,15 +161,6 @@ def epoch_batches(loader, state: TrainState, accelerator, skip: bool = True):
         state.batch_in_epoch = 0
 
 
-def budget_lr(opt, sched, step: int, warmup: int, total: int, t_start: float, max_minutes: float, min_ratio: float) -> None:
-    """With a time budget, the cosine follows whichever is further along, steps or wall time."""
-    if max_minutes <= 0 or step < warmup:
-        return
-    frac = max((step - warmup) / max(1, total - warmup), (time.time() - t_start) / 60 / max_minutes)
-    for group, base in zip(opt.param_groups, sched.base_lrs):
-        group["lr"] = base * cosine_factor(frac, min_ratio)
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides("python -m stellar_tok.train", USAGE, Config, argv, "config=configs/tokenizer/tiny.yaml train.steps=500")
@@ -262,6 +243,7 @@ def train(cfg) -> dict:
     total = cfg.train.steps
     pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="train")
     t_start = time.time()
+    budget = Budget(state, cfg.train.max_minutes, cfg.train.max_cpu_minutes)
     t_window, img_window = time.time(), 0
     last_logs: dict = {}
     world = accelerator.num_processes
@@ -299,7 +281,7 @@ def train(cfg) -> dict:
             logs["grad_norm"] = float(gn)
         opt.step()
         sched.step()
-        budget_lr(opt, sched, state.step, cfg.optim.warmup_steps, total, t_start, cfg.train.max_minutes, cfg.optim.min_lr_ratio)
+        budget.adjust_lr(opt, sched, state.step, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
         opt.zero_grad(set_to_none=True)
         if use_gan and recon_loss.gan_active(state.step):
             with accelerator.autocast():
@@ -327,8 +309,9 @@ def train(cfg) -> dict:
                     f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
             pbar.set_postfix(loss=f"{logs['loss']:.3f}", psnr=f"{logs.get('psnr', float('nan')):.1f}", ips=f"{ips:.0f}")
         pbar.update(1)
-        if cfg.train.max_minutes > 0:  # every process must agree to stop at the same step
-            late = float((time.time() - t_start) / 60 > cfg.train.max_minutes)
+        budget.tick()
+        if budget.timed:  # every process must agree to stop at the same step
+            late = float(budget.exhausted())
             stop["flag"] = stop["flag"] or accelerator.reduce(torch.tensor([late], device=device), "sum").item() > 0
         if cfg.train.stop_after and state.step - start_step >= cfg.train.stop_after:
             stop["flag"] = True

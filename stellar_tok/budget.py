@@ -1,0 +1,67 @@
+"""Training budgets: a step count, and optionally wall-clock and CPU-time limits that survive resumes.
+
+    budget = Budget(state, max_minutes=30)      # state: the TrainState saved with every checkpoint
+    budget.tick()                               # once per step: adds the time spent since the last tick
+    budget.fraction(step, warmup, total)        # how far along the run is (for the LR schedule)
+    budget.exhausted()                          # a time limit is reached
+
+The time already spent is kept in the TrainState (`wall_s`, `cpu_s`), so a run that is killed and resumed
+continues its schedule instead of starting the clock again. CPU time is the process's time on all threads
+(`time.process_time`): a fair budget for runs that share a machine.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+
+def cosine_factor(frac: float, min_ratio: float) -> float:
+    """Cosine decay from 1 to min_ratio as frac goes from 0 to 1 (clamped)."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return cosine_factor((step - warmup) / max(1, total - warmup), min_ratio)
+
+    return f
+
+
+class Budget:
+    def __init__(self, state, max_minutes: float = 0.0, max_cpu_minutes: float = 0.0):
+        self.state = state
+        self.max_wall = max_minutes * 60
+        self.max_cpu = max_cpu_minutes * 60
+        self._wall, self._cpu = time.time(), time.process_time()
+
+    @property
+    def timed(self) -> bool:
+        return self.max_wall > 0 or self.max_cpu > 0
+
+    def tick(self) -> None:
+        """Add the wall and CPU seconds since the previous tick to the state's running totals."""
+        wall, cpu = time.time(), time.process_time()
+        self.state.wall_s += wall - self._wall
+        self.state.cpu_s += cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+    def time_fraction(self) -> float:
+        fracs = [0.0]
+        if self.max_wall > 0:
+            fracs.append(self.state.wall_s / self.max_wall)
+        if self.max_cpu > 0:
+            fracs.append(self.state.cpu_s / self.max_cpu)
+        return max(fracs)
+
+    def exhausted(self) -> bool:
+        return self.timed and self.time_fraction() >= 1.0
+
+    def adjust_lr(self, opt, sched, step: int, warmup: int, total: int, min_ratio: float) -> None:
+        """With a time limit, the cosine after warm-up follows whichever is further along, steps or time."""
+        if not self.timed or step < warmup:
+            return
+        frac = max((step - warmup) / max(1, total - warmup), self.time_fraction())
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * cosine_factor(frac, min_ratio)
