@@ -74,10 +74,8 @@ class EvalConfig:
 
 
 def downsample_size(tokenizer, resolution: int) -> int:
-    """Largest k with 3*k*k <= the latent's number of values (r*c + N*r), below the resolution."""
-    cfg = tokenizer.config
-    n = (resolution // cfg.patch_size) ** 2
-    values = cfg.num_tokens * cfg.latent_channels + n * cfg.num_tokens
+    """Largest k with 3*k*k <= the latent's number of values (r*c + N*r; dense decoder N*c), below the resolution."""
+    values = tokenizer.latent_values((resolution // tokenizer.config.patch_size) ** 2)
     return max(1, min(resolution - 1, math.isqrt(values // 3)))
 
 
@@ -338,7 +336,8 @@ def evaluate(cfg) -> dict:
     n_patches = (res // tc.patch_size) ** 2
     report = {
         "tokenizer": {"path": cfg.tokenizer, "fingerprint": fingerprint, "num_tokens": tc.num_tokens, "latent_channels": tc.latent_channels,
-                      "patches": n_patches, "latent_values": tc.num_tokens * tc.latent_channels + n_patches * tc.num_tokens},
+                      "patches": n_patches, "latent_values": tok.latent_values(n_patches),
+                      "decoder_input": tc.decoder_input},
         "data": {"val": data_identity(cfg.data, "val", cfg.n_eval), "train": data_identity(cfg.data, "train", cfg.n_train),
                  "n_eval": n_eval, "n_train": int(len(tr["labels"])) if semantics else 0},
         "protocol": {"tasks": tasks, "features": kinds, "psnr_ssim": "8-bit images in [0,1]; SSIM 11x11 Gaussian sigma 1.5, valid, per channel",
@@ -373,7 +372,8 @@ def markdown_table(report: dict) -> str:
         lines.append(f"| {ROW_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     p, d = report["protocol"], report["data"]
     lines += ["", f"{d['n_eval']} held-out images ({d['val']['name']}, val, {d['val']['resolution']} px); probes trained on {d['n_train']} train images. "
-              f"Tokenizer {report['tokenizer']['fingerprint']}: r = {report['tokenizer']['num_tokens']}, {report['tokenizer']['latent_values']} latent values; "
+              f"Tokenizer {report['tokenizer']['fingerprint']}: r = {report['tokenizer']['num_tokens']}"
+              f"{' (dense decoder: reads all N patch features)' if report['tokenizer'].get('decoder_input') == 'dense' else ''}, {report['tokenizer']['latent_values']} latent values; "
               f"baseline: {p['pixels_down']}. LPIPS: {p['lpips']}. FID extractor: {p['fid_extractor']}. {report['seconds'].get('total')} s.", ""]
     return "\n".join(lines)
 

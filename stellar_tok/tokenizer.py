@@ -11,6 +11,11 @@ feature map is their low-rank product F = L·S, from which a ViT decoder paints 
       -> F = L · up(z)                                      (B,N,d_dec)
       -> ViT decoder + Fourier positions -> pixels          (B,3,H,W)
 
+`decoder_input="dense"` is the ablation without the factorisation: the decoder reads every patch feature
+through the same bottleneck, z = bottleneck(dense) (B,N,c) with L = identity (B,N,N): the degenerate case
+r = N of F = L·S. The r sparse tokens S are still computed (the alignment losses use them) but the decoder
+never sees them.
+
 Shapes in comments use B batch, N patches (grid*grid), r sparse tokens, d encoder width,
 c latent channels, e decoder width, K kept patches of a masked view.
 """
@@ -77,8 +82,8 @@ class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
-        if decoder_input != "lowrank":
-            raise ValueError(f"decoder_input must be 'lowrank' (got {decoder_input!r})")
+        if decoder_input not in ("lowrank", "dense"):
+            raise ValueError(f"decoder_input must be 'lowrank' or 'dense' (got {decoder_input!r})")
         self.grid = image_size // patch_size
         d, e = width, decoder_width
 
@@ -97,10 +102,12 @@ class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
         self.norm = nn.LayerNorm(d, eps=1e-6)
 
         # --- localization: L = softmax(cos(W_d dense, W_s S) / tau) ----------------------------
-        self.loc_dense = nn.Linear(d, d)
-        self.loc_sparse = nn.Linear(d, d)
+        # (the dense decoder has no L to learn: W_d, W_s would get no gradient, so they do not exist)
+        if decoder_input == "lowrank":
+            self.loc_dense = nn.Linear(d, d)
+            self.loc_sparse = nn.Linear(d, d)
 
-        # --- latent bottleneck on S -------------------------------------------------------------
+        # --- latent bottleneck on S (dense decoder: on every patch feature) ---------------------
         self.to_latent = nn.Linear(d, latent_channels)
         self.from_latent = nn.Linear(latent_channels, e)
 
@@ -151,8 +158,18 @@ class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
         x = self.norm(x)
         return x[:, 0], x[:, 1 : 1 + n], x[:, 1 + n :]  # cls (B,d), dense (B,N,d), S (B,r,d)
 
+    @property
+    def dense_decoder(self) -> bool:
+        return self.config.decoder_input == "dense"
+
     def localize(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """log L (B,N,r): log-softmax over the r tokens of the cosine similarity / tau."""
+        """log L (B,N,r): log-softmax over the r tokens of the cosine similarity / tau.
+
+        Dense decoder: log of the identity (B,N,N), each patch reads only its own feature."""
+        if self.dense_decoder:
+            b, n = dense.shape[:2]
+            eye = torch.eye(n, device=dense.device).expand(b, n, n)  # (B, N, N)
+            return eye.log()  # 0 on the diagonal, -inf elsewhere (clamp_loc puts the floor there)
         d = F.normalize(self.loc_dense(dense), dim=-1)  # (B, N, d)
         s = F.normalize(self.loc_sparse(sparse), dim=-1)  # (B, r, d)
         logits = torch.einsum("bnd,brd->bnr", d, s) / self.config.tau  # (B, N, r)
@@ -161,11 +178,26 @@ class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
     def bottleneck(self, sparse: torch.Tensor) -> torch.Tensor:
         return self.to_latent(sparse)  # (B, r, d) -> (B, r, c)
 
+    def to_decoder_latent(self, dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder reads: tokens (B,r,c) and log L clamped at the floor (B,N,r).
+
+        lowrank (STELLAR): bottleneck(S) and log L.  dense: bottleneck(dense) (B,N,c) and log I (B,N,N), r = N."""
+        tokens = self.bottleneck(dense if self.dense_decoder else sparse)  # (B, r, c); dense: (B, N, c)
+        return tokens, self.clamp_loc(self.localize(dense, sparse))  # (B, N, r); dense: (B, N, N)
+
+    def latent_values(self, n_patches: int) -> int:
+        """Numbers per image in the latent that depend on the image: r*c + N*r; dense: N*c (L is the fixed identity)."""
+        c = self.config.latent_channels
+        return n_patches * c if self.dense_decoder else self.config.num_tokens * (c + n_patches)
+
     # ------------------------------------------------------------------------------------------
     # decoder
     # ------------------------------------------------------------------------------------------
     def decode_pixels(self, tokens: torch.Tensor, log_loc: torch.Tensor) -> torch.Tensor:
-        """tokens (B,r,c), log_loc (B,N,r) -> images (B,3,H,W), unclamped (training output)."""
+        """tokens (B,r,c), log_loc (B,N,r) -> images (B,3,H,W), unclamped (training output).
+
+        The dense decoder goes through the same product with r = N: softmax of the clamped log-identity
+        keeps 1 / (1 + (N-1)·loc_floor) of each patch's own feature (0.994 at N = 64, floor 1e-4)."""
         L = log_loc.softmax(dim=-1).to(tokens.dtype)  # (B, N, r), rows sum to 1
         s = self.from_latent(tokens)  # (B, r, e)
         f = torch.einsum("bnr,bre->bne", L, s)  # F = L·S  (B, N, e)
@@ -187,8 +219,7 @@ class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
     # ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict:
         cls, dense, sparse = self.encode_features(images)  # (B,d) (B,N,d) (B,r,d)
-        log_loc = self.clamp_loc(self.localize(dense, sparse))  # (B,N,r)
-        tokens = self.bottleneck(sparse)  # (B,r,c)
+        tokens, log_loc = self.to_decoder_latent(dense, sparse)  # (B,r,c) (B,N,r); dense decoder: r = N
         recon = self.decode_pixels(tokens, log_loc)  # (B,3,H,W)
         return {"cls": cls, "dense": dense, "sparse": sparse, "log_loc": log_loc, "tokens": tokens, "recon": recon}
 
@@ -200,10 +231,13 @@ class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor, normalize: bool = False) -> Latent:
-        """images (B,3,H,W) in [-1,1] -> Latent(tokens (B,r,c), loc = log L (B,N,r)), raw unless normalize."""
+        """images (B,3,H,W) in [-1,1] -> Latent(tokens (B,r,c), loc = log L (B,N,r)), raw unless normalize.
+
+        Dense decoder: Latent(tokens (B,N,c), loc = log I clamped at the floor (B,N,N))."""
         self._check_images(images)
         _, dense, sparse = self.encode_features(images)
-        latent = Latent(self.bottleneck(sparse).float(), self.clamp_loc(self.localize(dense, sparse)).float())
+        tokens, log_loc = self.to_decoder_latent(dense, sparse)
+        latent = Latent(tokens.float(), log_loc.float())
         return latent.normalize(self.latent_stats) if normalize else latent
 
     @torch.no_grad()
@@ -216,21 +250,25 @@ class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
             raise TypeError(f"decode expects a stellar_tok.Latent, got {type(latent).__name__}")
         if latent.normalized:
             latent = latent.denormalize(latent.stats if latent.stats is not None else self.latent_stats)
-        if latent.num_tokens != self.config.num_tokens or latent.tokens.shape[-1] != self.config.latent_channels:
+        r = latent.num_patches if self.dense_decoder else self.config.num_tokens  # dense: one token per patch
+        if latent.num_tokens != r or latent.tokens.shape[-1] != self.config.latent_channels:
             raise ValueError(
                 f"latent has r={latent.num_tokens}, c={latent.tokens.shape[-1]}; this tokenizer expects "
-                f"r={self.config.num_tokens}, c={self.config.latent_channels}"
+                f"r={'N (dense decoder)' if self.dense_decoder else r}, c={self.config.latent_channels}"
             )
         dtype = self.dtype
         return self.decode_pixels(latent.tokens.to(dtype), latent.loc.to(dtype)).clamp(-1, 1)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> dict:
-        """dict of cls (B,d), tokens = S (B,r,d), dense (B,N,d), loc = L (B,N,r), lowrank = L·S (B,N,d)."""
+        """dict of cls (B,d), tokens = S (B,r,d), dense (B,N,d), loc = L (B,N,r), lowrank = L·S (B,N,d).
+
+        Dense decoder: loc = I (B,N,N) and lowrank = dense (what the decoder reads, before the bottleneck)."""
         self._check_images(images)
         cls, dense, sparse = self.encode_features(images)
         L = self.localize(dense, sparse).exp()
-        return {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": torch.einsum("bnr,brd->bnd", L.to(sparse.dtype), sparse)}
+        lowrank = dense if self.dense_decoder else torch.einsum("bnr,brd->bnd", L.to(sparse.dtype), sparse)
+        return {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": lowrank}
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:

@@ -149,3 +149,60 @@ def test_conv_stem_shapes_and_round_trip(tmp_path, images):
     assert torch.equal(back(images)["recon"], out["recon"])
     with pytest.raises(ValueError, match="power-of-two"):
         StellarTokenizer(**{**TINY_MODEL, "patch_size": 3, "image_size": 30, "stem": "conv"})
+
+
+def test_dense_decoder_reads_every_patch_feature(tmp_path, images):
+    """decoder_input=dense: the degenerate case r = N, L = I of F = L·S; S is still there for alignment."""
+    import math
+
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**{**TINY_MODEL, "decoder_input": "dense"}).eval()
+    assert not hasattr(tok, "loc_dense")  # no localization head to train
+    out = tok(images)
+    b, n, r, d, c = 4, 64, 16, 64, 8
+    assert out["sparse"].shape == (b, r, d) and out["dense"].shape == (b, n, d)
+    assert out["tokens"].shape == (b, n, c) and out["log_loc"].shape == (b, n, n)
+    assert out["recon"].shape == images.shape
+    eye = torch.eye(n, dtype=torch.bool).expand(b, n, n)
+    assert (out["log_loc"][eye] == 0).all() and (out["log_loc"][~eye] == math.log(1e-4)).all()
+    torch.testing.assert_close(out["tokens"], tok.to_latent(out["dense"]))
+    # the decoder depends on each patch's own feature, not on S
+    f = tok.features(images)
+    torch.testing.assert_close(f["lowrank"], f["dense"])
+    assert tok.latent_values(n) == n * c
+    # encode -> decode equals the training forward, and the latent is (B,N,c) + (B,N,N)
+    lat = tok.encode(images)
+    assert lat.tokens.shape == (b, n, c) and lat.loc.shape == (b, n, n)
+    torch.testing.assert_close(tok.decode(lat), out["recon"].clamp(-1, 1), atol=1e-5, rtol=0)
+    stats = LatentStats(torch.randn(c), torch.rand(c) + 0.5, torch.tensor(-9.0), torch.tensor(1.0))
+    tok.set_latent_stats(stats)
+    torch.testing.assert_close(tok.decode(lat.normalize(tok.latent_stats)), tok.decode(lat), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="dense decoder"):
+        tok.decode(Latent(torch.zeros(1, 16, c), torch.zeros(1, 64, 16)))
+    # save/load keeps the mode and the weights
+    tok.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["decoder_input"] == "dense"
+    back = StellarTokenizer.from_pretrained(tmp_path).eval()
+    assert back.dense_decoder and torch.equal(back.decode(lat), tok.decode(lat))
+    with pytest.raises(ValueError, match="decoder_input"):
+        StellarTokenizer(**{**TINY_MODEL, "decoder_input": "sparse"})
+
+
+def test_dense_decoder_trains_through_the_trainer_objective(images):
+    """Every parameter of the dense-decoder tokenizer gets a gradient from reconstruction + alignment."""
+    from omegaconf import OmegaConf
+
+    from stellar_tok.config import Config
+    from stellar_tok.objective import StellarObjective
+    from stellar_tok.views import make_views
+
+    torch.manual_seed(0)
+    cfg = OmegaConf.structured(Config)
+    cfg.align.token_prototypes, cfg.align.cls_prototypes, cfg.align.head_hidden, cfg.align.head_bottleneck = 8, 8, 32, 16
+    tok = StellarTokenizer(**{**TINY_MODEL, "decoder_input": "dense"})
+    obj = StellarObjective(tok, cfg.align).train()
+    views = make_views(images, cfg.views, torch.Generator().manual_seed(0), TINY_MODEL["patch_size"])
+    out = obj(views)
+    (out["align_loss"] + (out["recon"] - views["main"]).abs().mean()).backward()
+    missing = [k for k, p in tok.named_parameters() if p.grad is None]
+    assert not missing, missing
