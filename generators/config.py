@@ -58,6 +58,7 @@ class GenTrainConfig:
     sample_every: int = 10000
     ckpt_every: int = 10000
     keep_ckpts: int = 3
+    max_nonfinite: int = 20  # consecutive non-finite losses before the run stops (with a checkpoint)
     progress: bool = True
 
 

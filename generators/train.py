@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 
 import torch
@@ -23,8 +22,9 @@ from omegaconf import OmegaConf
 from stellar_tok.errors import UserError, cli_entry
 from stellar_tok.config import parse_overrides
 from stellar_tok.budget import Budget, cosine_with_warmup
-from stellar_tok.train import (TrainState, _gather_rng, end_training, epoch_batches, export_pretrained, resume_if_asked,
-                               save_checkpoint)
+from stellar_tok.checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
+from stellar_tok.guards import GracefulStop, NonFiniteGuard
+from stellar_tok.train import end_training, truncate_metrics
 
 from .config import GenConfig, load_config
 
@@ -113,21 +113,24 @@ def train(cfg) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
     model, opt, loader = accelerator.prepare(model, opt, loader)
     state = TrainState()
-    accelerator.register_for_checkpointing(sched, state, ema)
     net = accelerator.unwrap_model(model)
     ema.to(device)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
+    ckpt = Checkpointer(accelerator, out_dir, cfg.train.keep_ckpts, state, rng=gen, scheduler=sched, ema=ema)
 
     tok_path = cfg.sample.tokenizer or man.get("tokenizer_path")
     tokenizer = None
     if tok_path and os.path.isdir(tok_path) and accelerator.is_main_process:
         tokenizer = StellarTokenizer.from_pretrained(tok_path).to(device).eval()
 
-    resume_if_asked(accelerator, cfg.train.resume, out_dir, state, gen)
+    if ckpt.resume(cfg.train.resume):
+        ema.to(device)
+        if accelerator.is_main_process:
+            truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), state.step)
     accelerator.init_trackers("generator", config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})
 
-    stop = {"flag": False}
-    old_handlers = {s: signal.signal(s, lambda *_: stop.__setitem__("flag", True)) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop = GracefulStop()  # SIGTERM/SIGINT: finish the step, checkpoint, export
+    guard = NonFiniteGuard(accelerator, state, cfg.train.max_nonfinite, on_abort=ckpt.save)
 
     total = cfg.train.steps
     pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="generator")
@@ -153,7 +156,8 @@ def train(cfg) -> dict:
 
     model.train()
     data = epoch_batches(loader, state, accelerator)
-    while state.step < total and not stop["flag"]:
+    stopping = state.step >= total
+    while not stopping:
         b = next(data)
         tokens, loc, y = b["tokens"].to(device), b["loc"].to(device), b["label"].to(device)
         drop = torch.rand(y.shape, generator=gen, device=device) < cfg.flow.class_dropout
@@ -161,15 +165,9 @@ def train(cfg) -> dict:
         t = sample_t(y.shape[0], cfg.flow.t_sampling, gen, device, cfg.flow.logit_mean, cfg.flow.logit_std)
         with accelerator.autocast():
             loss, logs = flow_loss(model, tokens, loc, y, t, gen)
-        if not torch.isfinite(loss):
+        if not guard.ok(loss):  # NaN/inf on any process: no update, counted; too many in a row stops the run
             opt.zero_grad(set_to_none=True)
-            state.nonfinite += 1
-            accelerator.print(f"step {state.step}: non-finite loss, step skipped")
-            if state.nonfinite >= 20:
-                save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
-                raise UserError(f"20 non-finite losses in a row at step {state.step}; lower optim.lr or use train.mixed_precision=no (checkpoint saved)")
             continue
-        state.nonfinite = 0
         accelerator.backward(loss)
         if cfg.optim.grad_clip > 0:
             logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
@@ -181,7 +179,9 @@ def train(cfg) -> dict:
         state.step += 1
         state.images_seen += y.shape[0] * accelerator.num_processes
         img_window += y.shape[0] * accelerator.num_processes
-        logs.update(loss=float(loss.detach()), lr=opt.param_groups[0]["lr"], ema_decay=ema.cur_decay_value or 0.0)
+        budget.tick()
+        logs.update(loss=float(loss.detach()), lr=opt.param_groups[0]["lr"], ema_decay=ema.cur_decay_value or 0.0,
+                    nonfinite_skipped=float(state.nonfinite_total))
         last = logs
         if state.step % cfg.train.log_every == 0 or state.step == total:
             logs["images_per_s"] = img_window / max(1e-9, time.time() - t_window)
@@ -192,19 +192,14 @@ def train(cfg) -> dict:
                     f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
             pbar.set_postfix(loss=f"{logs['loss']:.3f}", ips=f"{logs['images_per_s']:.0f}")
         pbar.update(1)
-        budget.tick()
-        if budget.timed:
-            late = float(budget.exhausted())
-            stop["flag"] = stop["flag"] or accelerator.reduce(torch.tensor([late], device=device), "sum").item() > 0
-        if state.step % cfg.train.sample_every == 0 and state.step < total and not stop["flag"]:
+        stopping = stop.should_stop(accelerator, late=budget.exhausted(), done=state.step >= total)  # the same on every process
+        if state.step % cfg.train.sample_every == 0 and not stopping:
             sample_grid()
-        if state.step % cfg.train.ckpt_every == 0 and state.step < total:
-            state.view_rng = _gather_rng(gen, accelerator)
-            save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+        if state.step % cfg.train.ckpt_every == 0 and not stopping:
+            ckpt.save()
     pbar.close()
 
-    state.view_rng = _gather_rng(gen, accelerator)
-    ckpt = save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+    ckpt_path = ckpt.save()
     export = pipe_dir = None
     if accelerator.is_main_process:
         sample_grid()
@@ -216,13 +211,14 @@ def train(cfg) -> dict:
             pipe_dir = export_pretrained(pipe, out_dir, "pipeline")
         ema.restore(net.parameters())
     elapsed = time.time() - t_start
-    summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt,
-               "export": export, "pipeline": pipe_dir, "last": {k: round(v, 5) for k, v in last.items()}}
+    summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt_path,
+               "export": export, "pipeline": pipe_dir, "nonfinite_skipped": state.nonfinite_total, "stopped_by": stop.signal_name,
+               "last": {k: round(v, 5) for k, v in last.items()}}
     if accelerator.is_main_process:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         accelerator.print(f"done: {state.step} steps ({state.step - start_step} in this run), {elapsed:.0f}s; generator {export}; pipeline {pipe_dir}")
-    end_training(accelerator, old_handlers)
+    end_training(accelerator, stop)
     return summary
 
 

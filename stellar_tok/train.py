@@ -4,28 +4,32 @@
     python -m stellar_tok.train config=configs/tokenizer/tiny.yaml train.steps=200
 
 One process or many (accelerate: DDP/FSDP, CPU or GPU). Writes to train.output_dir:
-    checkpoints/step-XXXXXXX/   accelerate state (model, optimizers, scheduler, RNG, step) for resume
+    checkpoints/step-XXXXXXX/   everything a resume needs (stellar_tok.checkpoint: atomic, verified, last train.keep_ckpts)
     tokenizer/                  the exported tokenizer: config.json + safetensors (+ latent statistics)
     images/step-XXXXXXX.png     input | reconstruction | localization map, every train.image_every steps
     logs/                       TensorBoard
     metrics.jsonl               the logged scalars, one JSON line per train.log_every steps
     config.yaml                 the resolved configuration
+    summary.json                steps, time, bad samples skipped, non-finite steps skipped, what stopped the run
+
+`train.resume=auto` continues from the newest valid checkpoint: same step, LR, data position and random
+streams. SIGTERM/SIGINT finish the current step, then checkpoint and export before exiting.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import shutil
-import signal
 import time
 
 import torch
 from omegaconf import OmegaConf
 
 from .budget import Budget, cosine_with_warmup
+from .checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
 from .config import Config, load_config, parse_overrides
-from .errors import UserError, cli_entry
+from .errors import cli_entry
+from .guards import GracefulStop, NonFiniteGuard
 
 USAGE = __doc__
 
@@ -38,59 +42,6 @@ def param_groups(module: torch.nn.Module, weight_decay: float):
             continue
         (no_decay if p.ndim < 2 or "token" in name.split(".")[-1] or "pos" in name.split(".")[-1] else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-class TrainState:
-    """Counters saved with every checkpoint (registered with accelerate)."""
-
-    def __init__(self):
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
-        self.images_seen = 0
-        self.nonfinite = 0  # non-finite losses in a row
-        self.nonfinite_total = 0  # steps skipped for a non-finite loss, over the whole run
-        self.wall_s = 0.0  # training time spent so far, over every resume (the time budget's clock)
-        self.cpu_s = 0.0
-        self.view_rng = None
-
-    def state_dict(self):
-        return dict(self.__dict__)
-
-    def load_state_dict(self, d):
-        self.__dict__.update(d)
-
-
-def find_checkpoints(ckpt_dir: str) -> list[str]:
-    """Complete checkpoints (those with a `done` marker), oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("step-") and os.path.exists(os.path.join(ckpt_dir, n, "done")))
-    return [os.path.join(ckpt_dir, n) for n in names]
-
-
-def save_checkpoint(accelerator, out_dir: str, step: int, keep: int) -> str:
-    """Atomic: accelerate writes into a temporary folder, which is renamed once complete."""
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    final = os.path.join(ckpt_dir, f"step-{step:07d}")
-    tmp = final + ".tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, "done"), "w") as f:
-            json.dump({"step": step, "time": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in find_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 @torch.no_grad()
@@ -119,60 +70,17 @@ def compute_latent_stats(tokenizer, loader, device, batches: int):
     return LatentStats(mean.float(), std.float(), torch.tensor(lm, dtype=torch.float32), torch.tensor(ls, dtype=torch.float32))
 
 
-def export_pretrained(model, out_dir: str, name: str) -> str:
-    """save_pretrained into `out_dir/name.tmp`, then rename onto `out_dir/name` (never a half-written export)."""
-    final = os.path.join(out_dir, name)
-    tmp, old = final + ".tmp", final + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if os.path.exists(final):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def resume_if_asked(accelerator, resume, out_dir: str, state: TrainState, gen: torch.Generator) -> None:
-    """`resume`: None, "auto" (the latest complete checkpoint, if any) or a checkpoint folder. Restores the
-    accelerate state (models, optimizers, registered objects) and this process's view/noise RNG."""
-    if resume == "auto":
-        found = find_checkpoints(os.path.join(out_dir, "checkpoints"))
-        resume = found[-1] if found else None
-    if not resume:
-        return
-    accelerator.load_state(resume)
-    if state.view_rng is not None:
-        gen.set_state(state.view_rng[accelerator.process_index].to("cpu") if isinstance(state.view_rng, list) else state.view_rng)
-    accelerator.print(f"resumed from {resume} at step {state.step}")
-
-
-def epoch_batches(loader, state: TrainState, accelerator, skip: bool = True):
-    """Endless batches, epoch after epoch; after a resume the batches already seen in the current epoch are
-    skipped (`skip`: the loader was prepared by accelerate, so the skip is exact)."""
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(state.epoch)
-        it = accelerator.skip_first_batches(loader, state.batch_in_epoch) if skip and state.batch_in_epoch else loader
-        for batch in it:
-            state.batch_in_epoch += 1
-            yield batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides("python -m stellar_tok.train", USAGE, Config, argv, "config=configs/tokenizer/tiny.yaml train.steps=500")
     return train(load_config(overrides))
 
 
-def end_training(accelerator, old_handlers: dict) -> None:
+def end_training(accelerator, stop: GracefulStop) -> None:
     """Close the trackers, restore the signal handlers, leave the process group (every trainer's last step)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    for s, h in old_handlers.items():
-        signal.signal(s, h)
+    stop.restore()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -225,21 +133,16 @@ def train(cfg) -> dict:
     if prepare_loader:
         loader = accelerator.prepare(loader)
     state = TrainState()
-    accelerator.register_for_checkpointing(sched, state)
     model = accelerator.unwrap_model(objective)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
-
-    resume_if_asked(accelerator, cfg.train.resume, out_dir, state, gen)
+    ckpt = Checkpointer(accelerator, out_dir, cfg.train.keep_ckpts, state, rng=gen, scheduler=sched)
+    if ckpt.resume(cfg.train.resume) and accelerator.is_main_process:
+        truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), state.step)
+    skipped_before = dict(state.skipped)
     accelerator.init_trackers("stellar_tok", config=_flat(OmegaConf.to_container(cfg)))
 
-    # --- graceful stop on SIGTERM/SIGINT: finish the step, checkpoint, export ------------------
-    stop = {"flag": False}
-
-    def _on_signal(signum, frame):
-        stop["flag"] = True
-
-    old_handlers = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-
+    stop = GracefulStop()  # SIGTERM/SIGINT: finish the step, checkpoint, export
+    guard = NonFiniteGuard(accelerator, state, cfg.train.max_nonfinite, on_abort=ckpt.save)
     total = cfg.train.steps
     pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="train")
     t_start = time.time()
@@ -252,7 +155,8 @@ def train(cfg) -> dict:
     objective.train()
     data_iter = epoch_batches(loader, state, accelerator, skip=prepare_loader)
     start_step = state.step
-    while state.step < total and not stop["flag"]:
+    stopping = state.step >= total
+    while not stopping:
         images, _ = next(data_iter)
         images = images.to(device).float() / 127.5 - 1  # uint8 -> [-1, 1]
         with torch.no_grad():
@@ -265,16 +169,9 @@ def train(cfg) -> dict:
                 rl, rlogs = recon_loss.generator_loss(out["recon"], views["main"], state.step, disc, model.tokenizer.last_layer)
                 loss = loss + cfg.recon.weight * rl
                 logs.update(rlogs)
-        bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=device), "sum").item()
-        if bad:
-            state.nonfinite += 1
+        if not guard.ok(loss):  # NaN/inf on any process: no update, counted; too many in a row stops the run
             opt.zero_grad(set_to_none=True)
-            accelerator.print(f"step {state.step}: non-finite loss, step skipped ({state.nonfinite} in a row)")
-            if state.nonfinite >= cfg.train.max_nonfinite:
-                save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
-                raise UserError(f"{state.nonfinite} non-finite losses in a row at step {state.step}; lower optim.lr or use train.mixed_precision=no (checkpoint saved)")
             continue
-        state.nonfinite = 0
         accelerator.backward(loss)
         if cfg.optim.grad_clip > 0:
             gn = accelerator.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
@@ -294,10 +191,12 @@ def train(cfg) -> dict:
         state.step += 1
         state.images_seen += images.shape[0] * world
         img_window += images.shape[0] * world
+        budget.tick()
 
         with torch.no_grad():
             logs["loc_max"] = float(out["log_loc"].exp().max(-1).values.mean())
-        logs.update(loss=float(loss.detach()), align=float(out["align_loss"].detach()), lr=opt.param_groups[0]["lr"])
+        logs.update(loss=float(loss.detach()), align=float(out["align_loss"].detach()), lr=opt.param_groups[0]["lr"],
+                    nonfinite_skipped=float(state.nonfinite_total), data_skipped=float(sum(skipped_samples().values()) + sum(skipped_before.values())))
         last_logs = logs
         if state.step % cfg.train.log_every == 0 or state.step == total:
             ips = img_window / max(1e-9, time.time() - t_window)
@@ -309,22 +208,19 @@ def train(cfg) -> dict:
                     f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
             pbar.set_postfix(loss=f"{logs['loss']:.3f}", psnr=f"{logs.get('psnr', float('nan')):.1f}", ips=f"{ips:.0f}")
         pbar.update(1)
-        budget.tick()
-        if budget.timed:  # every process must agree to stop at the same step
-            late = float(budget.exhausted())
-            stop["flag"] = stop["flag"] or accelerator.reduce(torch.tensor([late], device=device), "sum").item() > 0
-        if cfg.train.stop_after and state.step - start_step >= cfg.train.stop_after:
-            stop["flag"] = True
-        if accelerator.is_main_process and (state.step % cfg.train.image_every == 0 or state.step == total or stop["flag"]):
+        # every process must agree to stop at the same step: a signal, the time budget, stop_after or the end
+        stopping = stop.should_stop(accelerator, late=budget.exhausted(),
+                                    done=state.step >= total or bool(cfg.train.stop_after and state.step - start_step >= cfg.train.stop_after))
+        if accelerator.is_main_process and (state.step % cfg.train.image_every == 0 or stopping):
             _save_grid(out, views["main"], os.path.join(out_dir, "images", f"step-{state.step:07d}.png"), accelerator)
-        if state.step % cfg.train.ckpt_every == 0 and state.step < total:
-            state.view_rng = _gather_rng(gen, accelerator)
-            save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+        if state.step % cfg.train.ckpt_every == 0 and not stopping:
+            state.skipped = _skipped_total(accelerator, skipped_before, skipped_samples())
+            ckpt.save()
     pbar.close()
 
     # --- final checkpoint and export ------------------------------------------------------------
-    state.view_rng = _gather_rng(gen, accelerator)
-    ckpt = save_checkpoint(accelerator, out_dir, state.step, cfg.train.keep_ckpts)
+    state.skipped = skipped = _skipped_total(accelerator, skipped_before, skipped_samples())
+    ckpt_path = ckpt.save()
     export = None
     if accelerator.is_main_process:
         tok = model.tokenizer
@@ -332,22 +228,47 @@ def train(cfg) -> dict:
         tok.set_latent_stats(compute_latent_stats(tok, stats_loader, device, cfg.train.stats_batches))
         export = export_pretrained(tok, out_dir, "tokenizer")
     elapsed = time.time() - t_start
-    skipped = skipped_samples()
-    summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt,
-               "export": export, "skipped_samples": skipped, "last": {k: round(v, 5) for k, v in last_logs.items()}}
+    summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt_path,
+               "export": export, "skipped_samples": skipped, "nonfinite_skipped": state.nonfinite_total,
+               "stopped_by": stop.signal_name, "last": {k: round(v, 5) for k, v in last_logs.items()}}
     if accelerator.is_main_process:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        n_skip = sum(skipped.values()) if skipped else 0
-        accelerator.print(f"done: {state.step} steps, {state.images_seen} images in {elapsed:.0f}s, skipped {n_skip} bad samples; checkpoint {ckpt}; tokenizer {export}")
-    end_training(accelerator, old_handlers)
+        why = f" (stopped by {stop.signal_name})" if stop.signal_name else ""
+        accelerator.print(f"done: {state.step} steps{why}, {state.images_seen} images in {elapsed:.0f}s, skipped "
+                          f"{sum(skipped.values())} bad samples {skipped or ''}, {state.nonfinite_total} non-finite steps; "
+                          f"checkpoint {ckpt_path}; tokenizer {export}")
+    end_training(accelerator, stop)
     return summary
 
 
-def _gather_rng(gen, accelerator):
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop the lines logged after `step` (by a run killed after its last checkpoint): they are logged again."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:  # a line cut short by the kill
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def _skipped_total(accelerator, before: dict, now: dict) -> dict:
+    """Bad samples skipped by every process (and its loader workers) in this run, plus those of the runs
+    this one resumed, by reason."""
     from accelerate.utils import gather_object
 
-    return [s for s in gather_object([gen.get_state()])] if accelerator.num_processes > 1 else gen.get_state()
+    total = dict(before)
+    for counts in (gather_object([now]) if accelerator.num_processes > 1 else [now]):
+        for k, v in counts.items():
+            total[k] = total.get(k, 0) + v
+    return total
 
 
 def _save_grid(out, main, path, accelerator):

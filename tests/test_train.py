@@ -7,7 +7,8 @@ import sys
 import torch
 
 from stellar_tok import StellarTokenizer
-from stellar_tok.train import find_checkpoints, main
+from stellar_tok.checkpoint import find_checkpoints
+from stellar_tok.train import main
 
 SMALL = [
     "config=configs/tokenizer/tiny.yaml",

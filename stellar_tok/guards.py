@@ -1,0 +1,72 @@
+"""What stops a training run cleanly: signals, time budgets and non-finite losses, agreed on by every process.
+
+    stop = GracefulStop()                   # SIGTERM/SIGINT set a flag instead of killing the process
+    ...
+    if stop.should_stop(accelerator, late=budget.exhausted()):   # once per step, the same answer everywhere
+        break
+    stop.restore()
+
+Clusters send SIGTERM some time before they preempt a job: the run finishes its step, writes a checkpoint and
+exports. A second Ctrl-C aborts at once. The flags are summed over processes, so all of them stop at the same
+step even when only one was signalled (a process that left the loop alone would hang the others).
+"""
+from __future__ import annotations
+
+import signal
+
+import torch
+
+from .errors import UserError
+
+
+class GracefulStop:
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.requested = False
+        self.signal_name: str | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: stopping after this step (checkpoint and export follow); Ctrl-C again aborts", flush=True)
+
+    def should_stop(self, accelerator, late: bool = False, done: bool = False) -> bool:
+        """True on every process when any process was signalled, is over its time budget, or is `done`."""
+        flags = torch.tensor([float(self.requested or late or done)], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, "sum")
+        return bool(flags.item() > 0)
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class NonFiniteGuard:
+    """Skips a step whose loss is NaN/inf on any process, counts it, and stops the run after `max_in_row`
+    such steps in a row (after `on_abort()`, which saves a checkpoint)."""
+
+    def __init__(self, accelerator, state, max_in_row: int, on_abort):
+        self.accelerator = accelerator
+        self.state = state
+        self.max_in_row = max_in_row
+        self.on_abort = on_abort
+
+    def ok(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item() == 0:
+            self.state.nonfinite = 0
+            return True
+        self.state.nonfinite += 1
+        self.state.nonfinite_total += 1
+        self.accelerator.print(f"step {self.state.step}: non-finite loss, step skipped ({self.state.nonfinite} in a row, "
+                               f"{self.state.nonfinite_total} in this run)")
+        if self.state.nonfinite >= self.max_in_row:
+            self.on_abort()
+            raise UserError(f"{self.state.nonfinite} non-finite losses in a row at step {self.state.step}: lower optim.lr, "
+                            "raise train.max_nonfinite or use train.mixed_precision=no (a checkpoint was saved)")
+        return False
