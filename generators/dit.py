@@ -25,6 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
+from stellar_tok.checkpoint import SafetensorsOnly
 from stellar_tok.latent import LatentStatsBuffers
 from stellar_tok.vit import Attention, Mlp, sincos_pos_embed
 
@@ -65,7 +66,7 @@ class DiTBlock(nn.Module):
         return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
 
-class LatentDiT(ModelMixin, ConfigMixin, LatentStatsBuffers):
+class LatentDiT(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuffers):
     """DiT over (tokens, loc). Saves/loads like a `diffusers` model and ships the latent statistics it was
     trained with (`latent_stats`), so its samples can be denormalised without the data set."""
 

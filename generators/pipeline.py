@@ -27,6 +27,14 @@ class StellarDiTPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(tokenizer=tokenizer, transformer=transformer, scheduler=scheduler)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """DiffusionPipeline.from_pretrained with safetensors only: pickled weight files are never opened."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("StellarDiTPipeline loads safetensors weights only (use_safetensors=False is not supported)")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def labels(self) -> list[str]:
         return list(self.transformer.config.class_names or [])

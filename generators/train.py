@@ -125,8 +125,8 @@ def train(cfg) -> dict:
 
     if ckpt.resume(cfg.train.resume):
         ema.to(device)
-        if accelerator.is_main_process:
-            truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), state.step)
+    if accelerator.is_main_process:  # the log continues from the step this run starts at
+        truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), state.step)
     accelerator.init_trackers("generator", config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})
 
     stop = GracefulStop()  # SIGTERM/SIGINT: finish the step, checkpoint, export

@@ -20,6 +20,7 @@ Reading checks the manifest first: a folder whose files are missing, truncated o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -214,7 +215,9 @@ class Checkpointer:
             [self.rng.get_state()] if self.rng is not None else [])
         if acc.is_main_process:
             os.makedirs(self.dir, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            for n in os.listdir(self.dir):  # left by a run killed while saving or deleting
+                if n.endswith(".tmp") or n.endswith(".del"):
+                    shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
         acc.save_state(tmp)
@@ -310,3 +313,38 @@ def epoch_batches(loader, state: TrainState, accelerator, skip: bool = True):
             yield batch
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+class SafetensorsOnly:
+    """Mixin for `diffusers` models: `from_pretrained` reads safetensors + JSON only. A pickled weight file in the
+    folder (`*.bin`, `*.pt`) is never opened, even when the safetensors file is missing."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(f"{cls.__name__} loads safetensors weights only (use_safetensors=False is not supported)")
+        kwargs["use_safetensors"] = True
+        path = str(pretrained_model_name_or_path)
+        folder = os.path.join(path, kwargs.get("subfolder") or "")
+        if os.path.isdir(folder) and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in os.listdir(folder)):
+            raise UserError(f"{folder} holds no .safetensors weights: {cls.__name__} loads safetensors + config.json only "
+                            "and never unpickles .bin/.pt files (convert them with safetensors.torch.save_file if you trust them)")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block, every `torch.load` is `weights_only=True`, whatever its caller asks: for libraries
+    that unpickle weight files fully (torch.hub's `load_state_dict_from_url`, which torchvision uses for the
+    LPIPS backbone, defaults to weights_only=False)."""
+    real = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real

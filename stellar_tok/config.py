@@ -266,3 +266,16 @@ def validate(cfg) -> None:
     _require(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "no, bf16 or fp16", t.mixed_precision)
     _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
+
+
+def check_data_paths(cfg) -> None:
+    """The data a training run reads exists (a separate step: configs are also loaded to build models)."""
+    d = cfg.data
+    _require(d.name != "folder" or os.path.isdir(os.path.expanduser(str(d.path))), "data.path", "an existing folder of images", d.path)
+    if d.name == "wds":
+        from .data import DataError, _shard_urls
+
+        try:
+            _shard_urls(d.path, "train")
+        except DataError as e:
+            raise UserError(f"config key 'data.path': {e}") from None

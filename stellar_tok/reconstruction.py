@@ -31,7 +31,9 @@ def build_lpips(random_backbone: bool, net: str = "vgg") -> nn.Module:
 
     if net not in ("vgg", "alex"):
         raise UserError(f"recon.lpips_net must be 'vgg' or 'alex' (got {net!r})")
-    with warnings.catch_warnings():
+    from .checkpoint import weights_only_loads
+
+    with warnings.catch_warnings(), weights_only_loads():  # the backbone and linear-layer files are never fully unpickled
         warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation notes
         if not random_backbone and not os.path.exists(backbone_weights_path(net)):
             try:  # a machine with network downloads the weights here, once

@@ -30,6 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
+from .checkpoint import SafetensorsOnly
 from .latent import Latent, LatentStatsBuffers
 from .vit import Block, FourierPositionEncoding, interpolate_pos_embed, sincos_pos_embed
 
@@ -53,7 +54,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class StellarTokenizer(ModelMixin, ConfigMixin, LatentStatsBuffers):
+class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuffers):
     """The STELLAR tokenizer. Saves/loads like a `diffusers` model: safetensors weights + config.json."""
 
     config_name = "config.json"

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from .budget import Budget, cosine_with_warmup
 from .checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
-from .config import Config, load_config, parse_overrides
+from .config import Config, check_data_paths, load_config, parse_overrides
 from .errors import cli_entry
 from .guards import GracefulStop, NonFiniteGuard
 
@@ -73,7 +73,9 @@ def compute_latent_stats(tokenizer, loader, device, batches: int):
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides("python -m stellar_tok.train", USAGE, Config, argv, "config=configs/tokenizer/tiny.yaml train.steps=500")
-    return train(load_config(overrides))
+    cfg = load_config(overrides)
+    check_data_paths(cfg)
+    return train(cfg)
 
 
 def end_training(accelerator, stop: GracefulStop) -> None:
@@ -136,7 +138,8 @@ def train(cfg) -> dict:
     model = accelerator.unwrap_model(objective)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
     ckpt = Checkpointer(accelerator, out_dir, cfg.train.keep_ckpts, state, rng=gen, scheduler=sched)
-    if ckpt.resume(cfg.train.resume) and accelerator.is_main_process:
+    ckpt.resume(cfg.train.resume)
+    if accelerator.is_main_process:  # the log continues from the step this run starts at
         truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), state.step)
     skipped_before = dict(state.skipped)
     accelerator.init_trackers("stellar_tok", config=_flat(OmegaConf.to_container(cfg)))
@@ -235,8 +238,9 @@ def train(cfg) -> dict:
         with open(os.path.join(out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
         why = f" (stopped by {stop.signal_name})" if stop.signal_name else ""
+        detail = f" {skipped}" if skipped else ""
         accelerator.print(f"done: {state.step} steps{why}, {state.images_seen} images in {elapsed:.0f}s, skipped "
-                          f"{sum(skipped.values())} bad samples {skipped or ''}, {state.nonfinite_total} non-finite steps; "
+                          f"{sum(skipped.values())} bad samples{detail}, {state.nonfinite_total} non-finite steps; "
                           f"checkpoint {ckpt_path}; tokenizer {export}")
     end_training(accelerator, stop)
     return summary
