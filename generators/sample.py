@@ -66,7 +66,7 @@ def sample(cfg) -> dict:
     from accelerate.utils import gather_object
     from diffusers import FlowMatchEulerDiscreteScheduler
     from PIL import Image
-    from torchvision.utils import make_grid, save_image
+    from stellar_tok.visual import enlarged_grid
     from tqdm.auto import tqdm
 
     from stellar_tok.latent import Latent
@@ -127,11 +127,7 @@ def sample(cfg) -> dict:
                 Image.fromarray(im).save(os.path.join(cfg.out, "images", f"{names[y] if names else y}_{j:06d}.png"))
         per_row = min(cfg.n, 16)
         rows = [torch.from_numpy(arr[k * cfg.n : k * cfg.n + per_row]) for k in range(len(classes))]
-        grid = torch.cat(rows).permute(0, 3, 1, 2).float() / 255
-        scale = max(1, 64 // grid.shape[-1])
-        if scale > 1:
-            grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
-        save_image(make_grid(grid, nrow=per_row, padding=2, pad_value=1.0), os.path.join(cfg.out, "grid.png"))
+        enlarged_grid(torch.cat(rows).permute(0, 3, 1, 2).float() / 255, nrow=per_row, path=os.path.join(cfg.out, "grid.png"))
         seconds = time.time() - t0
         summary = {"images": int(len(arr)), "classes": classes, "seconds": round(seconds, 2), "images_per_s": round(len(arr) / max(seconds, 1e-9), 2),
                    "cfg": cfg.cfg, "interval": [lo, hi], "steps": cfg.steps, "seed": cfg.seed}

@@ -36,23 +36,15 @@ def grid_labels(num_classes: int, per_class: int, device) -> torch.Tensor:
 
 
 def save_sample_grid(model, tokenizer, labels, path: str, steps: int, cfg_scale: float, seed: int = 0) -> torch.Tensor:
-    from torchvision.utils import make_grid, save_image
-
     from stellar_tok.latent import Latent
+    from stellar_tok.visual import enlarged_grid
 
     from .flow import sample_latents
 
     g = torch.Generator(device=labels.device).manual_seed(seed)
     tokens, loc = sample_latents(model, labels, steps, cfg_scale, generator=g)
     images = tokenizer.decode(Latent(tokens, loc, True, model.latent_stats)).float().cpu()
-    images = (images + 1) / 2
-    per_row = int((labels == labels[0]).sum())
-    scale = max(1, 64 // images.shape[-1])
-    if scale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    grid = make_grid(images, nrow=per_row, padding=2, pad_value=1.0)
-    save_image(grid, path)
-    return grid
+    return enlarged_grid((images + 1) / 2, nrow=int((labels == labels[0]).sum()), path=path)
 
 
 @cli_entry

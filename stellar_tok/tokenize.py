@@ -200,16 +200,16 @@ def tokenize(cfg, tokenizer=None) -> dict:
     out, shard_dir = cfg.out, os.path.join(cfg.out, SHARD_DIR)
     identity = _identity(cfg, fingerprint, tok_config)
 
+    if not cfg.overwrite:  # every process refuses on its own, before any waits or deletes
+        _check_existing(out, identity)
     if state.is_main_process:
         if cfg.overwrite and os.path.isdir(out):
             shutil.rmtree(out)
-        _check_existing(out, identity)
         os.makedirs(shard_dir, exist_ok=True)
         for f in os.listdir(shard_dir):  # debris of a killed run: never valid
             if f.endswith(".tmp"):
                 os.remove(os.path.join(shard_dir, f))
     state.wait_for_everyone()
-    _check_existing(out, identity)  # every process refuses on its own (one line each)
 
     dataset, work, classes = _plan(cfg)
     if state.is_main_process:

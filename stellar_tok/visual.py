@@ -25,6 +25,18 @@ def loc_map(loc: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(rgb, size=(size, size), mode="nearest")
 
 
+def enlarged_grid(images: torch.Tensor, nrow: int, min_size: int = 64, path: str | None = None) -> torch.Tensor:
+    """images (B,3,H,W) in [0,1] -> one grid (3,H',W'), small images enlarged (nearest) to at least about
+    `min_size` px so they can be seen. Saves a PNG when path is given."""
+    scale = max(1, min_size // images.shape[-1])
+    if scale > 1:
+        images = F.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    if path:
+        save_image(grid, path)
+    return grid
+
+
 def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, loc: torch.Tensor, path: str | None = None, n: int = 8) -> torch.Tensor:
     """images, recon (B,3,H,W) in [-1,1], loc L (B,N,r). Rows: input, reconstruction, localization map.
     Saves a PNG when path is given; returns the grid (3,H',W') in [0,1]."""
@@ -32,11 +44,4 @@ def reconstruction_grid(images: torch.Tensor, recon: torch.Tensor, loc: torch.Te
     x = (images[:n].float().cpu() + 1) / 2
     y = (recon[:n].float().cpu().clamp(-1, 1) + 1) / 2
     m = loc_map(loc[:n].cpu(), images.shape[-1])
-    rows = torch.cat([x, y, m])
-    scale = max(1, 96 // images.shape[-1])  # small images are enlarged (nearest) so they can be seen
-    if scale > 1:
-        rows = F.interpolate(rows, scale_factor=scale, mode="nearest")
-    grid = make_grid(rows, nrow=n, padding=2, pad_value=1.0)
-    if path:
-        save_image(grid, path)
-    return grid
+    return enlarged_grid(torch.cat([x, y, m]), nrow=n, min_size=96, path=path)
