@@ -27,6 +27,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -125,7 +126,7 @@ def run_one(data: str, variant: str, args: dict) -> dict:
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     report = json.load(open(metrics))
     return {**record, "summary": summary, "metrics": report["results"]["stellar"], "n_eval": report["data"]["n_eval"],
-            "n_train": report["data"]["n_train"], "run_dir": run_dir}
+            "n_train": report["data"]["n_train"], "latent_values": report["tokenizer"]["latent_values"], "run_dir": run_dir}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,14 +159,32 @@ def verdict_line(data: str, v: dict) -> str:
             f"({v['d_linear']:+.2f} points: {'within' if v['linear_ok'] else 'not within'} 3 points).")
 
 
+def facts_line(runs: dict, data: str) -> str | None:
+    """Steps made in the budget, and what the dense decoder changes against STELLAR (computed, not interpreted)."""
+    have = lambda v: (data, v) in runs  # noqa: E731
+    if not have("stellar"):
+        return None
+    st = runs[(data, "stellar")]
+    parts = []
+    if have("autoencoder"):
+        ae = runs[(data, "autoencoder")]
+        parts.append(f"in the same CPU time the autoencoder made {ae['summary']['step']:,} steps against STELLAR's {st['summary']['step']:,} "
+                     f"({ae['summary']['step'] / st['summary']['step']:.1f}x)")
+    if have("dense"):
+        de, ms = runs[(data, "dense")]["metrics"], st["metrics"]
+        parts.append(f"the dense decoder (c) against STELLAR: PSNR {de['psnr'] - ms['psnr']:+.2f} dB, linear {de['linear_tokens'] - ms['linear_tokens']:+.2f} "
+                     f"points, kNN {de['knn_tokens'] - ms['knn_tokens']:+.2f} points")
+    return f"{data}: " + "; ".join(parts) + "." if parts else None
+
+
 def command_line(args: dict) -> str:
     extra = " ".join(f"{k}={args[k]}" for k in ("minutes", "data", "variants", "n_eval", "seed") if args[k] != DEFAULTS[k])
     return "STELLAR_TOK_CACHE=runs/eval/cache python -m benchmarks.ablation" + (f" {extra}" if extra else "")
 
 
 def table(runs: dict, args: dict) -> str:
-    lines = ["| data | model | overrides | seed | steps × 64 | CPU min (process) | PSNR (dB) | SSIM | rFID | linear, mean of S | kNN, mean of S | linear, CLS | kNN, CLS |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| data | model | overrides | seed | latent numbers / image | steps × 64 | CPU min (process) | PSNR (dB) | SSIM | rFID | linear, mean of S | kNN, mean of S | linear, CLS | kNN, CLS |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for data in args["data"].split(","):
         for variant in args["variants"].split(","):
             r = runs.get((data, variant))
@@ -173,7 +192,7 @@ def table(runs: dict, args: dict) -> str:
                 continue
             m = r["metrics"]
             over = " ".join(f"`{o}`" for o in VARIANTS[variant][1]) or "–"
-            lines.append(f"| {data} | {VARIANTS[variant][0]} | {over} | {r['settings']['seed']} | {r['summary']['step']:,} | "
+            lines.append(f"| {data} | {VARIANTS[variant][0]} | {over} | {r['settings']['seed']} | {r['latent_values']:,} | {r['summary']['step']:,} | "
                          f"{r['train']['cpu_s'] / 60:.1f} | {fmt(m.get('psnr'))} | {fmt(m.get('ssim'), 3)} | {fmt(m.get('rfid'), 1)} | "
                          f"{fmt(m.get('linear_tokens'))} | {fmt(m.get('knn_tokens'))} | {fmt(m.get('linear_cls'))} | {fmt(m.get('knn_cls'))} |")
     return "\n".join(lines)
@@ -196,13 +215,16 @@ process (start-up, final statistics and export included), from `os.wait4`. Evalu
 the first held-out images of the val split ({n_evals}), probes trained on {n_trains} train images; LPIPS not
 computed (no VGG weights offline). PSNR, SSIM and rFID are of encode -> decode; for (b) the decoder is never
 trained, so its reconstruction columns only show that. rFID compares at equal image counts only.
+"Latent numbers" counts what depends on the image: r·c + N·r for STELLAR, N·c for the dense decoder (its L is the fixed
+identity), so at 32 px the dense latent is the smaller one.
 
 {table(runs, args)}
 
 The criterion of the paper's claim: STELLAR within 1 dB PSNR of (a) and within 3 points linear top-1
 (mean of S) of (b), both at once.
 
-""" + "\n".join(f"- {verdict_line(d, v)}" for d, v in verdicts if v) + ("\n\nReconstructions (first val images; rows: input, then "
+""" + "\n".join(f"- {verdict_line(d, v)}" for d, v in verdicts if v) + "\n\n" + "\n".join(
+        f"- {line}" for line in (facts_line(runs, d) for d in datas) if line) + ("\n\nReconstructions (first val images; rows: input, then "
           + ", ".join(VARIANTS[v][0] for v in args["variants"].split(",")) + "): "
           + ", ".join(f"`docs/images/{os.path.basename(p)}`" for p in pictures) if pictures else "")
     write_section("The paper's claim at small scale (ablation)", body)
@@ -223,7 +245,8 @@ def write_readme(verdicts: list, args: dict) -> None:
                   "term on the mean of S, per-slot token balance) is under \"Why the reference recipe did not learn here, "
                   "and what changed\" above; these runs use that recipe (`tiny.yaml`) unchanged."]
     lines.append(README_END)
-    block = "\n".join(lines)
+    block = "\n".join(textwrap.fill(line, 110, subsequent_indent="  " if line.startswith("- ") else "", break_on_hyphens=False)
+                      if len(line) > 110 else line for line in lines)
     text = open(README).read()
     if README_BEGIN in text and README_END in text:
         text = re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda _: block, text, flags=re.S)

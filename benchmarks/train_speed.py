@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,33 +88,43 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     res = cfg.data.resolution
     images = torch.randint(0, 256, (batch, 3, res, res), generator=gen, dtype=torch.uint8)
 
+    phases: dict[str, list[float]] = {k: [] for k in ("views", "objective", "recon_loss", "backward", "optimizer")}
+
     def step(i: int) -> float:
-        t = time.perf_counter()
+        t = [time.perf_counter()]
         x = images.float() / 127.5 - 1
         with torch.no_grad():
             views = make_views(x, cfg.views, gen, cfg.model.patch_size)
-        out = objective(views)
+        t.append(time.perf_counter())
+        out = objective(views)  # encoder over every view, alignment heads and losses, decoder
         loss = cfg.align.weight * out["align_loss"]
+        t.append(time.perf_counter())
         if recon_loss is not None:
             rl, _ = recon_loss.generator_loss(out["recon"], views["main"], i, disc, tok.last_layer)
             loss = loss + cfg.recon.weight * rl
+        t.append(time.perf_counter())
         loss.backward()
+        t.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
+        t.append(time.perf_counter())
+        for k, a, b in zip(phases, t[:-1], t[1:]):
+            phases[k].append(b - a)
+        return t[-1] - t[0]
 
     from torch._dynamo.utils import counters
 
     warm = [step(i) for i in range(warmup)]
     graphs_before = counters["stats"]["unique_graphs"]
+    for v in phases.values():
+        v.clear()
     timed = [step(warmup + i) for i in range(steps)]
     graphs_after = counters["stats"]["unique_graphs"]
-    timed.sort()
-    med = timed[len(timed) // 2] if len(timed) % 2 else (timed[len(timed) // 2 - 1] + timed[len(timed) // 2]) / 2
+    med = statistics.median(timed)
     return {"config": name, "mode": mode, "batch": batch, "threads": threads, "warmup_s": round(sum(warm), 2),
             "first_step_s": round(warm[0], 2) if warm else None, "step_s": med, "steps": steps,
-            "dynamo_events_while_timed": graphs_after - graphs_before,
+            "dynamo_events_while_timed": graphs_after - graphs_before, "phases_s": {k: statistics.median(v) for k, v in phases.items()},
             "params_m": round(sum(p.numel() for p in tok.parameters()) / 1e6, 1),
             "rss_start_mib": round(rss_start), "peak_rss_mib": round(max_rss_mib())}
 
@@ -146,7 +157,8 @@ def summarise(results: list[dict], name: str, mode: str) -> dict | None:
     return {"step_s": step, "steps_per_s": 1 / step, "images_per_s": ok[0]["batch"] / step, "batch": ok[0]["batch"],
             "warmup_s": median([r["warmup_s"] for r in ok]), "peak_rss_mib": max(r["peak_rss_mib"] for r in ok),
             "rss_start_mib": median([r["rss_start_mib"] for r in ok]), "runs": [r["step_s"] for r in ok],
-            "events": sum(r["dynamo_events_while_timed"] for r in ok), "params_m": ok[0]["params_m"], "steps": ok[0]["steps"]}
+            "events": sum(r["dynamo_events_while_timed"] for r in ok), "params_m": ok[0]["params_m"], "steps": ok[0]["steps"],
+            "phases_s": {k: median([r["phases_s"][k] for r in ok]) for k in ok[0]["phases_s"]}}
 
 
 def table(results: list[dict], args: dict) -> str:
@@ -162,12 +174,29 @@ def table(results: list[dict], args: dict) -> str:
                 lines.append(f"| {LABELS[name]} | {args[f'batch.{name}']} | {label} | failed: {s['error'][:160]} | | | | | |")
                 continue
             lines.append(f"| {LABELS[name]} | {s['batch']} | {label} | {s['warmup_s']:.1f} ({args[f'warmup.{name}']}) | {s['step_s']:.3f} | "
-                         f"{s['steps_per_s']:.2f} | {s['images_per_s']:.1f} | {s['peak_rss_mib'] / 1024:.2f} | "
+                         f"{s['steps_per_s']:.3g} | {s['images_per_s']:.3g} | {s['peak_rss_mib'] / 1024:.2f} | "
                          f"{', '.join(f'{x:.3f}' for x in s['runs'])} |")
         e, c = rows["eager"], rows["compile"]
         if e and c and "error" not in e and "error" not in c:
             lines.append(f"| ratio compiled / eager | | | +{c['warmup_s'] - e['warmup_s']:.1f} s compile | {c['step_s'] / e['step_s']:.2f}x | "
                          f"**{e['step_s'] / c['step_s']:.2f}x** | | {c['peak_rss_mib'] / e['peak_rss_mib']:.2f}x | |")
+    return "\n".join(lines)
+
+
+PHASES = {"views": "views", "objective": "forward (encoder on every view, alignment, decoder)", "recon_loss": "L1 + LPIPS",
+          "backward": "backward", "optimizer": "clip + AdamW"}
+
+
+def breakdown(results: list[dict], args: dict) -> str:
+    """Where a step's time goes (medians of the phases over the timed steps), eager and compiled."""
+    lines = ["| config | torch.compile | " + " | ".join(PHASES.values()) + " |", "|---|---|" + "---:|" * len(PHASES)]
+    for name in args["configs"].split(","):
+        for mode in ("eager", "compile"):
+            s = summarise(results, name, mode)
+            if s and "error" not in s:
+                total = sum(s["phases_s"].values())
+                lines.append(f"| {name} | {'no' if mode == 'eager' else 'yes (blocks)'} | "
+                             + " | ".join(f"{s['phases_s'][k]:.3f} s ({100 * s['phases_s'][k] / total:.0f}%)" for k in PHASES) + " |")
     return "\n".join(lines)
 
 
@@ -192,13 +221,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 results.append(r)
     events = {n: {m: (summarise(results, n, m) or {}).get("events") for m in ("eager", "compile")} for n in args["configs"].split(",")}
     cmd = "python -m benchmarks.train_speed" + "".join(f" {k}={v}" for k, v in args.items() if v != DEFAULTS[k])
-    rss0 = [summarise(results, n, "eager") for n in args["configs"].split(",")]
+    rss0 = sorted({round(r["rss_start_mib"]) for r in results if "error" not in r})
     body = f"""```bash
 {cmd}
 ```
 
 {machine()}. One fresh process per measurement (peak RSS = that process's `ru_maxrss`, after
-{' / '.join(f"{s['rss_start_mib']:.0f}" for s in rss0 if s and 'error' not in s)} MiB right after the imports), eager and compiled processes
+{' to '.join(f"{x}" for x in rss0[:: max(1, len(rss0) - 1)])} MiB right after the imports), eager and compiled processes
 alternating, {args['rounds']} of each; s / step is the median over processes of each process's median of its timed steps
 (tiny {args['steps.tiny']}, B/16 {args['steps.vit_b16']}) after its warm-up steps. The step is the trainer's:
 views, the objective (encoder over the main, masked and local views, alignment heads and losses, decoder),
@@ -210,9 +239,14 @@ warm-up column of a compiled row includes a cold compile. Graph recompilations c
 timed steps: {', '.join(f"{n} {e['compile']}" for n, e in events.items())}.
 
 {table(results, args)}
+
+Where the time of a step goes (median of each phase over the timed steps, median over processes):
+
+{breakdown(results, args)}
 """
     write_section("Training throughput and memory (CPU)", body)
     print(table(results, args))
+    print(breakdown(results, args))
     return results
 
 
