@@ -89,7 +89,7 @@ def end_training(accelerator, stop: GracefulStop) -> None:
 
 def train(cfg) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
     from .data import build_loader, reset_skipped_samples, skipped_samples
@@ -108,6 +108,8 @@ def train(cfg) -> dict:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # alignment only (recon.enabled=false): the decoder gets no gradient, which DDP must be told
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not cfg.recon.enabled)],
     )
     set_seed(cfg.train.seed)  # same initial weights on every process
     device = accelerator.device
