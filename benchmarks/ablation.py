@@ -31,7 +31,7 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.common import machine, write_section
+from benchmarks.common import machine, parse_kv, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -53,15 +53,7 @@ README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
 def parse_args(argv: list[str]) -> dict:
-    args = dict(DEFAULTS)
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        key, sep, value = a.partition("=")
-        if not sep or key not in DEFAULTS:
-            sys.exit(f"unknown argument {a!r}; keys: {', '.join(DEFAULTS)}")
-        args[key] = value
+    args = parse_kv(argv, DEFAULTS, __doc__)
     for key, allowed in (("data", DATA), ("variants", VARIANTS)):
         bad = [x for x in args[key].split(",") if x not in allowed]
         if bad:

@@ -31,3 +31,19 @@ def write_section(name: str, body: str) -> None:
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     with open(DOC, "w") as f:
         f.write(text.rstrip() + "\n")
+
+
+def parse_kv(argv: list[str], defaults: dict, doc: str) -> dict:
+    """`key=value` arguments over `defaults` (strings); `--help` prints `doc`; an unknown key exits with one line."""
+    import sys
+
+    args = dict(defaults)
+    for a in argv:
+        if a in ("-h", "--help"):
+            print(doc)
+            sys.exit(0)
+        key, sep, value = a.partition("=")
+        if not sep or key not in defaults:
+            sys.exit(f"unknown argument {a!r}; keys: {', '.join(defaults)}")
+        args[key] = value
+    return args

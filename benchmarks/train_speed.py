@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.common import parse_kv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = {"configs": "tiny,vit_b16", "rounds": "2", "threads": "2",
             "batch.tiny": "64", "warmup.tiny": "5", "steps.tiny": "20",
@@ -37,15 +39,7 @@ LABELS = {"tiny": "`tiny.yaml` (ViT 4x96, patch 4, conv stem, decoder 2x96), 32 
 
 
 def parse_args(argv: list[str]) -> dict:
-    args = dict(DEFAULTS)
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(__doc__)
-            sys.exit(0)
-        key, sep, value = a.partition("=")
-        if not sep or key not in DEFAULTS:
-            sys.exit(f"unknown argument {a!r}; keys: {', '.join(DEFAULTS)}")
-        args[key] = value
+    args = parse_kv(argv, DEFAULTS, __doc__)
     for name in args["configs"].split(","):
         if f"batch.{name}" not in args:
             sys.exit(f"configs: unknown {name!r}; choose from tiny, vit_b16")
