@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput
 
+from stellar_tok.checkpoint import safetensors_only_kwargs
 from stellar_tok.latent import Latent
 
 from .flow import sample_latents
@@ -30,10 +31,7 @@ class StellarDiTPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """DiffusionPipeline.from_pretrained with safetensors only: pickled weight files are never opened."""
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError("StellarDiTPipeline loads safetensors weights only (use_safetensors=False is not supported)")
-        kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **safetensors_only_kwargs(cls.__name__, kwargs))
 
     @property
     def labels(self) -> list[str]:

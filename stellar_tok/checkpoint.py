@@ -65,14 +65,20 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 
 
+def _sha256(f) -> str:
+    """SHA-256 of an open binary file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
 def _fsync_file(path: str) -> str:
     """fsync one file and return its SHA-256."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
+        digest = _sha256(f)
         os.fsync(f.fileno())
-    return h.hexdigest()
+    return digest
 
 
 def _fsync_dir(path: str) -> None:
@@ -160,11 +166,9 @@ def verify_checkpoint(path: str, hashes: bool = True) -> str | None:
         if os.path.getsize(p) != meta["size"]:
             return f"{p} has {os.path.getsize(p)} bytes, the manifest says {meta['size']}"
         if hashes:
-            h = hashlib.sha256()
             with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            if h.hexdigest() != meta["sha256"]:
+                digest = _sha256(f)
+            if digest != meta["sha256"]:
                 return f"{p} does not match its SHA-256 in the manifest (corrupt or changed)"
     return None
 
@@ -211,8 +215,9 @@ class Checkpointer:
         acc = self.accelerator
         final = os.path.join(self.dir, f"step-{self.state.step:07d}")
         tmp = final + ".tmp"
-        rngs = gather_object([self.rng.get_state()]) if self.rng is not None and acc.num_processes > 1 else (
-            [self.rng.get_state()] if self.rng is not None else [])
+        rngs = [self.rng.get_state()] if self.rng is not None else []
+        if acc.num_processes > 1:  # every process's generator, in process order
+            rngs = gather_object(rngs)
         if acc.is_main_process:
             os.makedirs(self.dir, exist_ok=True)
             for n in os.listdir(self.dir):  # left by a run killed while saving or deleting
@@ -315,15 +320,20 @@ def epoch_batches(loader, state: TrainState, accelerator, skip: bool = True):
         state.batch_in_epoch = 0
 
 
+def safetensors_only_kwargs(name: str, kwargs: dict) -> dict:
+    """`from_pretrained` keyword arguments with use_safetensors=True (False is refused): no pickle fallback."""
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError(f"{name} loads safetensors weights only (use_safetensors=False is not supported)")
+    return {**kwargs, "use_safetensors": True}
+
+
 class SafetensorsOnly:
     """Mixin for `diffusers` models: `from_pretrained` reads safetensors + JSON only. A pickled weight file in the
     folder (`*.bin`, `*.pt`) is never opened, even when the safetensors file is missing."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        if kwargs.get("use_safetensors") is False:
-            raise ValueError(f"{cls.__name__} loads safetensors weights only (use_safetensors=False is not supported)")
-        kwargs["use_safetensors"] = True
+        kwargs = safetensors_only_kwargs(cls.__name__, kwargs)
         path = str(pretrained_model_name_or_path)
         folder = os.path.join(path, kwargs.get("subfolder") or "")
         if os.path.isdir(folder) and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in os.listdir(folder)):

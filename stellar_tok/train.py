@@ -201,12 +201,13 @@ def train(cfg) -> dict:
         with torch.no_grad():
             logs["loc_max"] = float(out["log_loc"].exp().max(-1).values.mean())
         logs.update(loss=float(loss.detach()), align=float(out["align_loss"].detach()), lr=opt.param_groups[0]["lr"],
-                    nonfinite_skipped=float(state.nonfinite_total), data_skipped=float(sum(skipped_samples().values()) + sum(skipped_before.values())))
+                    nonfinite_skipped=float(state.nonfinite_total))
         last_logs = logs
         if state.step % cfg.train.log_every == 0 or state.step == total:
             ips = img_window / max(1e-9, time.time() - t_window)
             t_window, img_window = time.time(), 0
             logs["images_per_s"] = ips
+            logs["data_skipped"] = float(sum(skipped_samples().values()) + sum(skipped_before.values()))  # this process
             accelerator.log(logs, step=state.step)
             if accelerator.is_main_process:
                 with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
