@@ -1,10 +1,12 @@
 """Shared helpers for the benchmarks: machine description and writing a section of docs/BENCHMARKS.md."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 import statistics
+import time
 
 import torch
 
@@ -16,6 +18,18 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}; "
             f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def timed(fn, cuda: bool = False, cast=contextlib.nullcontext) -> float:
+    """Seconds for one call of fn() inside `cast()` (an autocast context); synchronised when on a GPU."""
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with cast():
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def median(xs) -> float:

@@ -1,6 +1,6 @@
 """Generator cost: the latent DiT against a DiT of the same width and depth on a 32x32x4 SD-VAE latent.
 
-    python benchmarks/generator_cost.py [config=xl] [batch=2] [rounds=3] [threads=2]
+    python benchmarks/generator_cost.py [config=xl] [batch=2] [rounds=3] [threads=2] [device=cpu|cuda] [precision=fp32|bf16]
 
 Both models are built with random weights (cost depends on the architecture only): ours from
 configs/generator/<config>.yaml over the ViT-B/16 tokenizer's latent at 256 px (16 tokens x 32 channels +
@@ -11,18 +11,20 @@ step (one forward of 2 x batch, conditional + unconditional), median of alternat
 sampling rate with 50 guided steps follows (images/s = batch / (50 x seconds per step)), and the
 end-to-end rate from noise to pixels adds each side's decoder (ours: the ViT-B/16 tokenizer's decoder of
 configs/tokenizer/vit_b16.yaml; DiT: the SD-VAE decoder, `diffusers` AutoencoderKL 128/256/512/512), timed on
-the same batch: images/s = batch / (50 x step + decode).
+the same batch: images/s = batch / (50 x step + decode). device=cuda: on the GPU (synchronised timing,
+precision=bf16 under torch.autocast), in a section of its own.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median, write_section  # noqa: E402
+from common import timed as common_timed  # noqa: E402
 
 
 def flops(fn) -> int:
@@ -42,17 +44,22 @@ def main(argv):
     kv = dict(a.split("=", 1) for a in argv)
     name, b, rounds = kv.get("config", "xl"), int(kv.get("batch", 2)), int(kv.get("rounds", 3))
     torch.set_num_threads(int(kv.get("threads", 2)))
+    dev, precision = kv.get("device", "cpu"), kv.get("precision", "fp32")
+    cuda = dev == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
     m = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "generator", f"{name}.yaml")).model
     torch.manual_seed(0)
     ours = LatentDiT(num_tokens=16, token_channels=32, grid=16, loc_patch=m.loc_patch, width=m.width, depth=m.depth, heads=m.heads,
-                     num_classes=1000).eval()
+                     num_classes=1000).eval().to(dev)
     dit = DiTTransformer2DModel(num_attention_heads=m.heads, attention_head_dim=m.width // m.heads, in_channels=4, out_channels=8,
-                                num_layers=m.depth, sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval()
+                                num_layers=m.depth, sample_size=32, patch_size=2, num_embeds_ada_norm=1000).eval().to(dev)
     n_ours, n_dit = sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in dit.parameters())
 
-    tok, loc = torch.randn(2 * b, 16, 32), torch.randn(2 * b, 256, 16)
-    t, y = torch.rand(2 * b), torch.randint(0, 1000, (2 * b,))
-    z, ts = torch.randn(2 * b, 4, 32, 32), torch.randint(0, 1000, (2 * b,))
+    tok, loc = torch.randn(2 * b, 16, 32, device=dev), torch.randn(2 * b, 256, 16, device=dev)
+    t, y = torch.rand(2 * b, device=dev), torch.randint(0, 1000, (2 * b,), device=dev)
+    z, ts = torch.randn(2 * b, 4, 32, 32, device=dev), torch.randint(0, 1000, (2 * b,), device=dev)
 
     @torch.no_grad()
     def step_ours():
@@ -66,9 +73,9 @@ def main(argv):
     from tokenizer_speed import sd_vae
 
     tcfg = OmegaConf.to_container(OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer", "vit_b16.yaml")).model)
-    tokenizer, vae = StellarTokenizer(**tcfg).eval(), sd_vae()
-    lat = Latent(torch.randn(b, 16, 32), torch.randn(b, 256, 16).log_softmax(-1))
-    zl = torch.randn(b, 4, 32, 32)
+    tokenizer, vae = StellarTokenizer(**tcfg).eval().to(dev), sd_vae().to(dev)
+    lat = Latent(torch.randn(b, 16, 32, device=dev), torch.randn(b, 256, 16, device=dev).log_softmax(-1))
+    zl = torch.randn(b, 4, 32, 32, device=dev)
 
     @torch.no_grad()
     def dec_ours():
@@ -79,13 +86,15 @@ def main(argv):
         vae.decode(zl)
 
     f_ours, f_dit = flops(lambda: step_ours()) / (2 * b), flops(lambda: step_dit()) / (2 * b)
-    step_ours(), step_dit(), dec_ours(), dec_vae()  # warm-up
+    def timed(fn) -> float:
+        return common_timed(fn, cuda, cast)
+
+    for fn in (step_ours, step_dit, dec_ours, dec_vae):  # warm-up
+        timed(fn)
     so, sd, do, dv = [], [], [], []
     for _ in range(rounds):
         for fn, acc in ((step_ours, so), (step_dit, sd), (dec_ours, do), (dec_vae, dv)):
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
+            acc.append(timed(fn))
     mo, md, mdo, mdv = median(so), median(sd), median(do), median(dv)
     e2e_o, e2e_d = b / (50 * mo + mdo), b / (50 * md + mdv)
     cmd = "python benchmarks/generator_cost.py " + " ".join(argv)
@@ -94,7 +103,7 @@ def main(argv):
 ```
 
 {machine()}; config `{name}` (width {m.width}, depth {m.depth}, heads {m.heads}); one guided step = one forward of {2 * b} sequences
-(batch {b}, conditional + unconditional); {rounds} alternating rounds.
+(batch {b}, conditional + unconditional); {rounds} alternating rounds{f", on the GPU in {precision}" if cuda else ""}.
 
 | model | sequence | parameters | forward GFLOPs / image | s per guided step (batch {b}) | images/s, 50 guided steps | s to decode the batch | images/s from noise, decoder included |
 |---|---|---|---|---|---|---|---|
@@ -103,7 +112,7 @@ def main(argv):
 | ratio DiT / ours | | | {f_dit / f_ours:.2f}x | {md / mo:.2f}x | | {mdv / mdo:.1f}x | {e2e_o / e2e_d:.2f}x |
 """
     print(body)
-    write_section(f"Generator cost: {name} against DiT on a 32x32x4 latent", body)
+    write_section(f"Generator cost: {name} against DiT on a 32x32x4 latent" + (f" (GPU, {precision})" if cuda else ""), body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Tokenizer throughput at 256 px: the ViT-B/16 STELLAR tokenizer against the Stable Diffusion VAE architecture.
 
-    python benchmarks/tokenizer_speed.py [batches=1,16] [rounds=3] [threads=2]
+    python benchmarks/tokenizer_speed.py [batches=1,16] [rounds=3] [threads=2] [device=cpu|cuda] [precision=fp32|bf16]
 
 Both models have random weights (cost depends on the architecture only): ours from
 configs/tokenizer/vit_b16.yaml, the reference `diffusers`' `AutoencoderKL` with the SD-VAE layout (channels
@@ -8,17 +8,20 @@ configs/tokenizer/vit_b16.yaml, the reference `diffusers`' `AutoencoderKL` with 
 encode+decode are timed in one process, alternating between the two models, `rounds` times per batch size
 (1 round for batches above 4: the VAE takes minutes per batch of 16 on a CPU); the table has images/s from
 the median and the ratio ours / VAE. Forward FLOPs per image come from torch.utils.flop_counter.
+device=cuda: both models on the GPU (every round, every batch size, after a warm-up; synchronised timing),
+precision=bf16 under torch.autocast; the table goes to its own section.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, median, write_section  # noqa: E402
+from common import timed as common_timed  # noqa: E402
 
 
 def flops(fn) -> int:
@@ -45,9 +48,17 @@ def main(argv):
     batches = [int(b) for b in kv.get("batches", "1,16").split(",")]
     rounds = int(kv.get("rounds", 3))
     torch.set_num_threads(int(kv.get("threads", 2)))
+    dev, precision = kv.get("device", "cpu"), kv.get("precision", "fp32")
+    cuda = dev == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     m = OmegaConf.to_container(OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer", "vit_b16.yaml")).model)
     torch.manual_seed(0)
-    ours, vae = StellarTokenizer(**m).eval(), sd_vae()
+    ours, vae = StellarTokenizer(**m).eval().to(dev), sd_vae().to(dev)
+    cast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+    def timed(fn) -> float:
+        return common_timed(fn, cuda, cast)
 
     def fns(x):
         with torch.no_grad():
@@ -61,24 +72,22 @@ def main(argv):
             ("vae", "encode+decode"): lambda: vae.decode(vae.encode(x).latent_dist.mode()).sample,
         }
 
-    x1 = torch.rand(1, 3, 256, 256) * 2 - 1
+    x1 = torch.rand(1, 3, 256, 256, device=dev) * 2 - 1
     f1 = fns(x1)
     with torch.no_grad():
         gf = {k: flops(f) / 1e9 for k, f in f1.items()}
     rows, raw = [], {}
     for b in batches:
-        x = torch.rand(b, 3, 256, 256) * 2 - 1
+        x = torch.rand(b, 3, 256, 256, device=dev) * 2 - 1
         f = fns(x)
         times = {k: [] for k in f}
         with torch.no_grad():
             for k in f:  # warm-up
-                f[k]() if b == 1 else None
-            for _ in range(rounds if b <= 4 else 1):
+                timed(f[k]) if b == 1 or cuda else None
+            for _ in range(rounds if b <= 4 or cuda else 1):
                 for op in ("encode", "decode", "encode+decode"):
                     for model in ("ours", "vae"):
-                        t0 = time.perf_counter()
-                        f[(model, op)]()
-                        times[(model, op)].append(time.perf_counter() - t0)
+                        times[(model, op)].append(timed(f[(model, op)]))
         for op in ("encode", "decode", "encode+decode"):
             o, v = b / median(times[("ours", op)]), b / median(times[("vae", op)])
             raw[(b, op)] = (o, v)
@@ -92,13 +101,14 @@ def main(argv):
 
 {machine()}; 256 px, random weights. Ours: `configs/tokenizer/vit_b16.yaml` ({n_ours / 1e6:.0f} M parameters: ViT-B/16 encoder,
 16 tokens x 32 channels + L, 6-block width-512 decoder). SD-VAE: `diffusers` AutoencoderKL, 128/256/512/512, 2 blocks per
-level ({n_vae / 1e6:.0f} M). Median of {rounds} alternating rounds for batch <= 4, one round above.
+level ({n_vae / 1e6:.0f} M). {"On the GPU, " + precision + ", synchronised timing, median of " + str(rounds) + " alternating rounds after a warm-up" if cuda else
+f"Median of {rounds} alternating rounds for batch <= 4, one round above"}.
 
 | operation | batch | ours GFLOPs / image | SD-VAE GFLOPs / image | ours images/s | SD-VAE images/s | ours / SD-VAE |
 |---|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n"
     print(body)
-    write_section("Tokenizer throughput at 256 px against the SD-VAE architecture", body)
+    write_section("Tokenizer throughput at 256 px against the SD-VAE architecture" + (f" (GPU, {precision})" if cuda else ""), body)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
-"""Training throughput and memory on CPU: the tiny and ViT-B/16 configs, with and without torch.compile.
+"""Training throughput and memory (CPU), or throughput and MFU (GPU): the tiny and ViT-B/16 configs, with and
+without torch.compile.
 
     python -m benchmarks.train_speed [configs=tiny,vit_b16] [rounds=2] [threads=2] [batch.tiny=64] [batch.vit_b16=2]
                                      [warmup.tiny=5] [steps.tiny=20] [warmup.vit_b16=3] [steps.vit_b16=5]
+                                     [device=cpu|cuda] [precision=fp32|bf16] [timeout=SECONDS] [overrides='k=v;k=v']
+
+device=cuda precision=bf16 is the GPU measurement (benchmarks/gpu.sh runs it): autocast bf16, synchronised
+timing, FLOPs per step counted by torch.utils.flop_counter over one eager step, MFU against the GPU's dense
+bf16 peak. `overrides` are extra config keys for every process (e.g. 'align.match=argmax;recon.lpips_net=alex');
+`timeout` bounds each process.
 
 One measurement = one fresh process (so peak RSS is that configuration's own) that builds the model, losses and
 AdamW exactly as `stellar_tok.train` does and runs the trainer's step on random images of the config's data
@@ -31,7 +38,7 @@ import time
 from benchmarks.common import parse_kv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = {"configs": "tiny,vit_b16", "rounds": "2", "threads": "2",
+DEFAULTS = {"configs": "tiny,vit_b16", "rounds": "2", "threads": "2", "device": "cpu", "precision": "fp32", "timeout": "0", "overrides": "",
             "batch.tiny": "64", "warmup.tiny": "5", "steps.tiny": "20",
             "batch.vit_b16": "2", "warmup.vit_b16": "3", "steps.vit_b16": "5"}
 LABELS = {"tiny": "`tiny.yaml` (ViT 4x96, patch 4, conv stem, decoder 2x96), 32 px",
@@ -43,6 +50,13 @@ def parse_args(argv: list[str]) -> dict:
     for name in args["configs"].split(","):
         if f"batch.{name}" not in args:
             sys.exit(f"configs: unknown {name!r}; choose from tiny, vit_b16")
+    if args["device"] not in ("cpu", "cuda") or args["precision"] not in ("fp32", "bf16"):
+        sys.exit("device must be cpu or cuda, precision fp32 or bf16")
+    if args["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("device=cuda: no CUDA GPU is visible to torch")
     return args
 
 
@@ -55,11 +69,25 @@ def max_rss_mib() -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: int) -> dict:
+# bf16 dense tensor-core peak (no sparsity) of the GPUs MFU is reported for, FLOP/s
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "A10G": 70e12}
+
+
+def peak_bf16(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
+
+
+def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: int, device: str = "cpu", precision: str = "fp32",
+           overrides: tuple[str, ...] = (), profile: str = "") -> dict:
+    """One measurement; `overrides` are extra config `key=value`s, `profile` a file for a torch.profiler table of 2 steps."""
+    import contextlib
+
     import torch
     from omegaconf import OmegaConf
 
     torch.set_num_threads(threads)
+    from torch.utils.flop_counter import FlopCounterMode
+
     from stellar_tok.config import load_config
     from stellar_tok.objective import StellarObjective
     from stellar_tok.reconstruction import PatchDiscriminator, ReconstructionLoss
@@ -67,60 +95,96 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     from stellar_tok.train import param_groups
     from stellar_tok.views import make_views
 
+    cuda = device == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rss_start = max_rss_mib()
-    cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "recon.lpips_random_backbone=true", f"optim.batch_size={batch}"])  # no autocast: fp32
+    cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "recon.lpips_random_backbone=true", f"optim.batch_size={batch}", *overrides])
     torch.manual_seed(0)
     tok = StellarTokenizer(**OmegaConf.to_container(cfg.model))
-    objective = StellarObjective(tok, cfg.align).train()
-    recon_loss = ReconstructionLoss(cfg.recon) if cfg.recon.enabled else None
-    disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers) if cfg.recon.enabled and cfg.recon.gan_weight > 0 else None
+    objective = StellarObjective(tok, cfg.align).train().to(device)
+    recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
+    disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers).to(device) if cfg.recon.enabled and cfg.recon.gan_weight > 0 else None
     opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    if mode == "compile":
-        for blk in [*tok.blocks, *tok.decoder_blocks]:
-            blk.compile()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     res = cfg.data.resolution
-    images = torch.randint(0, 256, (batch, 3, res, res), generator=gen, dtype=torch.uint8)
+    images = torch.randint(0, 256, (batch, 3, res, res), generator=gen, dtype=torch.uint8, device=device)
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     phases: dict[str, list[float]] = {k: [] for k in ("views", "objective", "recon_loss", "backward", "optimizer")}
 
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def step(i: int) -> float:
-        t = [time.perf_counter()]
+        t = [now()]
         x = images.float() / 127.5 - 1
         with torch.no_grad():
             views = make_views(x, cfg.views, gen, cfg.model.patch_size)
-        t.append(time.perf_counter())
-        out = objective(views)  # encoder over every view, alignment heads and losses, decoder
-        loss = cfg.align.weight * out["align_loss"]
-        t.append(time.perf_counter())
+        t.append(now())
+        with autocast():
+            out = objective(views)  # encoder over every view, alignment heads and losses, decoder
+            loss = cfg.align.weight * out["align_loss"]
+        t.append(now())
         if recon_loss is not None:
-            rl, _ = recon_loss.generator_loss(out["recon"], views["main"], i, disc, tok.last_layer)
+            with autocast():
+                rl, _ = recon_loss.generator_loss(out["recon"], views["main"], i, disc, tok.last_layer)
             loss = loss + cfg.recon.weight * rl
-        t.append(time.perf_counter())
+        t.append(now())
         loss.backward()
-        t.append(time.perf_counter())
+        t.append(now())
         torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        t.append(time.perf_counter())
+        t.append(now())
         for k, a, b in zip(phases, t[:-1], t[1:]):
             phases[k].append(b - a)
         return t[-1] - t[0]
 
+    # FLOPs of one training step (forward + backward; matmuls, convolutions, attention), counted eagerly
+    with FlopCounterMode(display=False) as fc:
+        step(0)
+    step_flops = fc.get_total_flops()
+    counts = fc.get_flop_counts()  # per module (outermost names); the LPIPS network's own
+    lpips_flops = sum(counts.get("LPIPS", {}).values())
+    if mode == "compile":
+        tok.compile_blocks()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     from torch._dynamo.utils import counters
 
-    warm = [step(i) for i in range(warmup)]
+    warm = [step(1 + i) for i in range(warmup)]
     graphs_before = counters["stats"]["unique_graphs"]
     for v in phases.values():
         v.clear()
-    timed = [step(warmup + i) for i in range(steps)]
+    timed = [step(1 + warmup + i) for i in range(steps)]
     graphs_after = counters["stats"]["unique_graphs"]
     med = statistics.median(timed)
-    return {"config": name, "mode": mode, "batch": batch, "threads": threads, "warmup_s": round(sum(warm), 2),
-            "first_step_s": round(warm[0], 2) if warm else None, "step_s": med, "steps": steps,
-            "dynamo_events_while_timed": graphs_after - graphs_before, "phases_s": {k: statistics.median(v) for k, v in phases.items()},
-            "params_m": round(sum(p.numel() for p in tok.parameters()) / 1e6, 1),
-            "rss_start_mib": round(rss_start), "peak_rss_mib": round(max_rss_mib())}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch_profile(activities=acts) as prof:
+            for i in range(2):
+                step(1 + warmup + steps + i)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        with open(profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+    r = {"config": name, "mode": mode, "batch": batch, "threads": threads, "device": device, "precision": precision,
+         "warmup_s": round(sum(warm), 2), "first_step_s": round(warm[0], 2) if warm else None, "step_s": med, "steps": steps,
+         "dynamo_events_while_timed": graphs_after - graphs_before, "phases_s": {k: statistics.median(v) for k, v in phases.items()},
+         "params_m": round(sum(p.numel() for p in tok.parameters()) / 1e6, 1), "step_tflop": step_flops / 1e12,
+         "lpips_tflop": lpips_flops / 1e12, "flop_modules": sorted(k for k in counts if "." not in k),
+         "achieved_tflops": step_flops / med / 1e12, "rss_start_mib": round(rss_start), "peak_rss_mib": round(max_rss_mib())}
+    if cuda:
+        r["gpu"] = torch.cuda.get_device_name(0)
+        r["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        peak = peak_bf16(r["gpu"])
+        r["mfu"] = step_flops / med / peak if peak and precision == "bf16" else None
+    return r
 
 
 def run_worker(name: str, mode: str, args: dict) -> dict:
@@ -128,8 +192,11 @@ def run_worker(name: str, mode: str, args: dict) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold compile every time
         cmd = [sys.executable, "-m", "benchmarks.train_speed", "--worker", name, mode, args[f"batch.{name}"],
-               args[f"warmup.{name}"], args[f"steps.{name}"], args["threads"]]
-        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+               args[f"warmup.{name}"], args[f"steps.{name}"], args["threads"], args["device"], args["precision"], args["overrides"]]
+        try:
+            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=float(args["timeout"]) or None)
+        except subprocess.TimeoutExpired:
+            return {"config": name, "mode": mode, "error": f"over the {args['timeout']} s timeout"}
     if p.returncode != 0:
         return {"config": name, "mode": mode, "error": (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -152,30 +219,46 @@ def summarise(results: list[dict], name: str, mode: str) -> dict | None:
             "warmup_s": median([r["warmup_s"] for r in ok]), "peak_rss_mib": max(r["peak_rss_mib"] for r in ok),
             "rss_start_mib": median([r["rss_start_mib"] for r in ok]), "runs": [r["step_s"] for r in ok],
             "events": sum(r["dynamo_events_while_timed"] for r in ok), "params_m": ok[0]["params_m"], "steps": ok[0]["steps"],
-            "phases_s": {k: median([r["phases_s"][k] for r in ok]) for k in ok[0]["phases_s"]}}
+            "phases_s": {k: median([r["phases_s"][k] for r in ok]) for k in ok[0]["phases_s"]},
+            "step_tflop": ok[0]["step_tflop"], "lpips_tflop": ok[0]["lpips_tflop"], "achieved_tflops": ok[0]["step_tflop"] / step,
+            "mfu": (ok[0]["step_tflop"] / step * 1e12 / peak_bf16(ok[0]["gpu"])) if ok[0].get("mfu") is not None else None,
+            "peak_gpu_mem_gib": max((r.get("peak_gpu_mem_gib") or 0) for r in ok), "gpu": ok[0].get("gpu")}
 
 
-def table(results: list[dict], args: dict) -> str:
-    lines = ["| config | batch | torch.compile | warm-up s (steps) | s / step (median) | steps/s | images/s | peak RSS (GiB) | step time per process |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+def _table(results: list[dict], args: dict, header: list[str], row, ratio) -> str:
+    """One row per config and mode (`row(s)` -> the cells after config | batch | compile), then `ratio(eager, compiled)`."""
+    lines = ["| config | batch | torch.compile | " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * len(header)]
     for name in args["configs"].split(","):
         rows = {m: summarise(results, name, m) for m in ("eager", "compile")}
         for mode, s in rows.items():
             label = "no" if mode == "eager" else "yes (blocks)"
             if s is None:
                 continue
-            if "error" in s:
-                lines.append(f"| {LABELS[name]} | {args[f'batch.{name}']} | {label} | failed: {s['error'][:160]} | | | | | |")
-                continue
-            lines.append(f"| {LABELS[name]} | {s['batch']} | {label} | {s['warmup_s']:.1f} ({args[f'warmup.{name}']}) | {s['step_s']:.3f} | "
-                         f"{s['steps_per_s']:.3g} | {s['images_per_s']:.3g} | {s['peak_rss_mib'] / 1024:.2f} | "
-                         f"{', '.join(f'{x:.3f}' for x in s['runs'])} |")
+            cells = [f"failed: {s['error'][:160]}"] + [""] * (len(header) - 1) if "error" in s else \
+                [f"{s['warmup_s']:.1f} ({args[f'warmup.{name}']})", *row(s)]
+            lines.append(f"| {LABELS[name]} | {s.get('batch', args[f'batch.{name}'])} | {label} | " + " | ".join(cells) + " |")
         e, c = rows["eager"], rows["compile"]
         if e and c and "error" not in e and "error" not in c:
-            lines.append(f"| ratio compiled / eager | | | +{c['warmup_s'] - e['warmup_s']:.1f} s compile | {c['step_s'] / e['step_s']:.2f}x | "
-                         f"**{e['step_s'] / c['step_s']:.2f}x** | | {c['peak_rss_mib'] / e['peak_rss_mib']:.2f}x | |")
+            lines.append("| ratio compiled / eager | | | " + " | ".join([f"+{c['warmup_s'] - e['warmup_s']:.1f} s compile", *ratio(e, c)]) + " |")
     return "\n".join(lines)
 
+
+def table(results: list[dict], args: dict) -> str:
+    return _table(results, args, ["warm-up s (steps)", "s / step (median)", "steps/s", "images/s", "peak RSS (GiB)", "step time per process"],
+                  lambda s: [f"{s['step_s']:.3f}", f"{s['steps_per_s']:.3g}", f"{s['images_per_s']:.3g}", f"{s['peak_rss_mib'] / 1024:.2f}",
+                             ", ".join(f"{x:.3f}" for x in s["runs"])],
+                  lambda e, c: [f"{c['step_s'] / e['step_s']:.2f}x", f"**{e['step_s'] / c['step_s']:.2f}x**", "",
+                                f"{c['peak_rss_mib'] / e['peak_rss_mib']:.2f}x", ""])
+
+
+def gpu_table(results: list[dict], args: dict) -> str:
+    return _table(results, args, ["warm-up s (steps)", "s / step (median)", "images/s", "TFLOP / step (of which LPIPS)", "TFLOP/s", "MFU",
+                                  "peak GPU memory (GiB)"],
+                  lambda s: [f"{s['step_s']:.4f}", f"{s['images_per_s']:.1f}", f"{s['step_tflop']:.2f} ({s['lpips_tflop']:.2f})",
+                             f"{s['achieved_tflops']:.1f}", f"**{100 * s['mfu']:.1f}%**" if s["mfu"] is not None else "n/a",
+                             f"{s['peak_gpu_mem_gib']:.1f}"],
+                  lambda e, c: [f"{c['step_s'] / e['step_s']:.2f}x", f"**{e['step_s'] / c['step_s']:.2f}x**", "", "", "",
+                                f"{c['peak_gpu_mem_gib'] / e['peak_gpu_mem_gib']:.2f}x"])
 
 PHASES = {"views": "views", "objective": "forward (encoder on every view, alignment, decoder)", "recon_loss": "L1 + LPIPS",
           "backward": "backward", "optimizer": "clip + AdamW"}
@@ -197,8 +280,9 @@ def breakdown(results: list[dict], args: dict) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        name, mode, batch, warmup, steps, threads = argv[1:7]
-        print(json.dumps(worker(name, mode, int(batch), int(warmup), int(steps), int(threads))))
+        name, mode, batch, warmup, steps, threads, device, precision, overrides = argv[1:10]
+        print(json.dumps(worker(name, mode, int(batch), int(warmup), int(steps), int(threads), device, precision,
+                                tuple(o for o in overrides.split(";") if o))))
         return []
     args = parse_args(argv)
     import torch
@@ -238,6 +322,33 @@ Where the time of a step goes (median of each phase over the timed steps, median
 
 {breakdown(results, args)}
 """
+    if args["device"] == "cuda":
+        gpu = next((r["gpu"] for r in results if "gpu" in r), "GPU")
+        body = f"""```bash
+{cmd}
+```
+
+{machine()}. The same step as the CPU table below (views, objective over every view, L1 + LPIPS with a random
+VGG backbone, backward, clipping, AdamW; GAN not yet active; data loading excluded), on the GPU with
+`torch.autocast(bfloat16)` around the forward passes and losses (as `train.mixed_precision=bf16`), TF32 matmuls
+elsewhere. One fresh process per measurement, eager and compiled alternating, {args['rounds']} of each; s / step is
+the median over processes of each process's median of its timed steps, with `torch.cuda.synchronize()` at every
+phase boundary. FLOPs per step are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager step
+(forward and backward: matmuls, convolutions, attention; the LPIPS network's share in brackets). MFU = counted
+FLOPs per step / s per step / the {gpu}'s dense bf16 peak ({(peak_bf16(gpu) or 0) / 1e12:.0f} TFLOP/s from the
+data sheet). torch.compile = `StellarTokenizer.compile_blocks()` (`train.compile=true`), inductor default mode,
+cold cache. Graph recompilations during the timed steps: {', '.join(f"{n} {e['compile']}" for n, e in events.items())}.
+
+{gpu_table(results, args)}
+
+Where the time of a step goes (median of each phase over the timed steps):
+
+{breakdown(results, args)}
+"""
+        write_section("Training throughput and MFU (GPU, bf16)", body)
+        print(gpu_table(results, args))
+        print(breakdown(results, args))
+        return results
     write_section("Training throughput and memory (CPU)", body)
     print(table(results, args))
     print(breakdown(results, args))

@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from stellar_tok.config import check_precision
 from stellar_tok.config import load_config as _load
 from stellar_tok.errors import UserError
 
@@ -51,6 +52,7 @@ class GenTrainConfig:
     max_minutes: float = 0.0  # >0: stop (checkpoint + export) after this wall time
     ema: float = 0.9999  # EMA decay of the exported weights (with diffusers' EMA warm-up)
     mixed_precision: str = "no"  # no | bf16 | fp16
+    compile: bool = False  # torch.compile each DiT block (regional compilation)
     seed: int = 0
     output_dir: str = "runs/generator"
     resume: Optional[str] = None  # None | auto | a checkpoint folder
@@ -97,7 +99,7 @@ def load_config(args: list[str]):
     _require(o.batch_size >= 1, "optim.batch_size", ">= 1", o.batch_size)
     _require(0 <= t.ema < 1, "train.ema", "in [0, 1)", t.ema)
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
-    _require(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "no, bf16 or fp16", t.mixed_precision)
+    check_precision(t)
     _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
     _require(cfg.sample.tokenizer is None or os.path.isdir(cfg.sample.tokenizer), "sample.tokenizer", "an exported tokenizer folder", cfg.sample.tokenizer)
     return cfg

@@ -76,6 +76,7 @@ def train(cfg) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(cfg.train.seed)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPUs: TF32 for what autocast leaves in fp32 (as DiT)
     device = accelerator.device
     if accelerator.is_main_process:
         os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -100,6 +101,9 @@ def train(cfg) -> dict:
                       mlp_ratio=m.mlp_ratio, num_classes=num_classes, class_names=list(ds.classes) or None,
                       tokenizer_hash=man["tokenizer_hash"])
     model.set_latent_stats(ds.stats)
+    if cfg.train.compile:
+        for blk in model.blocks:
+            blk.compile()
     ema = EMAModel(model.parameters(), decay=cfg.train.ema, use_ema_warmup=True, power=2 / 3, foreach=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))

@@ -143,6 +143,7 @@ class TrainConfig:
     max_cpu_minutes: float = 0.0  # >0: the same with the process's CPU time (all threads): fair budgets on a shared machine
     stop_after: int = 0  # >0: stop (checkpoint + export) after this many steps of this invocation; resume later
     mixed_precision: str = "no"  # no | bf16 | fp16
+    compile: bool = False  # torch.compile the transformer blocks (see docs/BENCHMARKS.md for when it helps)
     seed: int = 0
     output_dir: str = "runs/tokenizer"
     resume: Optional[str] = None  # None | auto | path to a checkpoint folder
@@ -164,6 +165,14 @@ class Config:
     recon: ReconConfig = field(default_factory=ReconConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def check_precision(t) -> None:
+    """train.mixed_precision: no | bf16 | fp16. YAML reads a bare `no` as false, so `train.mixed_precision=no`
+    arrives as "False": that means no."""
+    if str(t.mixed_precision) in ("False", "false"):
+        t.mixed_precision = "no"
+    _require(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "no, bf16 or fp16", t.mixed_precision)
 
 
 def _friendly(e: OmegaConfBaseException) -> str:
@@ -263,7 +272,7 @@ def validate(cfg) -> None:
     _require(o.batch_size >= 2, "optim.batch_size", ">= 2", o.batch_size)
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas))
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
-    _require(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "no, bf16 or fp16", t.mixed_precision)
+    check_precision(t)
     _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
 

@@ -140,6 +140,13 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
     # ------------------------------------------------------------------------------------------
     # encoder
     # ------------------------------------------------------------------------------------------
+    def compile_blocks(self, **kwargs) -> "StellarTokenizer":
+        """torch.compile every encoder and decoder block in place (regional compilation: nearly all the
+        FLOPs, one small graph per block shape, weights and state-dict keys unchanged)."""
+        for blk in [*self.blocks, *self.decoder_blocks]:
+            blk.compile(**kwargs)
+        return self
+
     def encode_features(self, images: torch.Tensor, keep: torch.Tensor | None = None):
         """images (B,3,H,W) in [-1,1]; keep (B,K) indices of visible patches for a masked view.
 

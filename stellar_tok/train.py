@@ -112,6 +112,7 @@ def train(cfg) -> dict:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not cfg.recon.enabled)],
     )
     set_seed(cfg.train.seed)  # same initial weights on every process
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPUs: TF32 for what autocast leaves in fp32 (as DiT)
     device = accelerator.device
     if accelerator.is_main_process:
         os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -120,6 +121,8 @@ def train(cfg) -> dict:
     # --- model, losses, optimisers ------------------------------------------------------------
     tokenizer = StellarTokenizer(**OmegaConf.to_container(cfg.model))
     objective = StellarObjective(tokenizer, cfg.align)
+    if cfg.train.compile:  # after the objective: a deep-copied EMA teacher stays eager
+        tokenizer.compile_blocks()
     recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
     use_gan = cfg.recon.enabled and cfg.recon.gan_weight > 0
     opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))

@@ -50,3 +50,12 @@ def test_cli_help_and_one_line_error():
     bad = subprocess.run([sys.executable, "-m", "stellar_tok.train", TINY, "model.num_tokens=0"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "model.num_tokens" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    """YAML reads a bare `no` as false; `train.mixed_precision=no` must still mean no autocast (both trainers)."""
+    assert load_config([TINY, "train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config([TINY, "train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    from generators.config import load_config as load_generator_config
+
+    assert load_generator_config([f"data.latents={tmp_path}", "train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -206,3 +206,21 @@ def test_dense_decoder_trains_through_the_trainer_objective(images):
     (out["align_loss"] + (out["recon"] - views["main"]).abs().mean()).backward()
     missing = [k for k, p in tok.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_compile_blocks_keeps_outputs_and_weights(tiny_tokenizer, images, tmp_path):
+    """`train.compile=true`: the blocks go through torch.compile (the dynamo front end here, backend "eager",
+    to stay fast); outputs, state-dict keys and the saved folder do not change."""
+    import copy
+
+    eager = tiny_tokenizer.eval()
+    compiled = copy.deepcopy(eager).compile_blocks(backend="eager")
+    assert all(b._compiled_call_impl is not None for b in [*compiled.blocks, *compiled.decoder_blocks])
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    with torch.no_grad():
+        a, b = eager(images), compiled(images)
+    torch.testing.assert_close(b["recon"], a["recon"], rtol=1e-5, atol=1e-5)
+    compiled.save_pretrained(tmp_path / "tok")
+    again = type(eager).from_pretrained(tmp_path / "tok").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(images)["recon"], a["recon"], rtol=1e-5, atol=1e-5)
