@@ -1,12 +1,18 @@
 """Does a class-conditional sample show the requested class? A classifier trained on real images decides.
 
     python -m generators.class_accuracy samples=samples/tiny/samples.npz data.name=shapes [epochs=3] [cache=runs/classifiers]
+    python -m generators.class_accuracy tokenizer=runs/tiny/tokenizer data.name=digits [n=400]   # the ceiling (below)
 
 A small CNN (4 conv blocks, batch norm, global average pooling) is trained with labels on the real train
 split (random translations; flips and 90-degree rotations too for shapes), checked on the real val split, cached by data set
 under `cache`, then applied to the samples (`arr_0` uint8 NHWC, `arr_1` requested labels, ADM layout).
 Reports the real-val accuracy (how far the judge can be trusted) and the fraction of samples classified
 as their requested class, overall and per class.
+
+With `tokenizer=DIR` instead of `samples=`, the same judge measures what a generator over that tokenizer's
+latent can reach at best: its accuracy on `n` real val images, on their reconstructions decode(encode(x)),
+and on two swaps that show which part of the latent carries the class: each image's own L with the tokens S
+of another (random) image, and its own S with another image's L, each scored against both images' labels.
 """
 from __future__ import annotations
 
@@ -124,27 +130,59 @@ def class_accuracy(samples: np.ndarray, labels: np.ndarray, model: nn.Module, cl
     return {"accuracy": round(float((pred == labels).mean() * 100), 2), "per_class": per, "n": int(len(labels))}
 
 
+@torch.no_grad()
+def ceiling(tokenizer_dir: str, data_cfg: dict, model: nn.Module, classes: list[str], n: int = 400, seed: int = 0) -> dict:
+    """Judge accuracy on real val images, their reconstructions, and S/L swaps between images (see module doc)."""
+    from stellar_tok import Latent, StellarTokenizer
+    from stellar_tok.data import build_dataset
+
+    tok = StellarTokenizer.from_pretrained(tokenizer_dir).eval()
+    ds = build_dataset(data_cfg, "val")
+    n = min(n, len(ds))
+    images = np.ascontiguousarray(ds.images[:n])  # uint8 NHWC
+    labels = ds.labels[:n]
+    lat = tok.encode(_to_input(images))
+    other = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    lab_other = labels[other.numpy()]
+
+    def acc(x: torch.Tensor, y: np.ndarray) -> float:
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return class_accuracy(u8, y, model, classes)["accuracy"]
+
+    own_l = tok.decode(Latent(lat.tokens[other], lat.loc))  # S of another image, L of this one
+    own_s = tok.decode(Latent(lat.tokens, lat.loc[other]))  # S of this image, L of another
+    return {"n": n, "real": class_accuracy(images, labels, model, classes)["accuracy"], "reconstruction": acc(tok.decode(lat), labels),
+            "own_L_other_S": {"label_of_L": acc(own_l, labels), "label_of_S": acc(own_l, lab_other)},
+            "own_S_other_L": {"label_of_S": acc(own_s, labels), "label_of_L": acc(own_s, lab_other)}}
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m generators.class_accuracy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("args", nargs="*", help="samples=NPZ data.name=shapes|digits [data.resolution=32] [epochs=3] [cache=runs/classifiers] [out=JSON]")
+    p.add_argument("args", nargs="*", help="samples=NPZ | tokenizer=DIR [n=400], data.name=shapes|digits [data.resolution=32] [epochs=3] "
+                                           "[cache=runs/classifiers] [out=JSON]")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     bad = [s for s in a.args if "=" not in s]
     if bad:
         raise UserError(f"argument {bad[0]!r} is not of the form key=value")
     kv = dict(s.split("=", 1) for s in a.args)
-    if "samples" not in kv or not os.path.isfile(kv["samples"]):
+    if "tokenizer" in kv:
+        if not os.path.isfile(os.path.join(kv["tokenizer"], "config.json")):
+            raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {kv['tokenizer']!r})")
+    elif "samples" not in kv or not os.path.isfile(kv["samples"]):
         raise UserError(f"samples=PATH must name a samples.npz (from python -m generators.sample); got {kv.get('samples')!r}")
     data_cfg = {"name": kv.get("data.name", "shapes"), "resolution": int(kv.get("data.resolution", 32))}
     for k in ("train_size", "val_size", "seed"):
         if f"data.{k}" in kv:
             data_cfg[k] = int(kv[f"data.{k}"])
-    npz = np.load(kv["samples"])
-    if "arr_1" not in npz:
+    npz = np.load(kv["samples"]) if "samples" in kv and "tokenizer" not in kv else None
+    if npz is not None and "arr_1" not in npz:
         raise UserError(f"{kv['samples']} has no labels (arr_1): sample with python -m generators.sample")
     t = time.time()
     model, val_acc, classes = judge(data_cfg, kv.get("cache", "runs/classifiers"), int(kv.get("epochs", 3)))
-    res = {"judge_val_accuracy": round(val_acc, 2), **class_accuracy(npz["arr_0"], npz["arr_1"], model, classes), "seconds": round(time.time() - t, 1)}
+    found = ceiling(kv["tokenizer"], data_cfg, model, classes, int(kv.get("n", 400))) if npz is None else \
+        class_accuracy(npz["arr_0"], npz["arr_1"], model, classes)
+    res = {"judge_val_accuracy": round(val_acc, 2), **found, "seconds": round(time.time() - t, 1)}
     print(json.dumps(res))
     if "out" in kv:
         with open(kv["out"], "w") as f:

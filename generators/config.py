@@ -50,6 +50,7 @@ class GenOptimConfig:
 class GenTrainConfig:
     steps: int = 400000
     max_minutes: float = 0.0  # >0: stop (checkpoint + export) after this wall time
+    max_cpu_minutes: float = 0.0  # >0: the same with the process's CPU time (all threads): fair budgets on a shared machine
     ema: float = 0.9999  # EMA decay of the exported weights (with diffusers' EMA warm-up)
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False  # torch.compile each DiT block (regional compilation)

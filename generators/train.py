@@ -131,7 +131,7 @@ def train(cfg) -> dict:
     total = cfg.train.steps
     pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="generator")
     t_start = t_window = time.time()
-    budget = Budget(state, cfg.train.max_minutes)
+    budget = Budget(state, cfg.train.max_minutes, cfg.train.max_cpu_minutes)
     img_window, start_step, last = 0, state.step, {}
     labels_grid = grid_labels(num_classes, cfg.sample.per_class, device)
 

@@ -212,3 +212,34 @@ def test_class_accuracy_and_cached_judge(tmp_path):
     assert len(os.listdir(tmp_path)) == 1 and acc1 == acc2 and classes[0] == "circle"
     x = torch.rand(5, 3, 32, 32) * 2 - 1
     torch.testing.assert_close(m1.eval()(x), m2(x))
+
+
+def test_class_accuracy_ceiling_of_a_tokenizer(tmp_path, capsys):
+    """tokenizer=DIR: the judge on real val images, reconstructions and S/L swaps, from one command."""
+    from generators.class_accuracy import ceiling, class_accuracy
+    from generators.class_accuracy import main as ca_main
+    from stellar_tok import StellarTokenizer
+    from stellar_tok.data import build_dataset
+    from conftest import TINY_MODEL
+
+    class Bright(torch.nn.Module):  # class 1 when the top half is brighter than the bottom half
+        def forward(self, x):
+            up = (x[:, :, :16].mean((1, 2, 3)) > x[:, :, 16:].mean((1, 2, 3))).long()
+            return torch.nn.functional.one_hot(up, 10).float()
+
+    torch.manual_seed(0)
+    StellarTokenizer(**TINY_MODEL).save_pretrained(tmp_path / "tok")
+    data_cfg = {"name": "digits", "resolution": 32}
+    names = [str(d) for d in range(10)]
+    res = ceiling(str(tmp_path / "tok"), data_cfg, Bright(), names, n=40)
+    ds = build_dataset(data_cfg, "val")
+    assert res["n"] == 40
+    # "real" is the judge's accuracy on the first 40 real val images, computed the same way
+    assert res["real"] == class_accuracy(np.ascontiguousarray(ds.images[:40]), ds.labels[:40], Bright(), names)["accuracy"]
+    frac = {k: float(((ds.labels[:40] == k).mean()) * 100) for k in (0, 1)}
+    for key in ("reconstruction",):  # the judge only ever says 0 or 1
+        assert 0 <= res[key] <= frac[0] + frac[1] + 1e-6
+    assert set(res["own_L_other_S"]) == {"label_of_L", "label_of_S"} and set(res["own_S_other_L"]) == {"label_of_S", "label_of_L"}
+    with pytest.raises(SystemExit):
+        ca_main([f"tokenizer={tmp_path}", "data.name=digits"])  # not a tokenizer folder
+    assert capsys.readouterr().err.strip().startswith("error: tokenizer=DIR")
