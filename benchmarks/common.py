@@ -20,6 +20,15 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def device_setup(device: str, precision: str):
+    """(on a GPU?, a factory of the autocast context for `precision`: bf16 autocast, or nothing); TF32 matmuls on GPUs."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    return cuda, cast
+
+
 def timed(fn, cuda: bool = False, cast=contextlib.nullcontext) -> float:
     """Seconds for one call of fn() inside `cast()` (an autocast context); synchronised when on a GPU."""
     if cuda:

@@ -16,14 +16,13 @@ precision=bf16 under torch.autocast), in a section of its own.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median, write_section  # noqa: E402
+from common import device_setup, machine, median, write_section  # noqa: E402
 from common import timed as common_timed  # noqa: E402
 
 
@@ -45,10 +44,7 @@ def main(argv):
     name, b, rounds = kv.get("config", "xl"), int(kv.get("batch", 2)), int(kv.get("rounds", 3))
     torch.set_num_threads(int(kv.get("threads", 2)))
     dev, precision = kv.get("device", "cpu"), kv.get("precision", "fp32")
-    cuda = dev == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    cuda, cast = device_setup(dev, precision)
     m = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "generator", f"{name}.yaml")).model
     torch.manual_seed(0)
     ours = LatentDiT(num_tokens=16, token_channels=32, grid=16, loc_patch=m.loc_patch, width=m.width, depth=m.depth, heads=m.heads,

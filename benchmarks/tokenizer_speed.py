@@ -13,14 +13,13 @@ precision=bf16 under torch.autocast; the table goes to its own section.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median, write_section  # noqa: E402
+from common import device_setup, machine, median, write_section  # noqa: E402
 from common import timed as common_timed  # noqa: E402
 
 
@@ -49,13 +48,10 @@ def main(argv):
     rounds = int(kv.get("rounds", 3))
     torch.set_num_threads(int(kv.get("threads", 2)))
     dev, precision = kv.get("device", "cpu"), kv.get("precision", "fp32")
-    cuda = dev == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cuda, cast = device_setup(dev, precision)
     m = OmegaConf.to_container(OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer", "vit_b16.yaml")).model)
     torch.manual_seed(0)
     ours, vae = StellarTokenizer(**m).eval().to(dev), sd_vae().to(dev)
-    cast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def timed(fn) -> float:
         return common_timed(fn, cuda, cast)

@@ -80,8 +80,6 @@ def peak_bf16(device_name: str) -> float | None:
 def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: int, device: str = "cpu", precision: str = "fp32",
            overrides: tuple[str, ...] = (), profile: str = "") -> dict:
     """One measurement; `overrides` are extra config `key=value`s, `profile` a file for a torch.profiler table of 2 steps."""
-    import contextlib
-
     import torch
     from omegaconf import OmegaConf
 
@@ -95,9 +93,9 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     from stellar_tok.train import param_groups
     from stellar_tok.views import make_views
 
-    cuda = device == "cuda"
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    from benchmarks.common import device_setup
+
+    cuda, autocast = device_setup(device, precision)
     rss_start = max_rss_mib()
     cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "recon.lpips_random_backbone=true", f"optim.batch_size={batch}", *overrides])
     torch.manual_seed(0)
@@ -109,7 +107,6 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     gen = torch.Generator(device=device).manual_seed(0)
     res = cfg.data.resolution
     images = torch.randint(0, 256, (batch, 3, res, res), generator=gen, dtype=torch.uint8, device=device)
-    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     phases: dict[str, list[float]] = {k: [] for k in ("views", "objective", "recon_loss", "backward", "optimizer")}
 

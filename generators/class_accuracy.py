@@ -135,6 +135,7 @@ def ceiling(tokenizer_dir: str, data_cfg: dict, model: nn.Module, classes: list[
     """Judge accuracy on real val images, their reconstructions, and S/L swaps between images (see module doc)."""
     from stellar_tok import Latent, StellarTokenizer
     from stellar_tok.data import build_dataset
+    from stellar_tok.metrics import to_uint8
 
     tok = StellarTokenizer.from_pretrained(tokenizer_dir).eval()
     ds = build_dataset(data_cfg, "val")
@@ -146,8 +147,7 @@ def ceiling(tokenizer_dir: str, data_cfg: dict, model: nn.Module, classes: list[
     lab_other = labels[other.numpy()]
 
     def acc(x: torch.Tensor, y: np.ndarray) -> float:
-        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return class_accuracy(u8, y, model, classes)["accuracy"]
+        return class_accuracy(to_uint8(x).permute(0, 2, 3, 1).numpy(), y, model, classes)["accuracy"]
 
     own_l = tok.decode(Latent(lat.tokens[other], lat.loc))  # S of another image, L of this one
     own_s = tok.decode(Latent(lat.tokens, lat.loc[other]))  # S of this image, L of another
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k in ("train_size", "val_size", "seed"):
         if f"data.{k}" in kv:
             data_cfg[k] = int(kv[f"data.{k}"])
-    npz = np.load(kv["samples"]) if "samples" in kv and "tokenizer" not in kv else None
+    npz = None if "tokenizer" in kv else np.load(kv["samples"])
     if npz is not None and "arr_1" not in npz:
         raise UserError(f"{kv['samples']} has no labels (arr_1): sample with python -m generators.sample")
     t = time.time()
