@@ -8,13 +8,17 @@
 per class), out/images/<class>_<i>.png, and out/samples.npz (ADM layout: uint8 NHWC `arr_0`, labels
 `arr_1`) for FID suites. Sample i of the whole set always uses seed `seed + i`, so the result does not
 depend on the batch size or on how many processes share the work (process p takes samples p, p+P, ...).
+Memory stays flat for FID-size sets: each process writes its images to a memory-mapped part file and its own
+PNGs as it goes; the first process then streams samples.npz from the parts, in sample order.
 Guidance applies to every latent channel, optionally only for t in `interval` (e.g. interval=0.1,0.7).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,9 +65,27 @@ def _parse_classes(spec: str, model) -> list[int]:
     return out
 
 
+def save_npz_streamed(path: str, shape: tuple, chunks, labels: np.ndarray) -> None:
+    """np.savez's layout (stored members arr_0.npy = uint8 `shape`, arr_1.npy = labels) written chunk by chunk, so
+    arr_0 never has to fit in memory; `chunks` yields uint8 arrays that fill `shape` in order."""
+    tmp, written = path + ".tmp", 0
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+            for c in chunks:
+                c = np.ascontiguousarray(c, dtype=np.uint8)
+                f.write(c.tobytes())
+                written += c.size
+        with zf.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(labels))
+    if written != int(np.prod(shape)):
+        os.remove(tmp)
+        raise RuntimeError(f"samples.npz: wrote {written} values, expected {int(np.prod(shape))}")
+    os.replace(tmp, path)
+
+
 def sample(cfg) -> dict:
     from accelerate import PartialState
-    from accelerate.utils import gather_object
     from diffusers import FlowMatchEulerDiscreteScheduler
     from PIL import Image
     from stellar_tok.visual import enlarged_grid
@@ -93,12 +115,19 @@ def sample(cfg) -> dict:
         raise UserError(f"the generator was trained on the latents of another tokenizer (fingerprint {model.config.tokenizer_hash}); "
                         f"pass the tokenizer used by stellar_tok.tokenize")
     classes = _parse_classes(cfg.classes, model)
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise UserError(f"n and batch_size must be >= 1 (got n={cfg.n}, batch_size={cfg.batch_size})")
     labels_all = torch.tensor(classes).repeat_interleave(cfg.n)  # (C*n,)
+    names = list(model.config.class_names or [])
+    parts_dir = os.path.join(cfg.out, "parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    if cfg.save_png:
+        os.makedirs(os.path.join(cfg.out, "images"), exist_ok=True)
     mine = list(range(state.process_index, len(labels_all), state.num_processes))
     r, c, n = model.config.num_tokens, model.config.token_channels, model.config.grid**2
     dim = r * c + n * r
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-    images, t0 = [], time.time()
+    part, t0 = None, time.time()  # this process's images (len(mine),H,W,3), memory-mapped
     pbar = tqdm(total=len(mine), unit="img", disable=not (cfg.progress and state.is_main_process), desc="sample")
     for i in range(0, len(mine), cfg.batch_size):
         idx = mine[i : i + cfg.batch_size]
@@ -107,33 +136,43 @@ def sample(cfg) -> dict:
             tokens, loc = sample_latents(model, labels_all[idx].to(device), cfg.steps, cfg.cfg, (lo, hi),
                                          scheduler=FlowMatchEulerDiscreteScheduler(), noise=noise)
             x = tok.decode(Latent(tokens, loc, True, model.latent_stats))
-        images.append(((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        batch = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B,H,W,3)
+        if part is None:
+            part = np.lib.format.open_memmap(os.path.join(parts_dir, f"{state.process_index:05d}.npy"), mode="w+", dtype=np.uint8,
+                                             shape=(len(mine), *batch.shape[1:]))
+        part[i : i + len(idx)] = batch
+        if cfg.save_png:
+            for j, im in zip(idx, batch):
+                y = int(labels_all[j])
+                Image.fromarray(im).save(os.path.join(cfg.out, "images", f"{names[y] if names else y}_{j:06d}.png"))
         pbar.update(len(idx))
     pbar.close()
-    mine_images = torch.cat(images).numpy() if images else np.zeros((0, 1, 1, 3), np.uint8)
-    gathered = gather_object([(mine, mine_images)]) if state.num_processes > 1 else [(mine, mine_images)]
+    if part is not None:
+        part.flush()
+        del part
+    state.wait_for_everyone()
     summary = {}
     if state.is_main_process:
-        order = np.concatenate([np.array(ix, dtype=np.int64) for ix, _ in gathered])
-        arr = np.concatenate([im for _, im in gathered if len(im)])
-        arr = arr[np.argsort(order)]
-        labels = labels_all.numpy()
-        os.makedirs(cfg.out, exist_ok=True)
-        np.savez(os.path.join(cfg.out, "samples.npz"), arr_0=arr, arr_1=labels)
-        names = list(model.config.class_names or [])
-        if cfg.save_png:
-            os.makedirs(os.path.join(cfg.out, "images"), exist_ok=True)
-            for j, (im, y) in enumerate(zip(arr, labels)):
-                Image.fromarray(im).save(os.path.join(cfg.out, "images", f"{names[y] if names else y}_{j:06d}.png"))
+        total, procs = len(labels_all), state.num_processes
+        parts = [np.load(os.path.join(parts_dir, f"{p:05d}.npy"), mmap_mode="r") for p in range(min(procs, total))]
+
+        def rows(a: int, b: int) -> np.ndarray:  # samples a..b-1 in order; sample j is row j // P of process j % P
+            return np.stack([parts[j % procs][j // procs] for j in range(a, b)])
+
+        step = max(1, (64 << 20) // parts[0][0].nbytes)  # about 64 MiB per chunk
+        save_npz_streamed(os.path.join(cfg.out, "samples.npz"), (total, *parts[0].shape[1:]),
+                          (rows(a, min(a + step, total)) for a in range(0, total, step)), labels_all.numpy())
         per_row = min(cfg.n, 16)
-        rows = [torch.from_numpy(arr[k * cfg.n : k * cfg.n + per_row]) for k in range(len(classes))]
-        enlarged_grid(torch.cat(rows).permute(0, 3, 1, 2).float() / 255, nrow=per_row, path=os.path.join(cfg.out, "grid.png"))
+        grid = np.concatenate([rows(k * cfg.n, k * cfg.n + per_row) for k in range(len(classes))])
+        enlarged_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 255, nrow=per_row, path=os.path.join(cfg.out, "grid.png"))
+        del parts
+        shutil.rmtree(parts_dir)
         seconds = time.time() - t0
-        summary = {"images": int(len(arr)), "classes": classes, "seconds": round(seconds, 2), "images_per_s": round(len(arr) / max(seconds, 1e-9), 2),
-                   "cfg": cfg.cfg, "interval": [lo, hi], "steps": cfg.steps, "seed": cfg.seed}
+        summary = {"images": total, "classes": classes, "seconds": round(seconds, 2), "images_per_s": round(total / max(seconds, 1e-9), 2),
+                   "cfg": cfg.cfg, "interval": [lo, hi], "steps": cfg.steps, "seed": cfg.seed, "processes": procs}
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        print(f"sample: {len(arr)} images of {len(classes)} classes in {seconds:.1f}s -> {cfg.out}/grid.png, samples.npz")
+        print(f"sample: {total} images of {len(classes)} classes in {seconds:.1f}s -> {cfg.out}/grid.png, samples.npz")
     state.wait_for_everyone()
     return summary
 

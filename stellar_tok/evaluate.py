@@ -142,10 +142,11 @@ class _ReconMeter:
         return out
 
 
-def probe_features(tok, x: torch.Tensor, labels: torch.Tensor, kinds, baselines: bool, k_down: int) -> dict:
+def probe_features(tok, x: torch.Tensor, labels: torch.Tensor, kinds, baselines: bool, k_down: int, f: dict | None = None) -> dict:
     """x (B,3,R,R) in [-1,1] -> the probes' features of one batch on the CPU: the tokenizer's `kinds` (tokens: mean of
-    S, cls, lowrank: mean of L·S), with baselines raw `pixels` and `pixels_down`, and `labels`."""
-    f = tok.features(x)
+    S, cls, lowrank: mean of L·S), with baselines raw `pixels` and `pixels_down`, and `labels`.
+    f: `tok.features(x)` when the caller already has it."""
+    f = tok.features(x) if f is None else f
     pooled = {"tokens": lambda: f["tokens"].mean(1), "cls": lambda: f["cls"], "lowrank": lambda: f["lowrank"].mean(1)}
     out = {k: pooled[k]().float().cpu() for k in kinds}
     if baselines:
@@ -272,8 +273,9 @@ def evaluate(cfg) -> dict:
     for images, labels in tqdm(image_batches(cfg.data, "val", cfg.n_eval, cfg.batch_size), total=total and math.ceil(total / cfg.batch_size),
                                desc="held-out images", disable=not cfg.progress):
         x = images.to(device).float() / 127.5 - 1  # (B,3,R,R) in [-1,1]
+        f = tok.features(x, with_latent=True) if semantics else None  # one encoder pass for both tasks
         if "recon" in tasks:
-            latent = tok.encode(x)  # tokens (B,r,c), log L (B,N,r)
+            latent = f["latent"] if f is not None else tok.encode(x)  # tokens (B,r,c), log L (B,N,r)
             rec = tok.decode(latent)  # (B,3,R,R)
             meters["stellar"].add(x, rec)
             if "pixels_down" in meters:
@@ -286,7 +288,7 @@ def evaluate(cfg) -> dict:
                 reconstruction_grid(x, rec, latent.probs(), os.path.join(cfg.out, "reconstructions.png"), n=cfg.grid)
                 grid_done = True
         if semantics:
-            for k, v in probe_features(tok, x, labels, kinds, cfg.baselines, k_down).items():
+            for k, v in probe_features(tok, x, labels, kinds, cfg.baselines, k_down, f).items():
                 val.setdefault(k, []).append(v)
     times["held_out_pass"] = time.time() - t
     n_eval = sum(len(p) for p in meters["stellar"].psnr) if "recon" in tasks else sum(len(v) for v in val.get("labels", []))

@@ -268,15 +268,21 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         return self.decode_pixels(latent.tokens.to(dtype), latent.loc.to(dtype)).clamp(-1, 1)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor) -> dict:
+    def features(self, images: torch.Tensor, with_latent: bool = False) -> dict:
         """dict of cls (B,d), tokens = S (B,r,d), dense (B,N,d), loc = L (B,N,r), lowrank = L·S (B,N,d).
 
-        Dense decoder: loc = I (B,N,N) and lowrank = dense (what the decoder reads, before the bottleneck)."""
+        Dense decoder: loc = I (B,N,N) and lowrank = dense (what the decoder reads, before the bottleneck).
+        with_latent: also "latent", what `encode(images)` returns, from the same encoder pass."""
         self._check_images(images)
         cls, dense, sparse = self.encode_features(images)
-        L = self.localize(dense, sparse).exp()
+        log_loc = self.localize(dense, sparse)  # (B, N, r)
+        L = log_loc.exp()
         lowrank = dense if self.dense_decoder else torch.einsum("bnr,brd->bnd", L.to(sparse.dtype), sparse)
-        return {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": lowrank}
+        out = {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": lowrank}
+        if with_latent:
+            tokens = self.bottleneck(dense if self.dense_decoder else sparse)
+            out["latent"] = Latent(tokens.float(), self.clamp_loc(log_loc).float())
+        return out
 
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from stellar_tok.errors import UserError
 from stellar_tok.metrics import psnr, ssim
 from stellar_tok.probe import knn_classify, linear_probe
 

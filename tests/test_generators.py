@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, launch_two_processes
 
 from generators import LatentDiT, StellarDiTPipeline
 from generators.flow import flatten_latent, flow_loss, sample_latents, split_latent
@@ -192,6 +192,39 @@ def test_sample_cli_is_batch_independent(trained, capsys):
     with pytest.raises(SystemExit):
         sample_main(common[:1] + [f"tokenizer={root / 'run'}", f"out={root / 's3'}"])  # not a tokenizer folder
     assert capsys.readouterr().err.strip().startswith("error: tokenizer=DIR")
+
+
+def test_sample_cli_two_processes_equal_one(trained):
+    """`accelerate launch --num_processes 2` (gloo): each process writes its part and PNGs; samples.npz is the one-process result."""
+    from generators.sample import main as sample_main
+
+    root, _, _ = trained
+    common = [f"generator={root / 'run' / 'generator'}", f"tokenizer={root / 'tok'}", "classes=circle,3", "n=3", "steps=3", "cfg=2",
+              "progress=false", "batch_size=2"]
+    r = launch_two_processes("generators.sample", [f"out={root / 'p2'}", *common], 29536)
+    # gloo sometimes aborts at interpreter exit after all work is done; the outputs decide
+    assert "sample: 6 images of 2 classes" in r.stdout, r.stderr[-3000:]
+    sample_main(common + [f"out={root / 'p1'}"])
+    one, two = np.load(root / "p1" / "samples.npz"), np.load(root / "p2" / "samples.npz")
+    diff = np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int))  # 1 thread there, 2 here: a rare 1-level rounding flip
+    assert one["arr_0"].shape == two["arr_0"].shape and diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert two["arr_1"].tolist() == [0, 0, 0, 3, 3, 3]
+    assert sorted(os.listdir(root / "p2" / "images")) == sorted(os.listdir(root / "p1" / "images"))
+    assert not os.path.exists(root / "p2" / "parts") and json.load(open(root / "p2" / "summary.json"))["processes"] == 2
+
+
+def test_save_npz_streamed_is_np_savez(tmp_path):
+    from generators.sample import save_npz_streamed
+
+    arr, labels = np.random.default_rng(0).integers(0, 256, (7, 5, 4, 3), dtype=np.uint8), np.arange(7)
+    save_npz_streamed(str(tmp_path / "a.npz"), arr.shape, (arr[i : i + 3] for i in range(0, 7, 3)), labels)
+    a = np.load(tmp_path / "a.npz")
+    assert sorted(a.files) == ["arr_0", "arr_1"] and a["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(a["arr_0"], arr)
+    np.testing.assert_array_equal(a["arr_1"], labels)
+    with pytest.raises(RuntimeError, match="expected 420"):  # too few rows: refused, no file left
+        save_npz_streamed(str(tmp_path / "b.npz"), arr.shape, iter([arr[:3]]), labels)
+    assert os.listdir(tmp_path) == ["a.npz"]
 
 
 def test_class_accuracy_and_cached_judge(tmp_path):

@@ -1,12 +1,10 @@
 """Tokenizing a data set to latent shards: round trip, statistics, resume, refusal, multi-process."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, launch_two_processes
 
 import stellar_tok.tokenize as tokmod
 from stellar_tok import Latent, StellarTokenizer
@@ -146,11 +144,7 @@ def test_two_processes_split_the_work(tmp_path, tok):
     """`accelerate launch --num_processes 2`: each process writes its own shards; the result equals one process."""
     tok.save_pretrained(str(tmp_path / "tok"))
     args = [f"tokenizer={tmp_path / 'tok'}", "data.name=shapes", f"data.train_size={N}", "shard_size=20", "dtype=float32", "progress=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534",
-           "-m", "stellar_tok.tokenize", f"out={tmp_path / 'two'}", *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = launch_two_processes("stellar_tok.tokenize", [f"out={tmp_path / 'two'}", *args], 29534)
     # gloo sometimes aborts at interpreter exit after all work is done; the outputs decide
     assert "tokenize: 72 images in 4 shards (0 already done)" in r.stdout, r.stderr[-3000:]
     tokmod.main([f"out={tmp_path / 'one'}", *args])

@@ -28,6 +28,9 @@ def test_localization_rows_sum_to_one_and_lowrank_is_L_times_S(tiny_tokenizer, i
     torch.testing.assert_close(f["lowrank"], torch.einsum("bnr,brd->bnd", L, S))
     # the low-rank map has rank <= r per image
     assert torch.linalg.matrix_rank(f["lowrank"][0]) <= 16
+    # with_latent: the latent of the same encoder pass is what encode() returns
+    lat, ref = tiny_tokenizer.features(images, with_latent=True)["latent"], tiny_tokenizer.encode(images)
+    assert torch.equal(lat.tokens, ref.tokens) and torch.equal(lat.loc, ref.loc) and not lat.normalized
 
 
 def test_temperature_sharpens_localization(images):
@@ -167,8 +170,9 @@ def test_dense_decoder_reads_every_patch_feature(tmp_path, images):
     assert (out["log_loc"][eye] == 0).all() and (out["log_loc"][~eye] == math.log(1e-4)).all()
     torch.testing.assert_close(out["tokens"], tok.to_latent(out["dense"]))
     # the decoder depends on each patch's own feature, not on S
-    f = tok.features(images)
+    f = tok.features(images, with_latent=True)
     torch.testing.assert_close(f["lowrank"], f["dense"])
+    assert torch.equal(f["latent"].tokens, tok.encode(images).tokens) and torch.equal(f["latent"].loc, tok.encode(images).loc)
     assert tok.latent_values(n) == n * c
     # encode -> decode equals the training forward, and the latent is (B,N,c) + (B,N,N)
     lat = tok.encode(images)

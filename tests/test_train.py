@@ -1,14 +1,13 @@
 """Short real training runs on the embedded `shapes` set: the loss falls, checkpoints resume, exports load."""
 import json
 import os
-import subprocess
-import sys
 
 import torch
 
 from stellar_tok import StellarTokenizer
 from stellar_tok.checkpoint import find_checkpoints
 from stellar_tok.train import main
+from conftest import launch_two_processes
 
 SMALL = [
     "config=configs/tokenizer/tiny.yaml",
@@ -66,12 +65,8 @@ def test_resume_is_exact(tmp_path):
 def test_two_processes_with_accelerate(tmp_path):
     """accelerate launch with two gloo processes on CPU produces the same kind of checkpoint."""
     out = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "stellar_tok.train", *SMALL, "data.train_size=256", "optim.batch_size=16", "train.steps=6",
-           "train.ckpt_every=1000", "train.image_every=1000", f"train.output_dir={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    res = launch_two_processes("stellar_tok.train", [*SMALL, "data.train_size=256", "optim.batch_size=16", "train.steps=6",
+                                                     "train.ckpt_every=1000", "train.image_every=1000", f"train.output_dir={out}"], 29533)
     # gloo sometimes aborts at interpreter exit after all work is done; the outputs decide
     ckpts = find_checkpoints(os.path.join(out, "checkpoints"))
     assert ckpts and os.path.basename(ckpts[-1]) == "step-0000006", res.stderr[-3000:]
