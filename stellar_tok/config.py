@@ -144,6 +144,9 @@ class TrainConfig:
     stop_after: int = 0  # >0: stop (checkpoint + export) after this many steps of this invocation; resume later
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False  # torch.compile the transformer blocks (see docs/BENCHMARKS.md for when it helps)
+    # an exported tokenizer: train a fresh decoder on its frozen encoder (the paper's reconstruction protocol);
+    # encoder keys come from its config.json, decoder keys from model.*; alignment is off
+    decoder_from: Optional[str] = None
     seed: int = 0
     output_dir: str = "runs/tokenizer"
     resume: Optional[str] = None  # None | auto | path to a checkpoint folder
@@ -232,6 +235,8 @@ def _require(ok: bool, key: str, allowed: str, value) -> None:
 
 
 def validate(cfg) -> None:
+    if cfg.train.decoder_from is not None:
+        use_decoder_source(cfg)
     m, v, d, a, r, o, t = cfg.model, cfg.views, cfg.data, cfg.align, cfg.recon, cfg.optim, cfg.train
     _require(m.num_tokens >= 1, "model.num_tokens", "a positive integer", m.num_tokens)
     _require(m.latent_channels >= 1, "model.latent_channels", "a positive integer", m.latent_channels)
@@ -275,6 +280,23 @@ def validate(cfg) -> None:
     check_precision(t)
     _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
+
+
+DECODER_KEYS = ("decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_ratio")
+
+
+def use_decoder_source(cfg) -> None:
+    """train.decoder_from=DIR: the encoder's model keys from DIR/config.json (the run's decoder keys stay), no alignment."""
+    config_json = os.path.join(str(cfg.train.decoder_from), "config.json")
+    _require(os.path.isfile(config_json), "train.decoder_from", "an exported tokenizer folder with config.json", cfg.train.decoder_from)
+    _require(cfg.recon.enabled, "recon.enabled", "true with train.decoder_from (the decoder learns from the reconstruction losses)", cfg.recon.enabled)
+    with open(config_json) as f:
+        source = json.load(f)
+    for key in cfg.model:
+        if key not in DECODER_KEYS and key in source:
+            cfg.model[key] = source[key]
+    cfg.align.enabled = False
+    cfg.views.global_size = cfg.model.image_size
 
 
 def check_data_paths(cfg) -> None:

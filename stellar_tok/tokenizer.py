@@ -124,18 +124,32 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD if imagenet_norm else (0.5,) * 3).view(1, 3, 1, 1))
         self._init_weights()
 
-    def _init_weights(self):
-        for m in self.modules():
+    def _init_weights(self, modules=None):
+        for m in modules if modules is not None else self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if modules is not None:
+            return
         if isinstance(self.patch_embed, nn.Conv2d):
             w = self.patch_embed.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
+
+    DECODER_PREFIXES = ("from_latent.", "decoder_pos.", "decoder_blocks.", "decoder_norm.", "to_pixels.")
+
+    def fresh_decoder_on_frozen_encoder(self) -> "StellarTokenizer":
+        """The paper's reconstruction protocol: re-initialise the pixel decoder (from_latent, blocks, norm, pixel head)
+        and freeze everything else, so training changes the decoder only and the latent stays what it was."""
+        self.requires_grad_(False)
+        decoder = [self.from_latent, self.decoder_blocks, self.decoder_norm, self.to_pixels]
+        for m in decoder:
+            m.requires_grad_(True)
+            self._init_weights([sub for sub in m.modules()])
+        return self
 
     # ------------------------------------------------------------------------------------------
     # encoder

@@ -14,6 +14,8 @@ One process or many (accelerate: DDP/FSDP, CPU or GPU). Writes to train.output_d
 
 `train.resume=auto` continues from the newest valid checkpoint: same step, LR, data position and random
 streams. SIGTERM/SIGINT finish the current step, then checkpoint and export before exiting.
+`train.decoder_from=DIR` trains a fresh decoder on the frozen encoder of an exported tokenizer (the paper's
+reconstruction protocol): the latent stays DIR's, only the decoder learns, from the reconstruction losses.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from omegaconf import OmegaConf
 from .budget import Budget, cosine_with_warmup
 from .checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
 from .config import Config, check_data_paths, load_config, parse_overrides
-from .errors import cli_entry
+from .errors import UserError, cli_entry
 from .guards import GracefulStop, NonFiniteGuard
 
 USAGE = __doc__
@@ -42,6 +44,18 @@ def param_groups(module: torch.nn.Module, weight_decay: float):
             continue
         (no_decay if p.ndim < 2 or "token" in name.split(".")[-1] or "pos" in name.split(".")[-1] else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_frozen_encoder(tokenizer, path: str) -> None:
+    """Everything but the decoder from the tokenizer exported at `path`; then a fresh, trainable decoder, the rest frozen."""
+    from .tokenizer import StellarTokenizer
+
+    source = StellarTokenizer.from_pretrained(path)
+    encoder = {k: v for k, v in source.state_dict().items() if not k.startswith(StellarTokenizer.DECODER_PREFIXES)}
+    missing, unexpected = tokenizer.load_state_dict(encoder, strict=False)
+    if unexpected or any(not k.startswith(StellarTokenizer.DECODER_PREFIXES) for k in missing):
+        raise UserError(f"train.decoder_from={path}: its weights do not fit the encoder (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    tokenizer.fresh_decoder_on_frozen_encoder()
 
 
 @torch.no_grad()
@@ -120,6 +134,8 @@ def train(cfg) -> dict:
 
     # --- model, losses, optimisers ------------------------------------------------------------
     tokenizer = StellarTokenizer(**OmegaConf.to_container(cfg.model))
+    if cfg.train.decoder_from:  # the paper's reconstruction protocol: a fresh decoder on a frozen encoder
+        load_frozen_encoder(tokenizer, cfg.train.decoder_from)
     objective = StellarObjective(tokenizer, cfg.align)
     if cfg.train.compile:  # after the objective: a deep-copied EMA teacher stays eager
         tokenizer.compile_blocks()

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from stellar_tok import StellarTokenizer
@@ -37,6 +38,30 @@ def test_training_loss_falls_and_exports(tmp_path):
     assert not torch.allclose(tok.latent_token_std, torch.ones_like(tok.latent_token_std))
     lat = tok.encode(torch.zeros(2, 3, 32, 32), normalize=True)
     assert lat.normalized and tok.decode(lat).shape == (2, 3, 32, 32)
+
+
+def test_decoder_from_trains_a_fresh_decoder_on_the_frozen_encoder(tmp_path, capsys):
+    """train.decoder_from=DIR (the paper's reconstruction protocol): the latent stays the source's, the decoder is new and learns."""
+    src, out = str(tmp_path / "src"), str(tmp_path / "dec")
+    main(SMALL + ["train.steps=4", "recon.enabled=false", f"train.output_dir={src}", "train.image_every=1000"])  # alignment only
+    args = SMALL + [f"train.decoder_from={src}/tokenizer", "model.decoder_depth=2", "optim.lr=2e-3", "train.image_every=1000"]
+    main(args + ["train.steps=30", f"train.output_dir={out}"])
+    a = StellarTokenizer.from_pretrained(os.path.join(src, "tokenizer")).eval()
+    b = StellarTokenizer.from_pretrained(os.path.join(out, "tokenizer")).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    la, lb = a.encode(x), b.encode(x)
+    assert torch.equal(la.tokens, lb.tokens) and torch.equal(la.loc, lb.loc)  # the latent is untouched
+    assert b.config.decoder_depth == 2 and a.config.decoder_depth == 1  # the decoder's shape is the run's
+    m = _metrics(out)
+    assert m[-1]["pixel"] < 0.8 * m[0]["pixel"] and m[-1]["align"] == 0.0, (m[0], m[-1])
+    cfg = open(os.path.join(out, "config.yaml")).read()
+    assert "decoder_from" in cfg and "enabled: false" in cfg
+    for bad in ([f"train.decoder_from={tmp_path / 'nowhere'}"], [f"train.decoder_from={src}/tokenizer", "recon.enabled=false"]):
+        with pytest.raises(SystemExit):
+            main(SMALL + bad + ["train.steps=1", f"train.output_dir={tmp_path / 'x'}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: config key") and ("decoder_from" in err[0] or "recon.enabled" in err[0]), err
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_resume_continues_step_count(tmp_path):
