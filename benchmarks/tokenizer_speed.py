@@ -74,12 +74,13 @@ def main(argv):
     else:
         run = eager
 
-    # reference: bare ViT blocks of the same widths and depths (no stem, sparse tokens, L or bottleneck), eager only
+    # reference: bare ViT blocks of the same widths and depths (no stem, sparse tokens, L or bottleneck), eager runs only
     from stellar_tok.vit import Block
 
     c, n = ours.config, (ours.config.image_size // ours.config.patch_size) ** 2
-    plain = (torch.nn.Sequential(*[Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)]).eval().to(dev),
-             torch.nn.Sequential(*[Block(c.decoder_width, c.decoder_heads, c.decoder_mlp_ratio) for _ in range(c.decoder_depth)]).eval().to(dev))
+    plain = None if mode != "none" else (
+        torch.nn.Sequential(*[Block(c.width, c.heads, c.mlp_ratio) for _ in range(c.depth)]).eval().to(dev),
+        torch.nn.Sequential(*[Block(c.decoder_width, c.decoder_heads, c.decoder_mlp_ratio) for _ in range(c.decoder_depth)]).eval().to(dev))
 
     def fns(x, models):
         with torch.no_grad():
@@ -91,7 +92,7 @@ def main(argv):
             out[(k, "encode")] = lambda e=e: (step(), e(x))
             out[(k, "decode")] = lambda d=d, k=k: (step(), d(lat[k]))
             out[(k, "encode+decode")] = lambda e=e, d=d: (step(), d(e(x)))
-        if models is eager:
+        if plain is not None:
             t_enc, t_dec = torch.randn(len(x), 1 + n, c.width, device=dev), torch.randn(len(x), n, c.decoder_width, device=dev)
             out[("plain", "encode+decode")] = lambda: (plain[0](t_enc), plain[1](t_dec))
         return out
@@ -103,21 +104,20 @@ def main(argv):
     for b in batches:
         x = torch.rand(b, 3, 256, 256, device=dev) * 2 - 1
         f = fns(x, run)
-        models = ("ours", "plain", "vae") if ("plain", "encode+decode") in f else ("ours", "vae")
         times = {k: [] for k in f}
         with torch.no_grad():
             for k in f:  # warm-up (and compilation)
                 timed(f[k]) if b == 1 or cuda or mode != "none" else None
             for _ in range(rounds if b <= 4 or cuda else big_rounds):
                 for op in ("encode", "decode", "encode+decode"):
-                    for model in models:
+                    for model in ("ours", "plain", "vae"):
                         if (model, op) in f:
                             times[(model, op)].append(timed(f[(model, op)]))
         for op in ("encode", "decode", "encode+decode"):
             o, v = b / median(times[("ours", op)]), b / median(times[("vae", op)])
             raw[(b, op)] = (o, v)
             rows.append(f"| {op} | {b} | {gf[('ours', op)]:.1f} | {gf[('vae', op)]:.1f} | {o:.2f} | {v:.3f} | **{o / v:.1f}x** |")
-        if "plain" in models:
+        if plain is not None:
             p = b / median(times[("plain", "encode+decode")])
             plain_rows.append(f"{p:.2f} images/s at batch {b} ({p / raw[(b, 'encode+decode')][1]:.1f}x the SD-VAE's encode+decode; ours "
                               f"{raw[(b, 'encode+decode')][0] / p:.2f}x the plain blocks' speed)")

@@ -124,31 +124,34 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD if imagenet_norm else (0.5,) * 3).view(1, 3, 1, 1))
         self._init_weights()
 
-    def _init_weights(self, modules=None):
-        for m in modules if modules is not None else self.modules():
+    @staticmethod
+    def _init_linear_and_norm(modules) -> None:
+        for m in modules:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if modules is not None:
-            return
+
+    def _init_weights(self):
+        self._init_linear_and_norm(self.modules())
         if isinstance(self.patch_embed, nn.Conv2d):
             w = self.patch_embed.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
 
-    DECODER_PREFIXES = ("from_latent.", "decoder_pos.", "decoder_blocks.", "decoder_norm.", "to_pixels.")
+    DECODER_MODULES = ("from_latent", "decoder_pos", "decoder_blocks", "decoder_norm", "to_pixels")
+    DECODER_PREFIXES = tuple(name + "." for name in DECODER_MODULES)  # their state-dict keys
 
     def fresh_decoder_on_frozen_encoder(self) -> "StellarTokenizer":
         """The paper's reconstruction protocol: re-initialise the pixel decoder (from_latent, blocks, norm, pixel head)
         and freeze everything else, so training changes the decoder only and the latent stays what it was."""
         self.requires_grad_(False)
-        decoder = [self.from_latent, self.decoder_blocks, self.decoder_norm, self.to_pixels]
-        for m in decoder:
+        for name in self.DECODER_MODULES:
+            m = getattr(self, name)
             m.requires_grad_(True)
-            self._init_weights([sub for sub in m.modules()])
+            self._init_linear_and_norm(m.modules())
         return self
 
     # ------------------------------------------------------------------------------------------
@@ -200,12 +203,13 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
     def bottleneck(self, sparse: torch.Tensor) -> torch.Tensor:
         return self.to_latent(sparse)  # (B, r, d) -> (B, r, c)
 
-    def to_decoder_latent(self, dense: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the decoder reads: tokens (B,r,c) and log L clamped at the floor (B,N,r).
+    def to_decoder_latent(self, dense: torch.Tensor, sparse: torch.Tensor, log_loc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the decoder reads: tokens (B,r,c) and log L clamped at the floor (B,N,r); log_loc: localize()'s, if computed.
 
         lowrank (STELLAR): bottleneck(S) and log L.  dense: bottleneck(dense) (B,N,c) and log I (B,N,N), r = N."""
         tokens = self.bottleneck(dense if self.dense_decoder else sparse)  # (B, r, c); dense: (B, N, c)
-        return tokens, self.clamp_loc(self.localize(dense, sparse))  # (B, N, r); dense: (B, N, N)
+        log_loc = self.localize(dense, sparse) if log_loc is None else log_loc
+        return tokens, self.clamp_loc(log_loc)  # (B, N, r); dense: (B, N, N)
 
     def latent_values(self, n_patches: int) -> int:
         """Numbers per image in the latent that depend on the image: r*c + N*r; dense: N*c (L is the fixed identity)."""
@@ -294,8 +298,8 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         lowrank = dense if self.dense_decoder else torch.einsum("bnr,brd->bnd", L.to(sparse.dtype), sparse)
         out = {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": lowrank}
         if with_latent:
-            tokens = self.bottleneck(dense if self.dense_decoder else sparse)
-            out["latent"] = Latent(tokens.float(), self.clamp_loc(log_loc).float())
+            tokens, log_loc = self.to_decoder_latent(dense, sparse, log_loc)
+            out["latent"] = Latent(tokens.float(), log_loc.float())
         return out
 
     def _check_images(self, images: torch.Tensor) -> None:
