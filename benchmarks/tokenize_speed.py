@@ -24,7 +24,7 @@ def main(argv):
     from omegaconf import OmegaConf
 
     from stellar_tok import StellarTokenizer
-    from stellar_tok.config import load_config
+    from stellar_tok.config import load_config, tokenizer_kwargs
     from stellar_tok.data import build_dataset
     from stellar_tok.tokenize import TokenizeConfig, tokenize
 
@@ -36,7 +36,7 @@ def main(argv):
     else:
         model = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer", "tiny.yaml")).model
         torch.manual_seed(0)
-        tok = StellarTokenizer(**OmegaConf.to_container(model)).eval()
+        tok = StellarTokenizer(**tokenizer_kwargs(model)).eval()
     res = tok.config.image_size
     ds = build_dataset({"name": "shapes", "resolution": res, "train_size": n, "val_size": 8}, "train")
     images = torch.from_numpy(ds.images.copy()).permute(0, 3, 1, 2)

@@ -81,12 +81,11 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
            overrides: tuple[str, ...] = (), profile: str = "") -> dict:
     """One measurement; `overrides` are extra config `key=value`s, `profile` a file for a torch.profiler table of 2 steps."""
     import torch
-    from omegaconf import OmegaConf
 
     torch.set_num_threads(threads)
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stellar_tok.config import load_config
+    from stellar_tok.config import load_config, tokenizer_kwargs
     from stellar_tok.objective import StellarObjective
     from stellar_tok.reconstruction import PatchDiscriminator, ReconstructionLoss
     from stellar_tok.tokenizer import StellarTokenizer
@@ -99,7 +98,7 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     rss_start = max_rss_mib()
     cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "recon.lpips_random_backbone=true", f"optim.batch_size={batch}", *overrides])
     torch.manual_seed(0)
-    tok = StellarTokenizer(**OmegaConf.to_container(cfg.model))
+    tok = StellarTokenizer(**tokenizer_kwargs(cfg.model))
     objective = StellarObjective(tok, cfg.align).train().to(device)
     recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
     disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers).to(device) if cfg.recon.enabled and cfg.recon.gan_weight > 0 else None

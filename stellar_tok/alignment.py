@@ -28,12 +28,12 @@ def _all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 class ClusteringHead(nn.Module):
     """MLP -> L2-normalised embedding -> prototype logits; without prototypes (None) a projection head."""
 
-    def __init__(self, dim: int, hidden: int, bottleneck: int, prototypes: int | None):
+    def __init__(self, dim: int, hidden: int, bottleneck: int, prototypes: int | None, prototype_std: float = 0.0):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, bottleneck))
         self.prototypes = nn.Linear(bottleneck, prototypes, bias=False) if prototypes else None
-        if self.prototypes is not None:
-            nn.init.normal_(self.prototypes.weight, std=bottleneck**-0.5)
+        if self.prototypes is not None:  # std 0: bottleneck^-0.5 (rows of norm ~1); the reference's CAPI heads: 1.0
+            nn.init.normal_(self.prototypes.weight, std=prototype_std or bottleneck**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> logits (..., K), or the embedding (..., bottleneck)
         z = F.normalize(self.mlp(x), dim=-1)
@@ -138,9 +138,10 @@ class AlignmentLoss(nn.Module):
     def __init__(self, dim: int, cfg):
         super().__init__()
         self.cfg = cfg
-        self.token_head = ClusteringHead(dim, cfg.head_hidden, cfg.head_bottleneck, cfg.token_prototypes)
+        std = float(getattr(cfg, "prototype_std", 0.0))
+        self.token_head = ClusteringHead(dim, cfg.head_hidden, cfg.head_bottleneck, cfg.token_prototypes, std)
         contrastive = getattr(cfg, "image_loss", "clustering") == "contrastive"  # then a projection head, no prototypes
-        self.cls_head = ClusteringHead(dim, cfg.head_hidden, cfg.head_bottleneck, None if contrastive else cfg.cls_prototypes)
+        self.cls_head = ClusteringHead(dim, cfg.head_hidden, cfg.head_bottleneck, None if contrastive else cfg.cls_prototypes, std)
 
     def targets(self, token_logits: torch.Tensor, cls_logits: torch.Tensor):
         c = self.cfg

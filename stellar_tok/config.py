@@ -36,12 +36,19 @@ class ModelConfig:
     imagenet_norm: bool = True
     stem: str = "patch"  # patch (ViT) | conv (stride-2 3x3 convolutions: learns faster on small data)
     decoder_input: str = "lowrank"  # lowrank: the decoder reads F = L·S (STELLAR) | dense: every patch feature (ablation)
+    norm_eps: float = 1e-6  # the encoder's LayerNorm eps; 1e-12 to start from a Hugging Face ViT-MAE (its layer_norm_eps)
+    # a local Hugging Face ViT-MAE folder (config.json + model.safetensors) to initialise the encoder from
+    # (stellar_tok.mae_init); not a tokenizer argument: build the tokenizer with tokenizer_kwargs(cfg.model)
+    init_from: Optional[str] = None
 
 
 @dataclass
 class DataConfig:
     name: str = "shapes"  # shapes | digits | folder | wds
     path: Optional[str] = None
+    # folder, wds: the held-out split (latent statistics, evaluation): a folder, or shards given like `path`;
+    # null: `{split}` in path, a directory's val-*.tar, or path/val (see stellar_tok.data)
+    val_path: Optional[str] = None
     resolution: int = 32  # images are loaded at this square size; views are cut from them
     train_size: int = 20000  # shapes only
     val_size: int = 2000  # shapes only
@@ -94,6 +101,7 @@ class AlignConfig:
     head_bottleneck: int = 256
     token_prototypes: int = 16384
     cls_prototypes: int = 16384
+    prototype_std: float = 0.0  # init std of the prototype vectors; 0: head_bottleneck^-0.5 (rows of norm ~1); the reference: 1.0
     sinkhorn_temp: float = 0.06
     sinkhorn_iters: int = 3
     student_temp: float = 0.12
@@ -139,6 +147,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100000
+    # >0: the run's length in passes over the data (data.epoch_size for wds, the train split's size otherwise) at the
+    # launch's global batch (optim.batch_size x processes); replaces `steps`, so a config holds one number for any GPU count
+    epochs: float = 0.0
     max_minutes: float = 0.0  # >0: stop (checkpoint + export) after this wall time; the cosine then follows time
     max_cpu_minutes: float = 0.0  # >0: the same with the process's CPU time (all threads): fair budgets on a shared machine
     stop_after: int = 0  # >0: stop (checkpoint + export) after this many steps of this invocation; resume later
@@ -168,6 +179,13 @@ class Config:
     recon: ReconConfig = field(default_factory=ReconConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def tokenizer_kwargs(model_cfg) -> dict:
+    """StellarTokenizer's keyword arguments from `cfg.model`: every key but `init_from` (a run option, not a weight shape)."""
+    kwargs = OmegaConf.to_container(model_cfg) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    kwargs.pop("init_from", None)
+    return kwargs
 
 
 def check_precision(t) -> None:
@@ -235,6 +253,7 @@ def _require(ok: bool, key: str, allowed: str, value) -> None:
 
 
 def validate(cfg) -> None:
+    _require(cfg.model.init_from is None or cfg.train.decoder_from is None, "model.init_from", "null with train.decoder_from (the encoder comes from that tokenizer)", cfg.model.init_from)
     if cfg.train.decoder_from is not None:
         use_decoder_source(cfg)
     m, v, d, a, r, o, t = cfg.model, cfg.views, cfg.data, cfg.align, cfg.recon, cfg.optim, cfg.train
@@ -249,8 +268,10 @@ def validate(cfg) -> None:
     _require(m.stem == "patch" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.patch_size", "a power of two >= 2 with model.stem=conv", m.patch_size)
     _require(m.decoder_input in ("lowrank", "dense"), "model.decoder_input", "lowrank or dense", m.decoder_input)
     _require(0 < m.loc_floor < 1, "model.loc_floor", "in (0, 1)", m.loc_floor)
+    _require(m.norm_eps > 0, "model.norm_eps", "> 0", m.norm_eps)
     _require(d.name in ("shapes", "digits", "folder", "wds"), "data.name", "one of shapes, digits, folder, wds", d.name)
     _require(d.name not in ("folder", "wds") or bool(d.path), "data.path", f"set for data.name={d.name}", d.path)
+    _require(d.val_path is None or d.name in ("folder", "wds"), "data.val_path", f"null for data.name={d.name} (it has its own val split)", d.val_path)
     _require(d.resolution >= 8, "data.resolution", ">= 8", d.resolution)
     for key, size in (("views.global_size", v.global_size), ("views.local_size", v.local_size)):
         _require(size % m.patch_size == 0 and size > 0, key, f"a positive multiple of model.patch_size={m.patch_size}", size)
@@ -267,6 +288,7 @@ def validate(cfg) -> None:
     _require(a.token_balance in ("all", "slot"), "align.token_balance", "all or slot", a.token_balance)
     _require(a.image_loss in ("clustering", "contrastive"), "align.image_loss", "clustering or contrastive", a.image_loss)
     _require(a.image_feature in ("cls", "tokens"), "align.image_feature", "cls or tokens", a.image_feature)
+    _require(a.prototype_std >= 0, "align.prototype_std", ">= 0 (0: head_bottleneck^-0.5)", a.prototype_std)
     _require(a.contrastive_temp > 0, "align.contrastive_temp", "> 0", a.contrastive_temp)
     _require(0 <= a.teacher_momentum < 1, "align.teacher_momentum", "in [0, 1)", a.teacher_momentum)
     _require(a.token_prototypes >= 2 and a.cls_prototypes >= 2, "align.token_prototypes", ">= 2 (and cls_prototypes)", a.token_prototypes)
@@ -277,6 +299,7 @@ def validate(cfg) -> None:
     _require(o.batch_size >= 2, "optim.batch_size", ">= 2", o.batch_size)
     _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas))
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    _require(t.epochs >= 0, "train.epochs", ">= 0 (0: train.steps counts the run)", t.epochs)
     check_precision(t)
     _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
@@ -300,8 +323,14 @@ def use_decoder_source(cfg) -> None:
 
 
 def check_data_paths(cfg) -> None:
-    """The data a training run reads exists (a separate step: configs are also loaded to build models)."""
-    d = cfg.data
+    """The files a training run reads exist and fit: its data, and the ViT-MAE folder of model.init_from (a separate
+    step: configs are also loaded to build models)."""
+    m, d = cfg.model, cfg.data
+    if m.init_from is not None:
+        from .mae_init import GET_IT, check_mae_fits, mae_folder_problem
+
+        _require(mae_folder_problem(os.path.expanduser(m.init_from)) is None, "model.init_from", f"a Hugging Face ViT-MAE folder with config.json and model.safetensors (get one: {GET_IT}; null: random init)", m.init_from)
+        check_mae_fits(os.path.expanduser(m.init_from), m)  # its config.json only: a mismatch stops the run before any work
     _require(d.name != "folder" or os.path.isdir(os.path.expanduser(str(d.path))), "data.path", "an existing folder of images", d.path)
     if d.name == "wds":
         from .data import DataError, _shard_urls

@@ -26,6 +26,10 @@ uint8 ``(B, 3, R, R)`` and int64 ``(B,)``. Four sources (``data_cfg.name``):
     ``data_cfg.epoch_size // world_size`` samples per process; val reads every shard once, split by node
     and worker.
 
+For folder and wds data, ``val_path`` (optional) names the held-out ("val") split itself: a folder, or shards
+given like ``path`` (a pattern, a list, or a directory whose ``val-*.tar`` are used); unset, the split logic
+above applies, and `heldout_is_train` says whether it fell back to training images.
+
 Bad samples (undecodable bytes, images smaller than 8 px on a side, samples without an image, unreadable
 shards) are skipped and counted by reason, never fatal. The counts live in shared memory, so samples
 skipped inside DataLoader worker processes are counted too; `skipped_samples()` returns them.
@@ -62,6 +66,7 @@ __all__ = [
     "build_loader",
     "collate_samples",
     "find_images",
+    "heldout_is_train",
     "load_rgb",
     "resize_and_crop",
     "reset_skipped_samples",
@@ -274,9 +279,14 @@ def resize_and_crop(img: Image.Image, resolution: int, random_crop: bool) -> tor
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def collate_samples(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(image, label)`` items into uint8 ``(B, 3, R, R)`` images and int64 ``(B,)`` labels."""
-    images = torch.stack([item[0] for item in batch])
+def collate_samples(batch: Sequence[tuple[Any, int]]) -> tuple[Any, torch.Tensor]:
+    """Stack ``(image, label)`` items into uint8 ``(B, 3, R, R)`` images and int64 ``(B,)`` labels; items whose
+    image is a dict of views (`stellar_tok.crops`) give a dict of stacked views."""
+    first = batch[0][0]
+    if isinstance(first, dict):
+        images = {k: torch.stack([item[0][k] for item in batch]) for k in first}
+    else:
+        images = torch.stack([item[0] for item in batch])
     labels = torch.tensor([int(item[1]) for item in batch], dtype=torch.int64)
     return images, labels
 
@@ -417,7 +427,7 @@ class FolderDataset(Dataset):
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], classes: Sequence[str], resolution: int,
-                 random_crop: bool, skips: SkipCounter | None = None):
+                 random_crop: bool, skips: SkipCounter | None = None, cropper=None):
         # Paths relative to a common root, as one numpy bytes array: compact (ImageNet: ~40 MB) and, unlike
         # a list of str, not copied page by page into forked workers as reference counts change.
         self.root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
@@ -426,6 +436,7 @@ class FolderDataset(Dataset):
         self.classes = list(classes)
         self.resolution = int(resolution)
         self.random_crop = bool(random_crop)
+        self.cropper = cropper  # stellar_tok.crops.ViewCropper: items are training views cut from the original
         self.skips = skips if skips is not None else _skip_counter()
         self._bad: dict[int, str] = {}
 
@@ -443,6 +454,8 @@ class FolderDataset(Dataset):
 
     def load(self, index: int) -> ImageSample:
         """Decode item ``index``; raises `BadSample` if it is bad."""
+        if self.cropper is not None:
+            return ImageSample(self.cropper(self.path(index)), int(self.labels[index]))
         img = load_rgb(self.path(index), target=self.resolution)
         return ImageSample(resize_and_crop(img, self.resolution, self.random_crop), int(self.labels[index]))
 
@@ -471,7 +484,14 @@ def _build_folder(data_cfg: Any, resolution: int, split: str) -> FolderDataset:
     if not os.path.isdir(root):
         raise DataError(f"data.path {root!r} does not exist or is not a directory (data.name='folder')")
     split_dirs = {s: os.path.join(root, s) for s in SPLITS}
-    if all(os.path.isdir(d) for d in split_dirs.values()):
+    val_root = _val_path(data_cfg, split)
+    if val_root is not None:  # data.val_path: the held-out images, labelled with the classes of both folders
+        if not os.path.isdir(val_root):
+            raise DataError(f"data.val_path {val_root!r} does not exist or is not a directory (data.name='folder')")
+        train_root = split_dirs["train"] if all(os.path.isdir(d) for d in split_dirs.values()) else root
+        classes = sorted(set(_class_dirs(train_root)) | set(_class_dirs(val_root)))
+        paths, labels, classes = find_images(val_root, classes or None, what="data.val_path")
+    elif all(os.path.isdir(d) for d in split_dirs.values()):
         classes = sorted(set(_class_dirs(split_dirs["train"])) | set(_class_dirs(split_dirs["val"])))
         paths, labels, classes = find_images(split_dirs[split], classes or None)
     else:
@@ -538,9 +558,10 @@ def _tar_samples(shards: Iterable[dict], handler: _ShardErrorHandler) -> Iterato
 
 
 def _decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop: bool, skips: SkipCounter,
-                          with_keys: bool = False) -> Iterator[ImageSample]:
+                          with_keys: bool = False, cropper=None) -> Iterator[ImageSample]:
     """Pipeline stage: raw webdataset samples -> `ImageSample`s (or ``(ImageSample, __key__)`` pairs when
-    ``with_keys``), skipping and counting bad ones."""
+    ``with_keys``), skipping and counting bad ones; with a `stellar_tok.crops.ViewCropper`, the image of each
+    sample is its training views."""
     for sample in samples:
         key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
@@ -555,16 +576,18 @@ def _decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop:
                 skips.add("bad_label", f"{key}: .cls is not an integer")
                 continue
         try:
-            img = load_rgb(bytes(data), target=resolution)
+            if cropper is not None:
+                item = ImageSample(cropper(bytes(data)), label)
+            else:
+                item = ImageSample(resize_and_crop(load_rgb(bytes(data), target=resolution), resolution, random_crop), label)
         except BadSample as bad:
             skips.add(bad.reason, f"{key}: {bad}")
             continue
-        item = ImageSample(resize_and_crop(img, resolution, random_crop), label)
         yield (item, str(sample.get("__key__", "?"))) if with_keys else item
 
 
-def _shard_urls(path: Any, split: str) -> list[str]:
-    """Expand ``data.path`` for wds into a list of shard URLs (see the module docstring)."""
+def _shard_urls(path: Any, split: str, key: str = "data.path") -> list[str]:
+    """Expand ``data.path`` (or ``key``, named in errors) for wds into a list of shard URLs (see the module docstring)."""
     if isinstance(path, (list, tuple)) or (not isinstance(path, (str, os.PathLike)) and hasattr(path, "__iter__")):
         urls = [os.path.expanduser(str(p)) for p in path]
     else:
@@ -574,18 +597,18 @@ def _shard_urls(path: Any, split: str) -> list[str]:
             if any(split_shards.values()):
                 urls = split_shards[split]
                 if not urls:
-                    raise DataError(f"data.path {spec!r} holds {SPLITS[1 - SPLITS.index(split)]}-*.tar shards but no {split}-*.tar")
+                    raise DataError(f"{key} {spec!r} holds {SPLITS[1 - SPLITS.index(split)]}-*.tar shards but no {split}-*.tar")
             else:
                 urls = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
                 if not urls:
-                    raise DataError(f"data.path {spec!r} is a directory without .tar shards")
+                    raise DataError(f"{key} {spec!r} is a directory without .tar shards")
         else:
             urls = list(wds.shardlists.expand_urls(spec))
     if not urls:
-        raise DataError(f"data.path {path!r} names no shards (data.name='wds')")
+        raise DataError(f"{key} {path!r} names no shards (data.name='wds')")
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
-        raise DataError(f"none of the {len(urls)} shards of data.path {path!r} exists (first: {urls[0]!r})")
+        raise DataError(f"none of the {len(urls)} shards of {key} {path!r} exists (first: {urls[0]!r})")
     return urls
 
 
@@ -595,15 +618,17 @@ def _world_size() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
-def _build_wds(data_cfg: Any, resolution: int, split: str, shuffle: bool | None = None, num_workers: int = 0) -> ShardPipeline:
+def _build_wds(data_cfg: Any, resolution: int, split: str, shuffle: bool | None = None, num_workers: int = 0,
+               cropper=None) -> ShardPipeline:
     """The webdataset pipeline; ``num_workers`` only sets how the epoch is divided between workers."""
     path = _require_path(data_cfg, "wds", "a shard pattern like /data/train-{000000..000099}.tar, a list of .tar files or a directory of shards")
-    urls = _shard_urls(path, split)
+    val_path = _val_path(data_cfg, split)
+    urls = _shard_urls(path, split) if val_path is None else _shard_urls(val_path, split, key="data.val_path")
     skips = _skip_counter()
     handler = _ShardErrorHandler(skips)
     train = split == "train"
     shuffle = train if shuffle is None else shuffle
-    decode = functools.partial(_decode_shard_samples, resolution=resolution, random_crop=train, skips=skips)
+    decode = functools.partial(_decode_shard_samples, resolution=resolution, random_crop=train, skips=skips, cropper=cropper)
     if train:
         source = [wds.ResampledShards(urls, seed=int(_cfg_get(data_cfg, "seed", 0)))]
     else:
@@ -681,6 +706,36 @@ def _require_path(data_cfg: Any, name: str, what: str) -> Any:
     return os.path.expanduser(str(path))
 
 
+def _val_path(data_cfg: Any, split: str) -> Any:
+    """``data.val_path`` (expanded) for the held-out split; None for train or when unset (then ``data.path``'s
+    own split logic applies)."""
+    path = _cfg_get(data_cfg, "val_path") if split == "val" else None
+    if path is None or (isinstance(path, str) and not path.strip()):
+        return None
+    if hasattr(path, "__iter__") and not isinstance(path, (str, os.PathLike)):
+        return [os.path.expanduser(str(p)) for p in path]
+    return os.path.expanduser(str(path))
+
+
+def heldout_is_train(data_cfg: Any) -> bool:
+    """True when the held-out ("val") split of folder or wds data resolves to training images: shards shared with
+    the train split (a pattern without ``{split}``, a directory without val-*.tar), or the same folder (no
+    ``path/val``); ``data.val_path`` names a held-out split of its own. False for shapes and digits."""
+    name = _cfg_get(data_cfg, "name")
+    if name == "wds":
+        path = _require_path(data_cfg, "wds", "a shard pattern, a list of .tar files or a directory of shards")
+        val = _val_path(data_cfg, "val")
+        held_out = _shard_urls(path, "val") if val is None else _shard_urls(val, "val", key="data.val_path")
+        return bool(set(_shard_urls(path, "train")) & set(held_out))
+    if name == "folder":
+        root = _require_path(data_cfg, "folder", "a folder of images")
+        split_dirs = [os.path.join(root, s) for s in SPLITS]
+        train_root = split_dirs[0] if all(os.path.isdir(d) for d in split_dirs) else root
+        val_root = _val_path(data_cfg, "val") or (split_dirs[1] if all(os.path.isdir(d) for d in split_dirs) else root)
+        return os.path.realpath(train_root) == os.path.realpath(val_root)
+    return False
+
+
 def _check_name_split(data_cfg: Any, split: str) -> tuple[str, int]:
     name = _cfg_get(data_cfg, "name")
     if name not in DATA_NAMES:
@@ -712,8 +767,14 @@ def build_dataset(data_cfg: Any, split: str = "train"):
 
 
 def build_loader(data_cfg: Any, batch_size: int, split: str = "train", num_workers: int = 0,
-                 shuffle: bool | None = None, drop_last: bool | None = None, seed: int = 0) -> DataLoader:
+                 shuffle: bool | None = None, drop_last: bool | None = None, seed: int = 0, views: Any = None) -> DataLoader:
     """A DataLoader over `build_dataset` yielding ``(images uint8 (B,3,R,R), labels int64 (B,))``.
+
+    ``views`` (a views config) for the train split of file-backed data (folder, wds): the loader cuts the
+    training views from each decoded original (`stellar_tok.crops.ViewCropper`) and yields
+    ``({"main": (B,3,G,G), "global": (B,M-1,3,G,G), "local": (B,n,3,l,l)} uint8, labels)``; ``data.resolution``
+    is then not used. In-memory data sets (shapes, digits) are their own originals and yield images as
+    without ``views``: their views are cut from the batch on the device.
 
     ``shuffle`` and ``drop_last`` default to True for train and False for val. Map-style data sets are
     shuffled by a generator seeded with ``seed`` (reproducible order and worker seeds). For wds,
@@ -730,10 +791,17 @@ def build_loader(data_cfg: Any, batch_size: int, split: str = "train", num_worke
     num_workers = max(0, int(num_workers))
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples,
                   drop_last=drop_last, persistent_workers=num_workers > 0)
+    cropper = None
+    if views is not None and train and name in ("folder", "wds"):
+        from .crops import ViewCropper
+
+        cropper = ViewCropper(views)
     if name == "wds":
-        dataset = _build_wds(data_cfg, resolution, split, shuffle=shuffle, num_workers=num_workers)
+        dataset = _build_wds(data_cfg, resolution, split, shuffle=shuffle, num_workers=num_workers, cropper=cropper)
         return DataLoader(dataset, **common)
     dataset = build_dataset(data_cfg, split)
+    if cropper is not None:
+        dataset.cropper = cropper
     if drop_last and len(dataset) < batch_size:
         warnings.warn(f"the {split} split has {len(dataset)} images, fewer than batch_size={batch_size}: with drop_last the loader is empty")
     generator = torch.Generator().manual_seed(int(seed))

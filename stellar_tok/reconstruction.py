@@ -6,6 +6,7 @@ saying how to provide them, unless `recon.lpips_random_backbone=true` (tests and
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -71,6 +72,27 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Within the block the module's parameters need no gradient (their flags are restored after): gradients
+    flow through it to its input only.
+
+    FSDP2 modules are left as they are (FSDP2 fixes each parameter's requires_grad at its first all-gather): the
+    term then also writes gradients into the module, which its owner clears before the module's own step."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        yield module
+        return
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
 
@@ -94,7 +116,10 @@ class ReconstructionLoss(nn.Module):
         return self.cfg.gan_weight > 0 and step >= self.cfg.gan_start
 
     def generator_loss(self, recon, target, step: int, disc: nn.Module | None = None, last_layer=None):
-        """recon, target (B,3,H,W) in [-1,1] -> (loss, logs)."""
+        """recon, target (B,3,H,W) in [-1,1] -> (loss, logs).
+
+        `disc`: the bare discriminator (not a DDP wrapper). Its adversarial term trains the decoder only: the
+        discriminator's parameters get no gradient from it, so its own step follows the hinge loss alone."""
         c = self.cfg
         recon, target = recon.float(), target.float()
         pix = (recon - target).abs().mean() if c.pixel == "l1" else F.mse_loss(recon, target)
@@ -106,7 +131,8 @@ class ReconstructionLoss(nn.Module):
             logs["lpips"] = float(perc.detach())
         loss = nll
         if disc is not None and self.gan_active(step):
-            g = -disc(recon).mean()
+            with frozen(disc):
+                g = -disc(recon).mean()
             w = adaptive_weight(nll, g, last_layer, c.gan_max_adaptive) if torch.is_grad_enabled() else torch.tensor(1.0)
             loss = loss + c.gan_weight * w * g
             logs.update(gan_g=float(g.detach()), gan_adaptive_weight=float(w))

@@ -79,6 +79,7 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         imagenet_norm: bool = True,
         stem: str = "patch",
         decoder_input: str = "lowrank",
+        norm_eps: float = 1e-6,  # the encoder's LayerNorm eps (1e-12 to match a Hugging Face ViT-MAE start, model.init_from)
     ):
         super().__init__()
         if image_size % patch_size:
@@ -99,8 +100,8 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         self.pos_embed = nn.Parameter(sincos_pos_embed(d, self.grid)[None])  # (1, N, d), learned
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, d))
         self.sparse_tokens = nn.Parameter(torch.randn(1, num_tokens, d) * d**-0.5)  # r learned queries
-        self.blocks = nn.ModuleList([Block(d, heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.blocks = nn.ModuleList([Block(d, heads, mlp_ratio, norm_eps) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d, eps=norm_eps)
 
         # --- localization: L = softmax(cos(W_d dense, W_s S) / tau) ----------------------------
         # (the dense decoder has no L to learn: W_d, W_s would get no gradient, so they do not exist)

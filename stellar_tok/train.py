@@ -19,17 +19,19 @@ reconstruction protocol): the latent stays DIR's, only the decoder learns, from 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import warnings
 
 import torch
 from omegaconf import OmegaConf
 
 from .budget import Budget, cosine_with_warmup
 from .checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
-from .config import Config, check_data_paths, load_config, parse_overrides
+from .config import Config, check_data_paths, load_config, parse_overrides, tokenizer_kwargs
 from .errors import UserError, cli_entry
 from .guards import GracefulStop, NonFiniteGuard
 
@@ -92,6 +94,28 @@ def main(argv: list[str] | None = None) -> dict:
     return train(cfg)
 
 
+def run_length(cfg, loader, accelerator) -> int:
+    """The run's steps: train.steps, or train.epochs passes over the data (data.epoch_size for wds, the train
+    split's size otherwise) at this launch's global batch. Prints what is running, on the main process."""
+    world, batch = accelerator.num_processes, cfg.optim.batch_size
+    total = cfg.train.steps
+    if cfg.train.epochs > 0:
+        per_epoch = cfg.data.epoch_size if cfg.data.name == "wds" else len(loader.dataset)
+        total = max(1, math.ceil(cfg.train.epochs * per_epoch / (batch * world)))
+    length = f"{cfg.train.epochs:g} epochs of {per_epoch:,} images = {total:,} steps" if cfg.train.epochs > 0 else f"{total:,} steps"
+    accelerator.print(f"running: {describe_launch(accelerator)}, batch {batch} per process = {batch * world} global; {length}", flush=True)
+    return total
+
+
+def describe_launch(accelerator) -> str:
+    """'2 processes (multi_cpu, gloo), device cpu, precision no': what a trainer's first line says is running."""
+    world = accelerator.num_processes
+    mode = accelerator.distributed_type.value.lower() if world > 1 or accelerator.distributed_type.value != "NO" else "single"
+    backend = f", {torch.distributed.get_backend()}" if torch.distributed.is_initialized() else ""
+    return (f"{world} process{'es' if world > 1 else ''} ({mode}{backend}), device {accelerator.device.type}, "
+            f"precision {accelerator.mixed_precision}")
+
+
 def end_training(accelerator, stop: GracefulStop) -> None:
     """Close the trackers, restore the signal handlers, leave the process group (every trainer's last step)."""
     accelerator.wait_for_everyone()
@@ -101,16 +125,68 @@ def end_training(accelerator, stop: GracefulStop) -> None:
         torch.distributed.destroy_process_group()
 
 
+def gathered_tokenizer(accelerator, objective, model_cfg):
+    """The trained tokenizer as a plain, unsharded `StellarTokenizer` (eval mode) on the main process; None on the others.
+
+    Every process must call it: the full state dict comes from accelerate's `get_state_dict`, which under FSDP
+    gathers the shards collectively (onto the main process, in CPU memory). Under DDP it is the weights as they are."""
+    from .tokenizer import StellarTokenizer
+
+    full = accelerator.get_state_dict(objective)
+    if not accelerator.is_main_process:
+        return None
+    prefix = "tokenizer."
+    tok = StellarTokenizer(**tokenizer_kwargs(model_cfg))  # without model.init_from (a run option)
+    tok.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
+    return tok.to(accelerator.device).eval()
+
+
+@contextlib.contextmanager
+def no_block_wrapping(accelerator):
+    """Under FSDP, `accelerator.prepare` within the block shards the model as one unit: accelerate's transformer
+    wrap policy refuses a model without the configured layer class (the discriminator has no `Block`)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) if accelerator.distributed_type.value == "FSDP" else None
+    if plugin is None:
+        yield
+        return
+    names = plugin.transformer_cls_names_to_wrap
+    plugin.transformer_cls_names_to_wrap = []
+    try:
+        yield
+    finally:
+        plugin.transformer_cls_names_to_wrap = names
+
+
+def fsdp_on_cpu(accelerator) -> None:
+    """`accelerate launch --config_file` with an FSDP config on a machine without GPUs: accelerate forms the gloo
+    group (MULTI_CPU) but switches FSDP on only for accelerator devices, so training would silently fall back to DDP.
+    FSDP2 (`torch.distributed.fsdp.fully_shard`) runs on the CPU: turn accelerate's own FSDP2 path on, with the
+    plugin the launcher's FSDP_* variables describe. FSDP1 needs a GPU and is refused with one line."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment the launcher set
+    if plugin.fsdp_version != 2:
+        raise UserError("FSDP on the CPU needs fsdp_version: 2 in the accelerate config (FSDP1 runs on GPUs only)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # both shared states: every later AcceleratorState() copies the distributed type from PartialState's
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
 def train(cfg) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from .data import build_loader, reset_skipped_samples, skipped_samples
+    from .data import build_loader, heldout_is_train, reset_skipped_samples, skipped_samples
     from .objective import StellarObjective
     from .reconstruction import PatchDiscriminator, ReconstructionLoss
     from .tokenizer import StellarTokenizer
-    from .views import make_views
+    from .views import make_views, to_unit_range
 
     out_dir = cfg.train.output_dir
     reset_skipped_samples()  # count this run's bad samples only
@@ -125,6 +201,7 @@ def train(cfg) -> dict:
         # alignment only (recon.enabled=false): the decoder gets no gradient, which DDP must be told
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not cfg.recon.enabled)],
     )
+    fsdp_on_cpu(accelerator)  # an FSDP launch config on a machine without GPUs: FSDP2 runs there too
     set_seed(cfg.train.seed)  # same initial weights on every process
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPUs: TF32 for what autocast leaves in fp32 (as DiT)
     device = accelerator.device
@@ -133,7 +210,13 @@ def train(cfg) -> dict:
         OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
 
     # --- model, losses, optimisers ------------------------------------------------------------
-    tokenizer = StellarTokenizer(**OmegaConf.to_container(cfg.model))
+    tokenizer = StellarTokenizer(**tokenizer_kwargs(cfg.model))
+    if cfg.model.init_from:  # the reference recipe: the encoder starts from a Hugging Face ViT-MAE (stellar_tok.mae_init)
+        from .mae_init import load_mae_encoder
+
+        report = load_mae_encoder(tokenizer, cfg.model.init_from)
+        if accelerator.is_main_process:
+            print(report["summary"], flush=True)
     if cfg.train.decoder_from:  # the paper's reconstruction protocol: a fresh decoder on a frozen encoder
         load_frozen_encoder(tokenizer, cfg.train.decoder_from)
     objective = StellarObjective(tokenizer, cfg.align)
@@ -142,21 +225,31 @@ def train(cfg) -> dict:
     recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
     use_gan = cfg.recon.enabled and cfg.recon.gan_weight > 0
     opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
-    loader = build_loader(cfg.data, cfg.optim.batch_size, "train", num_workers=cfg.data.num_workers, seed=cfg.data.seed)
-    stats_loader = build_loader(cfg.data, cfg.optim.batch_size, "val", num_workers=0, seed=cfg.data.seed)
+    views_cfg = cfg.views if cfg.align.enabled else OmegaConf.merge(cfg.views, {"global_crops": 0, "local_crops": 0})
+    # file-backed data: the loader cuts the views from each decoded original (stellar_tok.crops)
+    loader = build_loader(cfg.data, cfg.optim.batch_size, "train", num_workers=cfg.data.num_workers, seed=cfg.data.seed, views=views_cfg)
+    total = run_length(cfg, loader, accelerator)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio))
+    # latent statistics: held-out images, centre crops at the model's size (data.resolution is what training decodes to)
+    stats_data = OmegaConf.merge(cfg.data, {"resolution": cfg.model.image_size})
+    stats_loader = build_loader(stats_data, cfg.optim.batch_size, "val", num_workers=0, seed=cfg.data.seed)
+    if accelerator.is_main_process and heldout_is_train(cfg.data):
+        warnings.warn(f"data.path {cfg.data.path!r} has no held-out split: the exported latent statistics come from training images (set data.val_path)")
     prepare_loader = cfg.data.name != "wds"  # webdataset already splits shards by node and worker
     if use_gan:
         disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.recon.disc_lr, betas=(0.5, 0.9), weight_decay=0.0)
-        objective, opt, disc, opt_d = accelerator.prepare(objective, opt, disc, opt_d)
     else:
         disc = opt_d = None
-        objective, opt = accelerator.prepare(objective, opt)
+    objective, opt = accelerator.prepare(objective, opt)
+    if use_gan:  # a pair of its own: accelerate's FSDP2 prepares one model (with its optimizer) per call
+        with no_block_wrapping(accelerator):  # FSDP: the discriminator has no transformer Block, it is one unit
+            disc, opt_d = accelerator.prepare(disc, opt_d)
     if prepare_loader:
         loader = accelerator.prepare(loader)
     state = TrainState()
     model = accelerator.unwrap_model(objective)
+    bare_disc = accelerator.unwrap_model(disc) if use_gan else None  # the generator's GAN term: no DDP hooks, no grads
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
     ckpt = Checkpointer(accelerator, out_dir, cfg.train.keep_ckpts, state, rng=gen, scheduler=sched)
     ckpt.resume(cfg.train.resume)
@@ -167,30 +260,27 @@ def train(cfg) -> dict:
 
     stop = GracefulStop()  # SIGTERM/SIGINT: finish the step, checkpoint, export
     guard = NonFiniteGuard(accelerator, state, cfg.train.max_nonfinite, on_abort=ckpt.save)
-    total = cfg.train.steps
     pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="train")
     t_start = time.time()
     budget = Budget(state, cfg.train.max_minutes, cfg.train.max_cpu_minutes)
     t_window, img_window = time.time(), 0
     last_logs: dict = {}
     world = accelerator.num_processes
-    views_cfg = cfg.views if cfg.align.enabled else OmegaConf.merge(cfg.views, {"global_crops": 0, "local_crops": 0})
 
     objective.train()
     data_iter = epoch_batches(loader, state, accelerator, skip=prepare_loader)
     start_step = state.step
     stopping = state.step >= total
     while not stopping:
-        images, _ = next(data_iter)
-        images = images.to(device).float() / 127.5 - 1  # uint8 -> [-1, 1]
+        images, labels = next(data_iter)  # uint8 images (B,3,R,R), or the loader's crops (stellar_tok.crops)
         with torch.no_grad():
-            views = make_views(images, views_cfg, gen, cfg.model.patch_size)
+            views = make_views(to_unit_range(images, device), views_cfg, gen, cfg.model.patch_size)
         with accelerator.autocast():
             out = objective(views)
             loss = cfg.align.weight * out["align_loss"]
             logs = dict(out["align_logs"])
             if recon_loss is not None:
-                rl, rlogs = recon_loss.generator_loss(out["recon"], views["main"], state.step, disc, model.tokenizer.last_layer)
+                rl, rlogs = recon_loss.generator_loss(out["recon"], views["main"], state.step, bare_disc, model.tokenizer.last_layer)
                 loss = loss + cfg.recon.weight * rl
                 logs.update(rlogs)
         if not guard.ok(loss):  # NaN/inf on any process: no update, counted; too many in a row stops the run
@@ -205,6 +295,7 @@ def train(cfg) -> dict:
         budget.adjust_lr(opt, sched, state.step, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
         opt.zero_grad(set_to_none=True)
         if use_gan and recon_loss.gan_active(state.step):
+            opt_d.zero_grad(set_to_none=True)  # FSDP2: what the generator's term wrote into the discriminator (see `frozen`)
             with accelerator.autocast():
                 d_loss, dlogs = recon_loss.discriminator_loss(disc, out["recon"], views["main"])
             accelerator.backward(d_loss)
@@ -213,8 +304,8 @@ def train(cfg) -> dict:
             logs.update(dlogs)
         model.update_teacher()
         state.step += 1
-        state.images_seen += images.shape[0] * world
-        img_window += images.shape[0] * world
+        state.images_seen += labels.shape[0] * world
+        img_window += labels.shape[0] * world
         budget.tick()
 
         with torch.no_grad():
@@ -246,10 +337,9 @@ def train(cfg) -> dict:
     # --- final checkpoint and export ------------------------------------------------------------
     state.skipped = skipped = _skipped_total(accelerator, skipped_before, skipped_samples())
     ckpt_path = ckpt.save()
+    tok = gathered_tokenizer(accelerator, objective, cfg.model)  # every process takes part (FSDP: the shards are gathered)
     export = None
-    if accelerator.is_main_process:
-        tok = model.tokenizer
-        tok.eval()
+    if tok is not None:  # the main process: statistics and export from the whole, unsharded tokenizer
         tok.set_latent_stats(compute_latent_stats(tok, stats_loader, device, cfg.train.stats_batches))
         export = export_pretrained(tok, out_dir, "tokenizer")
     elapsed = time.time() - t_start

@@ -5,11 +5,16 @@ independently for each image, then applied with batched tensor ops (`affine_grid
 convolutions), so the same code runs on GPU and CPU without per-image Python loops. (The reference code
 drew colour jitter, blur and grayscale once per batch, so one step in five saw only grey images.)
 
-    make_views(images (B,3,R,R) in [-1,1]) ->
+    make_views(images (B,3,R,R) in [-1,1], or the crops a loader cut) ->
         main    (B,3,G,G)         first global crop: crop + flip only, clean and unmasked
         masked  M x (B,3,G,G)     a photometric copy of the main crop, then M-1 further global crops
         keep    M x (B,K)         visible patch indices of each masked view (K = N * (1 - mask_ratio))
         local   n x (B,3,l,l)     local crops (they contribute through their CLS only)
+
+Where the crops are cut: file-backed data (folder, wds) is cut in the data loader from each decoded
+original (`stellar_tok.crops`: a view never comes from a smaller copy of the image), and `make_views` gets
+those crops; in-memory data sets (shapes, digits) are their own originals, and `make_views` cuts their
+views here from the batch (`random_crop`), with the same rule.
 """
 from __future__ import annotations
 
@@ -144,13 +149,32 @@ def sample_keep(b, grid, mask_ratio, g, device, focal_p=0.0, focal_sigma=(0.1, 0
     return score.topk(k, dim=1).indices.sort(dim=1).values
 
 
-def make_views(images, cfg, g, patch_size):
-    """images (B,3,R,R) in [-1,1] -> dict(main, masked, keep, local); see the module docstring."""
-    main = random_crop(images, cfg.global_size, cfg.global_scale, g, rotation=0.0)
+def to_unit_range(batch, device):
+    """uint8 images, or a dict of uint8 crops (`stellar_tok.crops`), -> float in [-1, 1] on `device`."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True).float() / 127.5 - 1 for k, v in batch.items()}
+    return batch.to(device, non_blocking=True).float() / 127.5 - 1
+
+
+def make_views(source, cfg, g, patch_size):
+    """source: images (B,3,R,R) in [-1,1] to cut every view from, or a loader's crops in [-1,1]
+    {"main" (B,3,G,G), "global" (B,M-1,3,G,G), "local" (B,n,3,l,l)} -> dict(main, masked, keep, local);
+    see the module docstring."""
+    if isinstance(source, dict):  # cut in the loader from the decoded originals
+        main, globals_, locals_ = source["main"], source["global"].unbind(1), source["local"].unbind(1)
+        if len(globals_) < cfg.global_crops - 1 or len(locals_) < cfg.local_crops:
+            raise ValueError(f"the loader cut {len(globals_)} + 1 global and {len(locals_)} local crops; views asks for "
+                             f"{cfg.global_crops} and {cfg.local_crops}")
+        cut_global, cut_local = lambda i: globals_[i], lambda i: locals_[i]  # noqa: E731
+    else:  # in-memory originals: cut here, in the order (and so from the RNG stream) of the batch
+        main = random_crop(source, cfg.global_size, cfg.global_scale, g, rotation=0.0)
+        cut_global = lambda i: random_crop(source, cfg.global_size, cfg.global_scale, g, cfg.rotation)  # noqa: E731
+        cut_local = lambda i: random_crop(source, cfg.local_size, cfg.local_scale, g, cfg.rotation)  # noqa: E731
+    b, device = main.shape[0], main.device
     masked = [photometric(main, cfg, g)]
-    for _ in range(cfg.global_crops - 1):
-        masked.append(photometric(random_crop(images, cfg.global_size, cfg.global_scale, g, cfg.rotation), cfg, g))
+    for i in range(cfg.global_crops - 1):
+        masked.append(photometric(cut_global(i), cfg, g))
     grid = cfg.global_size // patch_size
-    keep = [sample_keep(images.shape[0], grid, cfg.mask_ratio, g, images.device, cfg.focal_p, cfg.focal_sigma) for _ in masked]
-    local = [photometric(random_crop(images, cfg.local_size, cfg.local_scale, g, cfg.rotation), cfg, g) for _ in range(cfg.local_crops)]
+    keep = [sample_keep(b, grid, cfg.mask_ratio, g, device, cfg.focal_p, cfg.focal_sigma) for _ in masked]
+    local = [photometric(cut_local(j), cfg, g) for j in range(cfg.local_crops)]
     return {"main": main, "masked": masked, "keep": keep, "local": local}

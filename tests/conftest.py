@@ -26,11 +26,13 @@ def images():
     return torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
 
 
-def launch_two_processes(module: str, args: list, port: int) -> subprocess.CompletedProcess:
-    """`accelerate launch` of `python -m module args` with two gloo processes on the CPU (one thread each).
+def launch_two_processes(module: str, args: list, port: int, config_file=None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `python -m module args` with two gloo processes on the CPU (one thread each);
+    `config_file`: an accelerate config (e.g. FSDP) instead of `--multi_gpu`.
 
     gloo sometimes aborts at interpreter exit after all work is done: callers judge the outputs, not the exit code."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    mode = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", module, *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)

@@ -128,6 +128,34 @@ def test_hinge_loss_and_gan_start():
     assert "gan_g" in logs and logs["gan_adaptive_weight"] >= 0
 
 
+
+def test_generator_gan_term_leaves_the_discriminator_alone():
+    """One GAN step as the trainer runs it (generator loss backward, then the discriminator's hinge loss backward and
+    its optimiser step) moves the discriminator exactly as the hinge loss alone would."""
+    import copy
+
+    cfg = OmegaConf.create({"pixel": "l1", "pixel_weight": 1.0, "lpips_weight": 0.0, "lpips_random_backbone": True,
+                            "gan_weight": 0.5, "gan_start": 0, "gan_max_adaptive": 1e4})
+    rl = ReconstructionLoss(cfg)
+    torch.manual_seed(0)
+    disc = PatchDiscriminator(16, 2)
+    alone = copy.deepcopy(disc)
+    layer = torch.nn.Conv2d(3, 3, 1)
+    recon, target = layer(torch.rand(2, 3, 32, 32)), torch.rand(2, 3, 32, 32) * 2 - 1
+    opt, opt_alone = (torch.optim.AdamW(d.parameters(), lr=1e-2) for d in (disc, alone))
+
+    g_loss, logs = rl.generator_loss(recon, target, step=0, disc=disc, last_layer=layer.weight)
+    g_loss.backward()
+    assert "gan_g" in logs and layer.weight.grad is not None  # the term trains the decoder ...
+    assert all(p.grad is None for p in disc.parameters())  # ... and not the discriminator
+    assert all(p.requires_grad for p in disc.parameters())  # whose flags are restored
+    for d, o in ((disc, opt), (alone, opt_alone)):
+        rl.discriminator_loss(d, recon, target)[0].backward()
+        o.step()
+    for p, q in zip(disc.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_slot_balance_defeats_token_identity():
     """Logits that depend only on the token slot: balancing over all B*r tokens lets each slot keep its own
     clusters (identity shortcut), balancing per slot spreads every slot's images over all clusters."""

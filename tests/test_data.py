@@ -397,3 +397,35 @@ def test_wds_train_streams_epochs(odd_folder, tmp_path, capsys):
     # a directory of train-*.tar has no val split
     with pytest.raises(ValueError, match="no val-"):
         build_dataset(cfg(name="wds", path=str(out), resolution=16), "val")
+
+
+def test_val_path_names_the_heldout_split(tmp_path):
+    """data.val_path is the held-out split of folder and wds data; without it a flat folder or a shard pattern without
+    {split} falls back to the training images, which `heldout_is_train` reports."""
+    from stellar_tok.data import heldout_is_train
+
+    rng = np.random.default_rng(2)
+    for split, n in (("train", 3), ("val", 2)):
+        for k in range(n):
+            _save(f"{tmp_path}/{split}/c/{k}.png", Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)))
+    train_dir, val_dir = f"{tmp_path}/train", f"{tmp_path}/val"
+    # folder
+    same = cfg(name="folder", path=train_dir, resolution=8)
+    assert len(build_dataset(same, "val")) == 3 and heldout_is_train(same)
+    held = cfg(name="folder", path=train_dir, val_path=val_dir, resolution=8)
+    val = build_dataset(held, "val")
+    assert len(val) == 2 and all(p.startswith(val_dir) for p in val.paths) and val.classes == ["c"]
+    assert len(build_dataset(held, "train")) == 3 and not heldout_is_train(held)
+    assert not heldout_is_train(cfg(name="shapes"))
+    # wds
+    shards = tmp_path / "shards"
+    for split, src in (("train", train_dir), ("val", val_dir)):
+        assert make_shards_main([src, str(shards), "--prefix", split, "--shard-size", "2", "--no-progress"]) == 0
+    pattern = str(shards / "train-{000000..000001}.tar")
+    count = lambda c, split: len(list(build_dataset(c, split)))  # noqa: E731
+    same = cfg(name="wds", path=pattern, resolution=8)
+    assert count(same, "val") == 3 and heldout_is_train(same)
+    held = cfg(name="wds", path=pattern, val_path=str(shards / "val-000000.tar"), resolution=8)
+    assert count(held, "val") == 2 and count(held, "train") > 0 and not heldout_is_train(held)
+    for own in (str(shards / "{split}-000000.tar"), str(shards)):  # {split} in the pattern, a directory with val-*.tar
+        assert not heldout_is_train(cfg(name="wds", path=own, resolution=8))

@@ -124,12 +124,10 @@ def test_bad_inputs_are_refused(tiny_tokenizer):
 
 @pytest.mark.parametrize("name,grid", [("vit_b16", 16), ("vit_l16", 16), ("vit_h14", 18)])
 def test_imagenet_configs_build_with_expected_shapes(name, grid):
-    from omegaconf import OmegaConf
-
-    from stellar_tok.config import load_config
+    from stellar_tok.config import load_config, tokenizer_kwargs
 
     cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "data.path=/data/x.tar"])
-    meta = StellarTokenizer(**OmegaConf.to_container(cfg.model)).to("meta")  # no memory, shapes only
+    meta = StellarTokenizer(**tokenizer_kwargs(cfg.model)).to("meta")  # no memory, shapes only
     n_params = sum(p.numel() for p in meta.parameters())
     assert n_params > 80e6
     size = cfg.model.image_size

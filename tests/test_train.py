@@ -99,3 +99,83 @@ def test_two_processes_with_accelerate(tmp_path):
     assert summary["step"] == 6 and summary["images_seen"] == 6 * 16 * 2
     assert os.path.exists(os.path.join(ckpts[-1], "random_states_1.pkl"))  # one RNG state per process
     StellarTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
+    # the first line says what runs: two gloo processes, and the global batch
+    assert "running: 2 processes (multi_cpu, gloo), device cpu, precision no, batch 16 per process = 32 global" in res.stdout
+
+
+def test_epochs_set_the_run_length(tmp_path):
+    """train.epochs counts passes over the train split at the global batch: 0.25 x 1024 images / 32 = 8 steps."""
+    summary = main(SMALL + ["train.epochs=0.25", "train.steps=1", f"train.output_dir={tmp_path / 'run'}"])
+    assert summary["step"] == 8
+
+
+def test_gan_step_sees_only_the_hinge_gradient(tmp_path, monkeypatch):
+    """In the trainer, when the discriminator's loss is computed the discriminator holds no gradient from the
+    generator's adversarial term (which would otherwise be added to its hinge gradient and stepped on)."""
+    from stellar_tok.reconstruction import ReconstructionLoss
+
+    seen = []
+    real = ReconstructionLoss.discriminator_loss
+
+    def spy(self, disc, recon, target):
+        seen.append([p.grad is None or not p.grad.any() for p in disc.parameters()])
+        return real(self, disc, recon, target)
+
+    monkeypatch.setattr(ReconstructionLoss, "discriminator_loss", spy)
+    summary = main(SMALL + ["train.steps=3", "recon.gan_weight=0.5", "recon.gan_start=1", "recon.disc_channels=8",
+                            "recon.disc_layers=2", f"train.output_dir={tmp_path / 'run'}"])
+    assert summary["step"] == 3 and "gan_d" in summary["last"]
+    assert len(seen) == 2 and all(all(step) for step in seen)
+
+
+def test_latent_stats_at_the_model_size(tmp_path):
+    """The exported statistics are those of held-out images at model.image_size, though training loads 48 px images."""
+    from stellar_tok.data import build_loader
+    from stellar_tok.train import compute_latent_stats
+
+    out = str(tmp_path / "run")
+    main(SMALL + ["data.resolution=48", "data.train_size=64", "train.steps=2", "train.image_every=1000", f"train.output_dir={out}"])
+    tok = StellarTokenizer.from_pretrained(os.path.join(out, "tokenizer")).eval()
+    val = build_loader({"name": "shapes", "resolution": 32, "val_size": 128, "seed": 0}, 32, "val")
+    stats = compute_latent_stats(tok, val, "cpu", 2)  # SMALL: train.stats_batches=2, optim.batch_size=32
+    for name, value in (("token_mean", tok.latent_token_mean), ("token_std", tok.latent_token_std), ("loc_mean", tok.latent_loc_mean)):
+        torch.testing.assert_close(value, getattr(stats, name), msg=name)
+
+
+def test_latent_stats_on_val_path_images(tmp_path):
+    """data.val_path: the statistics come from its images (centre crops at model.image_size); without a held-out
+    split the run warns once, in one line, that they come from training images."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from stellar_tok.config import load_config
+    from stellar_tok.data import build_loader
+    from stellar_tok.errors import UserError
+    from stellar_tok.train import compute_latent_stats
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 16)):
+        os.makedirs(tmp_path / split)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / split / f"{k}.png")
+    args = SMALL + ["data.name=folder", f"data.path={tmp_path / 'train'}", "data.resolution=40", "optim.batch_size=8",
+                    "train.steps=1", "train.image_every=1000"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(args + [f"data.val_path={tmp_path / 'val'}", f"train.output_dir={tmp_path / 'a'}"])
+    assert not [w for w in caught if "training images" in str(w.message)]
+    tok = StellarTokenizer.from_pretrained(str(tmp_path / "a" / "tokenizer")).eval()
+    val = build_loader({"name": "folder", "path": str(tmp_path / "val"), "resolution": 32}, 8, "val")
+    stats = compute_latent_stats(tok, val, "cpu", 2)
+    torch.testing.assert_close(tok.latent_token_mean, stats.token_mean)
+    torch.testing.assert_close(tok.latent_token_std, stats.token_std)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(args + [f"train.output_dir={tmp_path / 'b'}"])  # a flat folder without val/: the train images
+    lines = [str(w.message) for w in caught if "training images" in str(w.message)]
+    assert len(lines) == 1 and "\n" not in lines[0] and "data.val_path" in lines[0], lines
+    with pytest.raises(UserError, match="data.val_path"):
+        load_config(["data.name=shapes", "data.val_path=/somewhere"])
