@@ -305,6 +305,30 @@ def validate(cfg) -> None:
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
 
 
+def inert_settings(cfg) -> list[str]:
+    """One line per setting that has no effect in the chosen mode: keys changed from their default that the run will
+    not read, and a CLS token that no loss reaches."""
+    default = OmegaConf.structured(Config)
+    a, r = cfg.align, cfg.recon
+    unused = {}
+    if a.enabled and a.image_loss == "contrastive":
+        unused["align.cls_prototypes"] = "align.image_loss=contrastive uses a projection head, no CLS prototypes"
+    if a.enabled and a.image_loss == "clustering":
+        unused["align.contrastive_temp"] = "align.image_loss=clustering"
+    if not (r.enabled and r.gan_weight > 0):
+        for k in ("gan_start", "gan_max_adaptive", "disc_channels", "disc_layers", "disc_lr"):
+            unused[f"recon.{k}"] = "the GAN is off (recon.gan_weight=0)"
+    if not (r.enabled and r.lpips_weight > 0):
+        for k in ("lpips_net", "lpips_random_backbone"):
+            unused[f"recon.{k}"] = "LPIPS is off (recon.lpips_weight=0)"
+    lines = [f"config key '{key}' has no effect: {why}" for key, why in unused.items()
+             if OmegaConf.select(cfg, key) != OmegaConf.select(default, key)]
+    if a.enabled and a.image_feature == "tokens":
+        lines.append(f"no loss reaches the CLS token (align.image_feature=tokens, align.image_loss={a.image_loss}): "
+                     "CLS features of this run are untrained")
+    return lines
+
+
 DECODER_KEYS = ("decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_ratio")
 
 

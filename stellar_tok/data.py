@@ -72,6 +72,7 @@ __all__ = [
     "reset_skipped_samples",
     "skipped_samples",
     "skipped_summary",
+    "wds_shards",
 ]
 
 DATA_NAMES = ("shapes", "digits", "folder", "wds")
@@ -665,6 +666,15 @@ def _shard_classes(urls: Sequence[str]) -> list[str]:
         return []
 
 
+def wds_shards(data_cfg: Any, split: str = "train") -> tuple[list[str], list[str]]:
+    """The shard URLs the ``split`` of wds data reads (``data.val_path`` for val when set, as `build_dataset`)
+    and their class names (``classes.json`` beside local shards, else [])."""
+    path = _require_path(data_cfg, "wds", "a shard pattern like /data/train-{000000..000099}.tar, a list of .tar files or a directory of shards")
+    val_path = _val_path(data_cfg, split)
+    urls = _shard_urls(path, split) if val_path is None else _shard_urls(val_path, split, key="data.val_path")
+    return urls, _shard_classes(urls)
+
+
 # ----------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------
@@ -790,7 +800,7 @@ def build_loader(data_cfg: Any, batch_size: int, split: str = "train", num_worke
     drop_last = train if drop_last is None else bool(drop_last)
     num_workers = max(0, int(num_workers))
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples,
-                  drop_last=drop_last, persistent_workers=num_workers > 0)
+                  drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
     cropper = None
     if views is not None and train and name in ("folder", "wds"):
         from .crops import ViewCropper

@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 import warnings
 
@@ -31,9 +32,10 @@ from omegaconf import OmegaConf
 
 from .budget import Budget, cosine_with_warmup
 from .checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
-from .config import Config, check_data_paths, load_config, parse_overrides, tokenizer_kwargs
+from .config import Config, check_data_paths, inert_settings, load_config, parse_overrides, tokenizer_kwargs
 from .errors import UserError, cli_entry
 from .guards import GracefulStop, NonFiniteGuard
+from .launch import describe_launch
 
 USAGE = __doc__
 
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides("python -m stellar_tok.train", USAGE, Config, argv, "config=configs/tokenizer/tiny.yaml train.steps=500")
     cfg = load_config(overrides)
     check_data_paths(cfg)
+    if os.environ.get("RANK", "0") == "0":  # once per launch
+        for line in inert_settings(cfg):
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     return train(cfg)
 
 
@@ -105,15 +110,6 @@ def run_length(cfg, loader, accelerator) -> int:
     length = f"{cfg.train.epochs:g} epochs of {per_epoch:,} images = {total:,} steps" if cfg.train.epochs > 0 else f"{total:,} steps"
     accelerator.print(f"running: {describe_launch(accelerator)}, batch {batch} per process = {batch * world} global; {length}", flush=True)
     return total
-
-
-def describe_launch(accelerator) -> str:
-    """'2 processes (multi_cpu, gloo), device cpu, precision no': what a trainer's first line says is running."""
-    world = accelerator.num_processes
-    mode = accelerator.distributed_type.value.lower() if world > 1 or accelerator.distributed_type.value != "NO" else "single"
-    backend = f", {torch.distributed.get_backend()}" if torch.distributed.is_initialized() else ""
-    return (f"{world} process{'es' if world > 1 else ''} ({mode}{backend}), device {accelerator.device.type}, "
-            f"precision {accelerator.mixed_precision}")
 
 
 def end_training(accelerator, stop: GracefulStop) -> None:
@@ -145,7 +141,9 @@ def gathered_tokenizer(accelerator, objective, model_cfg):
 def no_block_wrapping(accelerator):
     """Under FSDP, `accelerator.prepare` within the block shards the model as one unit: accelerate's transformer
     wrap policy refuses a model without the configured layer class (the discriminator has no `Block`)."""
-    plugin = getattr(accelerator.state, "fsdp_plugin", None) if accelerator.distributed_type.value == "FSDP" else None
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
     if plugin is None:
         yield
         return

@@ -59,3 +59,15 @@ def test_mixed_precision_no_survives_yaml(tmp_path):
     from generators.config import load_config as load_generator_config
 
     assert load_generator_config([f"data.latents={tmp_path}", "train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_a_key_without_effect_is_named_in_one_warning_line(capsys):
+    """tiny.yaml sets align.cls_prototypes, which align.image_loss=contrastive never reads, and trains no CLS."""
+    from stellar_tok.config import inert_settings
+
+    lines = inert_settings(load_config(["config=configs/tokenizer/tiny.yaml"]))
+    assert any(l.startswith("config key 'align.cls_prototypes' has no effect") for l in lines), lines
+    assert any("CLS features of this run are untrained" in l for l in lines)
+    assert inert_settings(load_config(["config=configs/tokenizer/vit_b16.yaml"])) == []
+    off = inert_settings(load_config(["config=configs/tokenizer/vit_b16.yaml", "recon.gan_weight=0"]))
+    assert off == ["config key 'recon.gan_start' has no effect: the GAN is off (recon.gan_weight=0)"]

@@ -56,6 +56,7 @@ def test_decoder_from_trains_a_fresh_decoder_on_the_frozen_encoder(tmp_path, cap
     assert m[-1]["pixel"] < 0.8 * m[0]["pixel"] and m[-1]["align"] == 0.0, (m[0], m[-1])
     cfg = open(os.path.join(out, "config.yaml")).read()
     assert "decoder_from" in cfg and "enabled: false" in cfg
+    capsys.readouterr()  # what the runs above printed (their config warnings among it)
     for bad in ([f"train.decoder_from={tmp_path / 'nowhere'}"], [f"train.decoder_from={src}/tokenizer", "recon.enabled=false"]):
         with pytest.raises(SystemExit):
             main(SMALL + bad + ["train.steps=1", f"train.output_dir={tmp_path / 'x'}"])
