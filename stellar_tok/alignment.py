@@ -173,32 +173,26 @@ class AlignmentLoss(nn.Module):
         if not contrastive:
             terms["cls_self"] = clustering_loss(cls0, q_cls, c.student_temp)
 
-        def image_term(cls_v, sparse_v):  # the view's image-level feature against the main view's
-            if contrastive:
-                return info_nce(self.cls_head(pool(cls_v, sparse_v)), cls0, c.contrastive_temp)
-            return clustering_loss(self.cls_head(pool(cls_v, sparse_v)), q_cls, c.student_temp)
+        def image_terms(cls_v, sparse_v, n):  # the image-level feature of n views stacked (n*B,...) against the main view's
+            emb = self.cls_head(pool(cls_v, sparse_v)).chunk(n)  # one head pass; each view's term on its own batch
+            if contrastive:  # negatives come from the view's own batch
+                return sum(info_nce(e, cls0, c.contrastive_temp) for e in emb) / n
+            return sum(clustering_loss(e, q_cls, c.student_temp) for e in emb) / n
 
         logs = {}
         m = len(views["masked"])
-        tm = cm = km = 0.0
-        ident = 0.0
-        for img, keep in zip(views["masked"], views["keep"]):
-            cls_m, _, s_m = encode(img, keep)  # (B,d), (B,K,d), (B,r,d)
-            perm = match_tokens(s_m.detach(), ref, c.ot_eps, c.ot_iters, c.match)  # (B,r)
-            target = torch.gather(q_tok, 1, perm[..., None].expand(-1, -1, q_tok.shape[-1]))
-            tm = tm + clustering_loss(self.token_head(s_m), target, c.student_temp) / m
-            cm = cm + image_term(cls_m, s_m) / m
-            km = km + koleo(s_m) / m
-            ident += (perm == torch.arange(perm.shape[1], device=perm.device)).float().mean().item() / m
-        if m:
-            terms.update(token_masked=tm, cls_masked=cm, koleo_masked=km)
-            logs["match_identity"] = ident
-        if views["local"]:
-            cl = 0.0
-            for img in views["local"]:
-                cls_l, _, s_l = encode(img, None)
-                cl = cl + image_term(cls_l, s_l) / len(views["local"])
-            terms["cls_local"] = cl
+        if m:  # all masked views in one encoder pass (equal shapes): (M*B,3,G,G), keep (M*B,K)
+            cls_m, _, s_m = encode(torch.cat(views["masked"]), torch.cat(views["keep"]))  # (M*B,d), (M*B,K,d), (M*B,r,d)
+            perm = match_tokens(s_m.detach(), ref.repeat(m, 1, 1), c.ot_eps, c.ot_iters, c.match)  # (M*B,r)
+            target = torch.gather(q_tok.repeat(m, 1, 1), 1, perm[..., None].expand(-1, -1, q_tok.shape[-1]))
+            # every view holds B*r tokens: the mean over all of them is the mean of the views' means
+            terms.update(token_masked=clustering_loss(self.token_head(s_m), target, c.student_temp),
+                         cls_masked=image_terms(cls_m, s_m, m), koleo_masked=koleo(s_m))
+            logs["match_identity"] = (perm == torch.arange(perm.shape[1], device=perm.device)).float().mean()
+        n = len(views["local"])
+        if n:  # all local crops in one pass: (n*B,3,l,l)
+            cls_l, _, s_l = encode(torch.cat(views["local"]), None)
+            terms["cls_local"] = image_terms(cls_l, s_l, n)
         total = sum(getattr(w, k) * v for k, v in terms.items())
         with torch.no_grad():
             used = torch.zeros(q_tok.shape[-1], device=q_tok.device)
@@ -208,4 +202,4 @@ class AlignmentLoss(nn.Module):
                 usedc = torch.zeros(q_cls.shape[-1], device=q_cls.device)
                 usedc[cls0.argmax(-1)] = 1
                 logs["cls_proto_used"] = _all_reduce(usedc).clamp(max=1).mean().item()
-        return total, {**{k: float(v.detach()) for k, v in terms.items()}, **logs}
+        return total, {**{k: float(v.detach()) for k, v in terms.items()}, **{k: float(v) for k, v in logs.items()}}

@@ -188,12 +188,12 @@ def tokenizer_kwargs(model_cfg) -> dict:
     return kwargs
 
 
-def check_precision(t) -> None:
-    """train.mixed_precision: no | bf16 | fp16. YAML reads a bare `no` as false, so `train.mixed_precision=no`
-    arrives as "False": that means no."""
+def check_precision(t, key: str = "train.mixed_precision") -> None:
+    """`t.mixed_precision`: no | bf16 | fp16. YAML reads a bare `no` as false, so `mixed_precision=no` arrives as
+    "False": that means no. `key` names the setting in the error."""
     if str(t.mixed_precision) in ("False", "false"):
         t.mixed_precision = "no"
-    _require(t.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision", "no, bf16 or fp16", t.mixed_precision)
+    _require(t.mixed_precision in ("no", "bf16", "fp16"), key, "no, bf16 or fp16", t.mixed_precision)
 
 
 def _friendly(e: OmegaConfBaseException) -> str:

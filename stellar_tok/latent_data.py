@@ -136,6 +136,11 @@ def read_manifest(path: str) -> dict:
     if manifest.get("format") != FORMAT:
         raise UserError(f"{f} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     if not manifest.get("complete"):
+        failed = manifest.get("failed") or []
+        if failed:
+            first = failed[0]
+            raise UserError(f"{path} is incomplete: {len(failed)} input shard{'s' if len(failed) > 1 else ''} failed to read (first: "
+                            f"{first.get('source')}: {first.get('error')}): make them readable and rerun the same tokenize command")
         raise UserError(f"{path} is incomplete (the tokenize run did not finish): rerun the same tokenize command to complete it")
     return manifest
 
@@ -187,7 +192,32 @@ class LatentDataset(torch.utils.data.Dataset):
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes) or int(self.labels().max()) + 1
+        """The number of classes, for class-conditional use: the folder's class names, else the largest label + 1.
+        A class is then required of every item: an unlabelled one (label -1) is refused with a one-line
+        `UserError` naming the first."""
+        n, first = self.unlabelled()
+        if n:
+            raise UserError(f"{self.path}: {n} of {len(self)} samples have no class (label -1; first: {first}), but class-conditional "
+                            "training needs one for every sample: tokenize labelled data (class sub-folders, or a .cls in every shard sample)")
+        if len(self.classes):
+            return len(self.classes)
+        labels = self.labels()
+        return int(labels.max()) + 1 if len(labels) else 0
+
+    def unlabelled(self) -> tuple[int, str | None]:
+        """How many items are unlabelled (label -1), and the source of the first (None if there is none).
+
+        Recorded by tokenize in the manifest; folders written before that are read (label tensors only)."""
+        if "unlabelled" in self.manifest:
+            return int(self.manifest["unlabelled"]), self.manifest.get("first_unlabelled")
+        labels = self.labels()
+        bad = (labels < 0).nonzero().flatten()
+        if not len(bad):
+            return 0, None
+        i = int(bad[0])
+        shard = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        keys = json.loads(read_shard_meta(self.files[shard])["keys"])
+        return len(bad), keys[i - int(self.offsets[shard])]
 
     def labels(self) -> torch.Tensor:
         """Every label, in item order (reads only the label tensors)."""

@@ -8,11 +8,19 @@ Writes `out/shards/<split>-NNNNNN.safetensors`, `out/manifest.json` and `out/sta
 cache is deterministic); `flip=true` also stores the latent of the mirrored image. The work is cut into
 shards (`shard_size` images of an image folder or embedded set; one latent shard per input tar for
 webdataset) and process p of P takes shards p, p+P, ... Restarting the same command skips finished shards;
-a shard is written under a temporary name and renamed when whole. A folder made by another tokenizer or
-other settings is refused (use a new `out=` or `overwrite=true`).
+a shard is written under a temporary name and renamed when whole. A folder made by another tokenizer, other
+settings or another list of input files (an image folder or shard directory that changed since) is refused
+(use a new `out=` or `overwrite=true`).
+
+An input tar that cannot be read whole (missing, unreadable, cut short) is a failed shard: nothing of it is
+written, the manifest stays incomplete, the summary line names it and the command exits with status 1;
+rerunning the same command once the input is readable redoes exactly the failed shards. Samples without a
+class (label -1) are kept and counted in the summary; class-conditional training refuses them
+(`LatentDataset.num_classes`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import OmegaConf
 
-from .config import DataConfig, load_tokenizer_command_config, parse_overrides
+from .config import DataConfig, check_precision, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
 from .latent_data import DTYPES, FORMAT, SHARD_DIR, StatsAccumulator, read_shard_meta, tokenizer_fingerprint, write_shard
 
@@ -44,11 +52,20 @@ class TokenizeConfig:
     progress: bool = True
 
 
+FAILED_SUFFIX = ".failed.json"  # shards/<name>.failed.json: why a unit's input could not be read (this run)
+
+
 @dataclass
 class _Work:
     name: str  # output shard name, without extension
     source: object  # range of indices, or a shard URL
     count: Optional[int]  # images, when known in advance
+
+
+class _Read:
+    """How reading one unit of work went: `error` is set (one line) when its input could not be read whole."""
+
+    error: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +101,65 @@ def _collate_keyed(batch):
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch]), [b[2] for b in batch]
 
 
-def _batches(dataset, work: _Work, cfg) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+def _describe(exn: Exception) -> str:
+    """One line for a read error (webdataset appends the stream and URL to the arguments; keep the message)."""
+    if isinstance(exn, OSError) and exn.strerror:
+        message = exn.strerror
+    else:
+        message = str(exn.args[0]) if exn.args else ""
+    message = next((l.strip() for l in message.split(" @ ")[0].splitlines() if l.strip()), "")
+    return f"{type(exn).__name__}: {message}" if message else type(exn).__name__
+
+
+def _tar_samples_strict(url: str, read: _Read) -> Iterator[dict]:
+    """The raw samples of one input tar; any read error (cannot open, cut short, duplicate member, a failing
+    pipe) ends the stream and is recorded in `read.error`, so the caller knows the tar was not read whole."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+    source = {"url": url}
+    try:
+        yield from group_by_keys(tar_file_expander(url_opener([source])))
+        stream = source.pop("stream", None)
+        if stream is not None:
+            stream.close()  # a pipe: a failed command shows up here
+    except Exception as exn:  # noqa: BLE001 - every read error fails the unit
+        read.error = _describe(exn)
+    finally:
+        stream = source.get("stream")
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001 - already failed
+                pass
+
+
+def _wds_items(url: str, resolution: int, skips, read: _Read) -> Iterator[tuple[torch.Tensor, int, str]]:
+    """Decoded (image, label, key) of one input tar; bad samples are skipped and counted in `skips`, as the
+    training reader does (`stellar_tok.data`); a read error stops the stream (see `_tar_samples_strict`)."""
+    from .data import WDS_IMAGE_KEYS, BadSample, load_rgb, resize_and_crop
+
+    for sample in _tar_samples_strict(url, read):
+        where = f"{url}:{sample.get('__key__', '?')}"
+        data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
+        if data is None:
+            skips.add("missing_image", f"{where} has members {sorted(k for k in sample if not k.startswith('__'))}")
+            continue
+        label = -1
+        if "cls" in sample:
+            try:
+                label = int(bytes(sample["cls"]).decode("utf-8").strip())
+            except (ValueError, UnicodeDecodeError):
+                skips.add("bad_label", f"{where}: .cls is not an integer")
+                continue
+        try:
+            image = resize_and_crop(load_rgb(bytes(data), target=resolution), resolution, False)
+        except BadSample as bad:
+            skips.add(bad.reason, f"{where}: {bad}")
+            continue
+        yield image, label, str(sample.get("__key__", "?"))
+
+
+def _batches(dataset, work: _Work, cfg, skips, read: _Read) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
     from .data import ArrayDataset, FolderDataset
 
     bs = cfg.batch_size
@@ -100,15 +175,10 @@ def _batches(dataset, work: _Work, cfg) -> Iterator[tuple[torch.Tensor, torch.Te
         for b in loader:
             if b is not None:
                 yield b
-    else:  # webdataset: one input tar
-        from .data import _decode_shard_samples, _ShardErrorHandler, _skip_counter, _tar_samples
-
-        skips = _skip_counter()
-        stream = _decode_shard_samples(_tar_samples([{"url": work.source}], _ShardErrorHandler(skips)),
-                                       cfg.data.resolution, False, skips, with_keys=True)
+    else:  # webdataset: one input tar, read whole or failed
         buf = []
-        for (img, label), key in stream:
-            buf.append((img, label, key))
+        for item in _wds_items(work.source, cfg.data.resolution, skips, read):
+            buf.append(item)
             if len(buf) == bs:
                 yield _collate_keyed(buf)
                 buf = []
@@ -116,23 +186,33 @@ def _batches(dataset, work: _Work, cfg) -> Iterator[tuple[torch.Tensor, torch.Te
             yield _collate_keyed(buf)
 
 
-def _plan(cfg) -> tuple[object, list[_Work], list[str]]:
-    """The data set (None for webdataset), the units of work in order, and the class names."""
-    from .data import ArrayDataset, FolderDataset, _build_folder, _shard_classes, _shard_urls, build_dataset
+def _list_hash(items) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        h.update(item.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _plan(cfg) -> tuple[object, list[_Work], list[str], Optional[dict]]:
+    """The data set (None for webdataset), the units of work in order, the class names, and the input list
+    (count and hash of the shard URLs, or of the folder's relative paths and labels; None for embedded sets)."""
+    from .data import ArrayDataset, FolderDataset, build_dataset, wds_shards
 
     name = cfg.data.name
     if name == "wds":
-        urls = _shard_urls(cfg.data.path, cfg.split)
-        return None, [_Work(f"{cfg.split}-{k:06d}", u, None) for k, u in enumerate(urls)], _shard_classes(urls)
-    if name == "folder":
-        ds = _build_folder(cfg.data, cfg.data.resolution, cfg.split)
+        urls, classes = wds_shards(cfg.data, cfg.split)
+        inputs = {"files": len(urls), "hash": _list_hash(urls)}
+        return None, [_Work(f"{cfg.split}-{k:06d}", u, None) for k, u in enumerate(urls)], classes, inputs
+    ds, inputs = build_dataset(cfg.data, cfg.split), None
+    if isinstance(ds, FolderDataset):
         ds.random_crop = False  # a deterministic cache: centre crops
-    else:
-        ds = build_dataset(cfg.data, cfg.split)
+        root = os.path.join(ds.root, "")
+        rel = (p[len(root):] if p.startswith(root) else os.path.relpath(p, ds.root) for p in ds.paths)
+        inputs = {"files": len(ds), "hash": _list_hash(f"{r}\t{int(y)}" for r, y in zip(rel, ds.labels))}
     assert isinstance(ds, (ArrayDataset, FolderDataset))
     n, s = len(ds), cfg.shard_size
     work = [_Work(f"{cfg.split}-{k:06d}", range(lo, min(lo + s, n)), min(lo + s, n) - lo) for k, lo in enumerate(range(0, n, s))]
-    return ds, work, list(ds.classes)
+    return ds, work, list(ds.classes), inputs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,11 +220,12 @@ def _plan(cfg) -> tuple[object, list[_Work], list[str]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _identity(cfg, fingerprint: str, tok_config: dict) -> dict:
-    """What must match for a restart to continue an existing folder."""
+def _identity(cfg, fingerprint: str, tok_config: dict, inputs: Optional[dict]) -> dict:
+    """What must match for a restart to continue an existing folder (`inputs`: the input file list, see `_plan`)."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if k not in ("num_workers",)}
     return {"format": FORMAT, "tokenizer_hash": fingerprint, "tokenizer_config": tok_config, "data": data, "split": cfg.split,
-            "flip": bool(cfg.flip), "dtype": cfg.dtype, "shard_size": cfg.shard_size if cfg.data.name != "wds" else None}
+            "flip": bool(cfg.flip), "dtype": cfg.dtype, "shard_size": cfg.shard_size if cfg.data.name != "wds" else None,
+            "inputs": inputs}
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -163,6 +244,13 @@ def _check_existing(out: str, identity: dict) -> None:
     with open(f) as fh:
         old = json.load(fh)
     for key, value in identity.items():
+        if key == "inputs" and old.get(key) != value:
+            if not old.get(key):
+                raise UserError(f"out={out} was written by a tokenize that did not record its input file list: "
+                                "use a new out= or overwrite=true to redo it")
+            then, now = old[key]["files"], value["files"]
+            raise UserError(f"out={out} holds latents of another list of input files ({then} files then, {now} now"
+                            f"{', other names' if then == now else ''}): the input changed since; use a new out= or overwrite=true to redo it")
         if old.get(key) != value:
             what = "another tokenizer" if key in ("tokenizer_hash", "tokenizer_config") else f"another {key}"
             have = old.get(key)
@@ -175,7 +263,7 @@ def tokenize(cfg, tokenizer=None) -> dict:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from .data import reset_skipped_samples, skipped_samples
+    from .data import FolderDataset, SkipCounter, reset_skipped_samples
     from .tokenizer import StellarTokenizer
 
     if not cfg.out:
@@ -184,8 +272,7 @@ def tokenize(cfg, tokenizer=None) -> dict:
         raise UserError(f"config key 'dtype' must be one of {', '.join(DTYPES)} (got {cfg.dtype!r})")
     if cfg.split not in ("train", "val"):
         raise UserError(f"config key 'split' must be train or val (got {cfg.split!r})")
-    if cfg.mixed_precision not in ("no", "bf16", "fp16"):
-        raise UserError(f"config key 'mixed_precision' must be no, bf16 or fp16 (got {cfg.mixed_precision!r})")
+    check_precision(cfg, "mixed_precision")  # no | bf16 | fp16 (a bare `no` on the command line arrives as false)
     if cfg.shard_size < 1 or cfg.batch_size < 1:
         raise UserError("shard_size and batch_size must be >= 1")
     state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
@@ -198,7 +285,8 @@ def tokenize(cfg, tokenizer=None) -> dict:
     tok_config = {k: v for k, v in dict(tok.config).items() if not k.startswith("_")}
     fingerprint = tokenizer_fingerprint(tok)
     out, shard_dir = cfg.out, os.path.join(cfg.out, SHARD_DIR)
-    identity = _identity(cfg, fingerprint, tok_config)
+    dataset, work, classes, inputs = _plan(cfg)  # every process lists the input itself
+    identity = _identity(cfg, fingerprint, tok_config, inputs)
 
     if not cfg.overwrite:  # every process refuses on its own, before any waits or deletes
         _check_existing(out, identity)
@@ -206,19 +294,17 @@ def tokenize(cfg, tokenizer=None) -> dict:
         if cfg.overwrite and os.path.isdir(out):
             shutil.rmtree(out)
         os.makedirs(shard_dir, exist_ok=True)
-        for f in os.listdir(shard_dir):  # debris of a killed run: never valid
-            if f.endswith(".tmp"):
+        for f in os.listdir(shard_dir):  # debris of a killed run (never valid), failure records of the last run
+            if f.endswith((".tmp", FAILED_SUFFIX)):
                 os.remove(os.path.join(shard_dir, f))
     state.wait_for_everyone()
 
-    dataset, work, classes = _plan(cfg)
     if state.is_main_process:
         _write_json(os.path.join(out, "manifest.json"), {**identity, "complete": False, "classes": classes})
     mine = work[state.process_index :: state.num_processes]
     todo, done_before = [], 0
     for w in mine:
-        meta = read_shard_meta(os.path.join(shard_dir, w.name + ".safetensors"))
-        if meta is not None and meta.get("tokenizer_hash") == fingerprint:
+        if _shard_done(read_shard_meta(os.path.join(shard_dir, w.name + ".safetensors")), w, fingerprint):
             done_before += 1
         else:
             todo.append(w)
@@ -229,14 +315,16 @@ def tokenize(cfg, tokenizer=None) -> dict:
     known = all(w.count is not None for w in todo)
     pbar = tqdm(total=sum(w.count for w in todo) if known else None, unit="img", desc=f"tokenize [{state.process_index}]",
                 disable=not (cfg.progress and state.is_main_process), dynamic_ncols=True)
+    skips = dataset.skips if isinstance(dataset, FolderDataset) else SkipCounter()  # the folder counts its own
     t0 = time.time()
     n_new = 0
     for w in todo:
         parts = {"tokens": [], "loc": [], "label": [], "tokens_flip": [], "loc_flip": []}
         keys: list[str] = []
         acc = StatsAccumulator(tok.config.latent_channels)
-        skipped_before = sum(skipped_samples().values())
-        for images, labels, batch_keys in _batches(dataset, w, cfg):
+        skipped_before = skips.total()
+        read = _Read()
+        for images, labels, batch_keys in _batches(dataset, w, cfg, skips, read):
             x = images.to(device, non_blocking=True).float() / 127.5 - 1
             views = [("", x), ("_flip", x.flip(-1))] if cfg.flip else [("", x)]
             for suffix, v in views:
@@ -249,12 +337,22 @@ def tokenize(cfg, tokenizer=None) -> dict:
             parts["label"].append(labels.long())
             keys += list(batch_keys)
             pbar.update(len(batch_keys))
-        if not keys:
-            continue  # an input shard with no readable image: nothing to write, nothing to count as done
-        tensors = {k: torch.cat(v) for k, v in parts.items() if v}
-        skipped = sum(skipped_samples().values()) - skipped_before
+        if read.error is not None:  # not read whole: write nothing, record why (for the summary), redo on rerun
+            _write_json(os.path.join(shard_dir, w.name + FAILED_SUFFIX), {"shard": w.name, "source": str(w.source), "error": read.error})
+            continue
+        if keys:
+            tensors = {k: torch.cat(v) for k, v in parts.items() if v}
+        else:  # read whole, but no readable image: an empty shard, so the unit counts as done
+            r, c, n = tok_config["num_tokens"], tok_config["latent_channels"], (tok_config["image_size"] // tok_config["patch_size"]) ** 2
+            views = ["", "_flip"] if cfg.flip else [""]
+            tensors = {"label": torch.zeros(0, dtype=torch.int64), **{f"tokens{v}": torch.zeros(0, r, c, dtype=dtype) for v in views},
+                       **{f"loc{v}": torch.zeros(0, n, r, dtype=dtype) for v in views}}
+        skipped = skips.total() - skipped_before
+        unlabelled = [k for k, y in zip(keys, tensors["label"].tolist()) if y < 0]
         meta = {"format": FORMAT, "tokenizer_hash": fingerprint, "count": str(len(keys)), "keys": json.dumps(keys),
-                "stats": json.dumps(acc.to_dict()), "skipped": str(skipped), "source": str(w.source if cfg.data.name == "wds" else "")}
+                "stats": json.dumps(acc.to_dict()), "skipped": str(skipped), "source": str(w.source if cfg.data.name == "wds" else ""),
+                "unlabelled": str(len(unlabelled)),
+                "first_unlabelled": (f"{w.source}:{unlabelled[0]}" if cfg.data.name == "wds" else unlabelled[0]) if unlabelled else ""}
         write_shard(os.path.join(shard_dir, w.name + ".safetensors"), tensors, meta)
         n_new += len(keys)
     pbar.close()
@@ -264,38 +362,70 @@ def tokenize(cfg, tokenizer=None) -> dict:
     summary = {}
     if state.is_main_process:
         summary = _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, cfg.tokenizer)
-        print(f"tokenize: {summary['images']} images{' (+ flipped)' if cfg.flip else ''} in {summary['shards']} shards "
-              f"({done_before} already done), skipped {summary['skipped']}, {seconds:.1f}s, "
-              f"{n_new / max(seconds, 1e-9):.0f} img/s in this run -> {out}")
+        print(_summary_line(summary, work, cfg, out), flush=True)
     state.wait_for_everyone()
     return summary
 
 
+def _summary_line(summary: dict, work: list, cfg, out: str) -> str:
+    """One line: what was written and, when input shards failed, which and why (first three) and what to do."""
+    s = summary
+    done = (f"{s['images']} images{' (+ flipped)' if cfg.flip else ''} in {s['shards']} shards ({s['shards_already_done']} already done), "
+            f"skipped {s['skipped']}"
+            + (f", {s['unlabelled']} unlabelled (label -1, first: {s['first_unlabelled']})" if s.get("unlabelled") else "")
+            + f", {s['seconds']:.1f}s, {s['images_this_run'] / max(s['seconds'], 1e-9):.0f} img/s in this run -> {out}")
+    failed = s.get("failed") or []
+    if not failed:
+        return f"tokenize: {done}"
+    shown = "; ".join(f"{f['source']}: {f['error']}" for f in failed[:3]) + (f"; and {len(failed) - 3} more" if len(failed) > 3 else "")
+    return (f"tokenize: INCOMPLETE: {len(failed)} of {len(work)} input shards failed ({shown}); {done}; "
+            f"rerun the same command once they are readable to redo only the failed shards (list: {os.path.join(out, 'manifest.json')})")
+
+
+def _shard_done(meta: Optional[dict], w: _Work, fingerprint: str) -> bool:
+    """Whether a unit of work is finished: its shard is whole, from this tokenizer, and from this input."""
+    if meta is None or meta.get("tokenizer_hash") != fingerprint:
+        return False
+    return meta.get("source") == str(w.source) if w.count is None else meta["count"] <= w.count
+
+
 def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, tokenizer_path=None) -> dict:
     shard_dir = os.path.join(out, SHARD_DIR)
-    shards, parts, skipped, images = [], [], 0, 0
+    fingerprint = identity["tokenizer_hash"]
+    shards, parts, failed, skipped, images, unlabelled, first_unlabelled = [], [], [], 0, 0, 0, ""
     for w in work:
         file = w.name + ".safetensors"
         meta = read_shard_meta(os.path.join(shard_dir, file))
-        if meta is None:
-            if w.count is None:  # a webdataset shard without a single readable image
-                continue
-            raise UserError(f"shard {file} is missing after the run: rerun the same command to complete {out}")
+        if not _shard_done(meta, w, fingerprint):
+            record = os.path.join(shard_dir, w.name + FAILED_SUFFIX)
+            if os.path.isfile(record):
+                with open(record) as f:
+                    failed.append(json.load(f))
+            else:  # e.g. a process that stopped without a word
+                failed.append({"shard": w.name, "source": str(w.source if w.count is None else file), "error": "no shard was written"})
+            continue
+        skipped += int(meta.get("skipped", 0))
+        unlabelled += int(meta.get("unlabelled", 0))
+        first_unlabelled = first_unlabelled or meta.get("first_unlabelled", "")
+        if not meta["count"]:  # an input without a single readable image: done, nothing to list
+            continue
         shards.append({"file": file, "count": meta["count"]})
         parts.append(json.loads(meta["stats"]))
-        skipped += int(meta.get("skipped", 0))
         images += meta["count"]
-    if not images:
+    if not images and not failed:
         raise UserError(f"no image could be tokenized from data.name={identity['data']['name']} split={identity['split']}")
-    stats = StatsAccumulator.merge(parts, tok_config["latent_channels"]).stats()
+    summary = {"images": images, "shards": len(shards), "skipped": skipped, "unlabelled": unlabelled,
+               "first_unlabelled": first_unlabelled or None, "seconds": round(seconds, 2), "images_this_run": n_new,
+               "shards_already_done": done_before, "failed": failed}
     n, r, c = tok_config["image_size"] // tok_config["patch_size"], tok_config["num_tokens"], tok_config["latent_channels"]
-    _write_json(os.path.join(out, "stats.json"), {**stats.to_dict(), "images": images, "includes_flipped": identity["flip"]})
-    summary = {"images": images, "shards": len(shards), "skipped": skipped, "seconds": round(seconds, 2),
-               "images_this_run": n_new, "shards_already_done": done_before}
-    manifest = {**identity, "complete": True, "classes": classes, "shards": shards, "count": images, "tokenizer_path": tokenizer_path,
-                "shapes": {"tokens": [r, c], "loc": [n * n, r], "label": []},
+    manifest = {**identity, "complete": not failed, "classes": classes, "shards": shards, "count": images,
+                "unlabelled": unlabelled, "first_unlabelled": first_unlabelled or None, "failed": failed,
+                "tokenizer_path": tokenizer_path, "shapes": {"tokens": [r, c], "loc": [n * n, r], "label": []},
                 "dtypes": {"tokens": identity["dtype"], "loc": identity["dtype"], "label": "int64"},
                 "loc_representation": f"log L clamped at log({tok_config['loc_floor']})", "summary": summary}
+    if not failed:  # statistics of the whole set only
+        stats = StatsAccumulator.merge(parts, tok_config["latent_channels"]).stats()
+        _write_json(os.path.join(out, "stats.json"), {**stats.to_dict(), "images": images, "includes_flipped": identity["flip"]})
     _write_json(os.path.join(out, "manifest.json"), manifest)
     return summary
 
@@ -304,7 +434,10 @@ def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_befor
 def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides("python -m stellar_tok.tokenize", __doc__, TokenizeConfig, argv, "tokenizer=DIR out=DIR data.name=shapes flip=true")
     cfg = load_tokenizer_command_config(overrides, TokenizeConfig)
-    return tokenize(cfg)
+    summary = tokenize(cfg)
+    if summary.get("failed"):  # the summary line said which input shards failed
+        raise SystemExit(1)
+    return summary
 
 
 if __name__ == "__main__":

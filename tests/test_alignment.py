@@ -1,4 +1,5 @@
 """Sinkhorn marginals, OT matching, KoLeo, GAN adaptive weight, views and masks."""
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -218,3 +219,61 @@ def test_contrastive_image_loss_on_mean_tokens_trains():
     assert 0 < logs["cls_masked"] < 2 * torch.log(torch.tensor(8.0)).item()
     out["align_loss"].backward()
     assert tok.sparse_tokens.grad.abs().sum() > 0
+
+
+def _per_view_alignment(align, encode, main, views):
+    """The alignment objective with one encoder pass per view (the plain loop the batched forward replaced)."""
+    from stellar_tok.alignment import info_nce
+
+    c, w = align.cfg, align.cfg.weights
+    contrastive = c.image_loss == "contrastive"
+    pool = (lambda cls, s: s.mean(1)) if c.image_feature == "tokens" else (lambda cls, s: cls)  # noqa: E731
+    s0, c0 = main["sparse"], main["cls"]
+    tok0, cls0 = align.token_head(s0), align.cls_head(pool(c0, s0))
+    q_tok, q_cls = align.targets(tok0, None if contrastive else cls0)
+    terms = {"token_self": clustering_loss(tok0, q_tok, c.student_temp), "koleo": koleo(s0)}
+    if not contrastive:
+        terms["cls_self"] = clustering_loss(cls0, q_cls, c.student_temp)
+    image = (lambda e: info_nce(e, cls0, c.contrastive_temp)) if contrastive else (lambda e: clustering_loss(e, q_cls, c.student_temp))  # noqa: E731
+    m, tm, cm, km = len(views["masked"]), 0.0, 0.0, 0.0
+    for img, keep in zip(views["masked"], views["keep"]):
+        cls_m, _, s_m = encode(img, keep)
+        perm = match_tokens(s_m.detach(), s0.detach(), c.ot_eps, c.ot_iters, c.match)
+        target = torch.gather(q_tok, 1, perm[..., None].expand(-1, -1, q_tok.shape[-1]))
+        tm = tm + clustering_loss(align.token_head(s_m), target, c.student_temp) / m
+        cm = cm + image(align.cls_head(pool(cls_m, s_m))) / m
+        km = km + koleo(s_m) / m
+    terms.update(token_masked=tm, cls_masked=cm, koleo_masked=km)
+    terms["cls_local"] = sum(image(align.cls_head(pool(*encode(img, None)[::2]))) for img in views["local"]) / len(views["local"])
+    return sum(getattr(w, k) * v for k, v in terms.items()), terms
+
+
+@pytest.mark.parametrize("image_loss", ["clustering", "contrastive"])
+def test_batched_views_give_the_per_view_losses_and_gradients(image_loss):
+    """All masked views in one encoder pass, all local crops in another: the same terms and gradients as a pass per view."""
+    from conftest import TINY_MODEL
+    from stellar_tok import StellarTokenizer
+
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**TINY_MODEL)
+    cfg = OmegaConf.merge(OmegaConf.structured(AlignConfig), {"head_hidden": 32, "head_bottleneck": 16, "token_prototypes": 16,
+                                                              "cls_prototypes": 8, "image_loss": image_loss})
+    align = AlignmentLoss(TINY_MODEL["width"], cfg)
+    vcfg = OmegaConf.merge(OmegaConf.structured(ViewsConfig), {"global_crops": 3, "local_crops": 2})
+    views = make_views(torch.rand(6, 3, 32, 32) * 2 - 1, vcfg, torch.Generator().manual_seed(0), 4)
+    params = [*tok.parameters(), *align.parameters()]
+    results = []
+    for fn in (lambda main: align(tok.encode_features, main, views), lambda main: _per_view_alignment(align, tok.encode_features, main, views)):
+        main = tok(views["main"])
+        total, terms = fn(main)
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        results.append((total.detach(), {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}, grads))
+    (t_batched, terms_batched, g_batched), (t_loop, terms_loop, g_loop) = results
+    torch.testing.assert_close(t_batched, t_loop, rtol=1e-5, atol=1e-6)
+    for k, v in terms_loop.items():
+        assert abs(terms_batched[k] - v) <= 1e-5 * max(1.0, abs(v)), (k, terms_batched[k], v)
+    for a, b in zip(g_batched, g_loop):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
