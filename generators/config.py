@@ -39,7 +39,7 @@ class FlowConfig:
 class GenOptimConfig:
     lr: float = 1.0e-4
     weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.99])
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW, as DiT (tiny.yaml keeps its former 0.99)
     warmup_steps: int = 0
     min_lr_ratio: float = 1.0  # 1: constant LR after warm-up (DiT); < 1: cosine decay to lr * ratio
     grad_clip: float = 1.0
@@ -51,7 +51,8 @@ class GenTrainConfig:
     steps: int = 400000
     max_minutes: float = 0.0  # >0: stop (checkpoint + export) after this wall time
     max_cpu_minutes: float = 0.0  # >0: the same with the process's CPU time (all threads): fair budgets on a shared machine
-    ema: float = 0.9999  # EMA decay of the exported weights (with diffusers' EMA warm-up)
+    ema: float = 0.9999  # EMA decay of the exported weights: this value from the first update on (DiT), unless ema_warmup
+    ema_warmup: bool = False  # true: diffusers' warm-up, decay 1 - (1 + step)^(-2/3) capped at `ema` (0.9999 only after 1e6 steps)
     mixed_precision: str = "no"  # no | bf16 | fp16
     compile: bool = False  # torch.compile each DiT block (regional compilation)
     seed: int = 0
@@ -99,6 +100,7 @@ def load_config(args: list[str]):
     _require(o.lr > 0, "optim.lr", "> 0", o.lr)
     _require(o.batch_size >= 1, "optim.batch_size", ">= 1", o.batch_size)
     _require(0 <= t.ema < 1, "train.ema", "in [0, 1)", t.ema)
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
     check_precision(t)
     _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)

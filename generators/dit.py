@@ -85,7 +85,8 @@ class LatentDiT(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuffers):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         class_names: list | None = None,  # optional, for pipelines and grids
-        tokenizer_hash: str | None = None,  # fingerprint of the tokenizer whose latents it models
+        tokenizer_hash: str | None = None,  # the latent it models: stellar_tok.latent.latent_fingerprint of its tokenizer
+        # (encoder side only, so a decoder retrained with train.decoder_from fits); older exports: the whole tokenizer's
     ):
         super().__init__()
         if grid % loc_patch:

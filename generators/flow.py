@@ -3,12 +3,49 @@
     x_t = (1 - t) x + t e,   e ~ N(0, I),   t in [0, 1]  (t = 0: data, t = 1: noise)
     the model predicts v = e - x;  loss = mean squared error over every value of both parts
 
-This is the convention of `diffusers`' `FlowMatchEulerDiscreteScheduler` (sigma = t), which the sampler
-uses, so any flow-matching scheduler of that family can integrate the ODE from t = 1 to 0.
+This is the convention of `diffusers`' flow-matching schedulers (sigma = t), so any scheduler of that family
+integrates the ODE from t = 1 to 0; `make_scheduler` builds the two the sampler offers:
+
+    euler   FlowMatchEulerDiscreteScheduler: one model evaluation per step (the default)
+    heun    FlowMatchHeunDiscreteScheduler: second order, 2 * steps - 1 evaluations (the last step is Euler's, to t = 0)
+
+Timestep shift (SD3, LightningDiT; `diffusers`' `shift`): every time of the step grid u (evenly spaced from
+1 down to about 0) becomes
+
+    t = shift * u / (1 + (shift - 1) * u)
+
+In this code's convention (t = 1 noise, t = 0 data), shift > 1 moves every step towards the noise end, so more
+of the steps are spent on the coarse, high-noise part of the path (shift = 3: u = 0.5 -> t = 0.75); shift < 1
+moves them towards the data; shift = 1 leaves the grid alone. A code base whose t runs the other way (t = 0
+noise) writes the same schedule with 1/shift in place of shift.
 """
 from __future__ import annotations
 
 import torch
+
+SCHEDULERS = ("euler", "heun")
+
+
+def make_scheduler(kind: str = "euler", shift: float = 1.0):
+    """A `diffusers` flow-matching scheduler: `kind` euler | heun, with the timestep `shift` (module docstring)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    if kind not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {kind!r})")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0 (got {shift!r})")
+    cls = FlowMatchEulerDiscreteScheduler if kind == "euler" else FlowMatchHeunDiscreteScheduler
+    return cls(shift=float(shift))
+
+
+def autocast_dtype(mixed_precision: str, device) -> torch.dtype | None:
+    """Sampling precision: auto -> bf16 autocast on CUDA, fp32 elsewhere; no -> fp32; bf16 | fp16 -> that autocast."""
+    choices = {"auto": None, "no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in choices:
+        raise ValueError(f"mixed_precision must be one of {', '.join(choices)} (got {mixed_precision!r})")
+    if mixed_precision == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else None
+    return choices[mixed_precision]
 
 
 def sample_t(b: int, kind: str, g: torch.Generator | None, device, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
@@ -47,8 +84,9 @@ def split_latent(x: torch.Tensor, r: int, c: int, n: int) -> tuple[torch.Tensor,
 def sample_latents(model, labels: torch.Tensor, steps: int = 50, cfg_scale: float = 1.0, interval: tuple[float, float] = (0.0, 1.0),
                    generator: torch.Generator | None = None, scheduler=None, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Integrate the flow ODE from noise (t = 1) to data (t = 0) with a flow-matching scheduler
-    (default: `diffusers.FlowMatchEulerDiscreteScheduler`). Guidance `cfg_scale` is applied to every channel
-    of both parts while t lies in `interval` (conditional model elsewhere). Deterministic given `generator`.
+    (default: `diffusers.FlowMatchEulerDiscreteScheduler`, no shift; `make_scheduler` gives heun and a timestep
+    shift). Guidance `cfg_scale` is applied to every channel of both parts while t lies in `interval` (conditional
+    model elsewhere). Deterministic given `generator`.
 
     Returns normalised (tokens (B,r,c), loc (B,N,r)) in float32."""
     from diffusers import FlowMatchEulerDiscreteScheduler

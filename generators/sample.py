@@ -4,16 +4,25 @@
         classes=0,1,2 n=8 cfg=3 steps=25 out=samples/tiny
     accelerate launch -m generators.sample generator=DIR tokenizer=DIR classes=all n=50 out=DIR   # FID-size sets
 
-`n` samples per class (`classes`: ids, names, or `all`). Writes out/grid.png (one row per class, first 16
-per class), out/images/<class>_<i>.png, and out/samples.npz (ADM layout: uint8 NHWC `arr_0`, labels
-`arr_1`) for FID suites. Sample i of the whole set always uses seed `seed + i`, so the result does not
-depend on the batch size or on how many processes share the work (process p takes samples p, p+P, ...).
+`n` samples per class (`classes`: ids, names, or `all`). Writes out/samples.npz (ADM layout: uint8 NHWC `arr_0`,
+labels `arr_1`) for FID suites, out/grid.png (one row per class for up to 32 classes, first 16 samples of each)
+and, with `png=true` (or `png=auto`, the default, when the whole set has at most 1000 images), one PNG per
+sample, out/images/<class>_<i>.png: a 50k set writes no 50k PNGs unless asked.
+
+Sample i of the whole set starts from noise drawn with a generator seeded from a hash of (seed, i): it depends
+only on the seed and its index, so the result does not depend on the batch size or on how many processes share
+the work (process p takes samples p, p+P, ...), and two seeds never share a sample.
 Memory stays flat for FID-size sets: each process writes its images to a memory-mapped part file and its own
 PNGs as it goes; the first process then streams samples.npz from the parts, in sample order.
-Guidance applies to every latent channel, optionally only for t in `interval` (e.g. interval=0.1,0.7).
+
+Sampling knobs: `scheduler` euler | heun (heun: 2 * steps - 1 model evaluations), `shift` (the SD3 timestep
+shift t = shift u / (1 + (shift - 1) u) of the step grid u; t = 1 is noise here, so shift > 1 spends more steps
+near the noise; generators.flow), `cfg` (guidance on every latent channel, only for t in `interval`, e.g.
+interval=0.1,0.7), `mixed_precision` (auto: bf16 autocast on GPUs, fp32 on the CPU).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,11 +48,40 @@ class SampleConfig:
     cfg: float = 4.0
     interval: str = "0,1"  # guidance only while t (1 = noise, 0 = data) is in [lo, hi]
     steps: int = 50
-    seed: int = 0
+    scheduler: str = "euler"  # euler | heun (second order: 2 * steps - 1 model evaluations)
+    shift: float = 1.0  # timestep shift t = shift u / (1 + (shift - 1) u); > 1: more steps near the noise (t = 1)
+    seed: int = 0  # sample i's noise depends only on (seed, i)
     batch_size: int = 64
-    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU)
-    save_png: bool = True
+    mixed_precision: str = "auto"  # auto (bf16 on GPUs, fp32 on the CPU) | no | bf16 | fp16
+    png: str = "auto"  # one PNG per sample: auto (only when the set has <= 1000 images) | true | false; grid.png always
+    save_png: Optional[bool] = None  # deprecated: png=true / png=false
     progress: bool = True
+
+
+PNG_AUTO_MAX = 1000  # png=auto writes per-sample PNGs up to this many images in the whole set
+GRID_MAX_CLASSES = 32  # grid.png: rows for at most this many classes (the first requested)
+
+
+def sample_noise(seed: int, indices, dim: int) -> torch.Tensor:
+    """(len(indices), dim) float32 N(0, I) noise on the CPU. Row k is drawn by a generator seeded from a hash of
+    (seed, indices[k]), so it depends only on the seed and the sample's global index: not on the batch, the number
+    of processes or the other samples; and no two seeds share a sample (with the former seed + i, sample i of
+    seed s + 1 was sample i + 1 of seed s)."""
+    rows = []
+    for i in indices:
+        digest = hashlib.sha256(f"generators.sample/{int(seed)}/{int(i)}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)  # 63 bits
+        rows.append(torch.randn(dim, generator=g))
+    return torch.stack(rows) if rows else torch.zeros(0, dim)
+
+
+def _png_mode(cfg) -> str:
+    if cfg.save_png is not None:  # the old boolean key
+        return "true" if cfg.save_png else "false"
+    mode = str(cfg.png).strip().lower()
+    if mode not in ("auto", "true", "false"):
+        raise UserError(f"png must be auto, true or false (got {cfg.png!r})")
+    return mode
 
 
 def _parse_classes(spec: str, model) -> list[int]:
@@ -84,9 +122,28 @@ def save_npz_streamed(path: str, shape: tuple, chunks, labels: np.ndarray) -> No
     os.replace(tmp, path)
 
 
+def check_tokenizer(model, tok) -> None:
+    """Refuse a tokenizer whose latent is not the one the generator modelled. The generator's `tokenizer_hash` is the
+    latent fingerprint (stellar_tok.latent.latent_fingerprint: encoder, bottleneck and the settings that shape the
+    latent, not the decoder), so a tokenizer whose decoder was retrained on the frozen encoder (train.decoder_from) is
+    accepted; generators exported before it carry the whole tokenizer's fingerprint, which still matches the tokenizer
+    itself."""
+    from stellar_tok.latent import latent_fingerprint
+    from stellar_tok.latent_data import tokenizer_fingerprint
+
+    want = model.config.tokenizer_hash
+    if not want or want == latent_fingerprint(tok):
+        return
+    if want == tokenizer_fingerprint(tok):  # an older generator folder: the exact tokenizer
+        return
+    raise UserError(f"the generator was trained on the latents of another tokenizer (fingerprint {want}; this tokenizer's latent "
+                    f"fingerprint is {latent_fingerprint(tok)}); pass the tokenizer used by stellar_tok.tokenize, or one whose "
+                    f"decoder was retrained on its encoder (train.decoder_from; generators exported before latent "
+                    f"fingerprints accept only the exact tokenizer)")
+
+
 def sample(cfg) -> dict:
     from accelerate import PartialState
-    from diffusers import FlowMatchEulerDiscreteScheduler
     from PIL import Image
     from stellar_tok.visual import enlarged_grid
     from tqdm.auto import tqdm
@@ -95,7 +152,7 @@ def sample(cfg) -> dict:
     from stellar_tok.tokenizer import StellarTokenizer
 
     from .dit import LatentDiT
-    from .flow import sample_latents
+    from .flow import SCHEDULERS, autocast_dtype, make_scheduler, sample_latents
 
     for key in ("generator", "tokenizer"):
         path = getattr(cfg, key)
@@ -105,43 +162,48 @@ def sample(cfg) -> dict:
         lo, hi = (float(x) for x in str(cfg.interval).split(","))
     except ValueError:
         raise UserError(f"interval must be two numbers lo,hi in [0, 1] (got {cfg.interval!r})") from None
+    if cfg.scheduler not in SCHEDULERS:
+        raise UserError(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {cfg.scheduler!r})")
+    if not cfg.shift > 0:
+        raise UserError(f"shift must be > 0 (got {cfg.shift!r})")
+    if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise UserError(f"mixed_precision must be auto, no, bf16 or fp16 (got {cfg.mixed_precision!r})")
+    png_mode = _png_mode(cfg)
     state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     device = state.device
     model = LatentDiT.from_pretrained(cfg.generator).to(device).eval()
     tok = StellarTokenizer.from_pretrained(cfg.tokenizer).to(device).eval()
-    from stellar_tok.latent_data import tokenizer_fingerprint
-
-    if model.config.tokenizer_hash and model.config.tokenizer_hash != tokenizer_fingerprint(tok):
-        raise UserError(f"the generator was trained on the latents of another tokenizer (fingerprint {model.config.tokenizer_hash}); "
-                        f"pass the tokenizer used by stellar_tok.tokenize")
+    check_tokenizer(model, tok)
     classes = _parse_classes(cfg.classes, model)
     if cfg.n < 1 or cfg.batch_size < 1:
         raise UserError(f"n and batch_size must be >= 1 (got n={cfg.n}, batch_size={cfg.batch_size})")
     labels_all = torch.tensor(classes).repeat_interleave(cfg.n)  # (C*n,)
+    save_png = png_mode == "true" or (png_mode == "auto" and len(labels_all) <= PNG_AUTO_MAX)
     names = list(model.config.class_names or [])
     parts_dir = os.path.join(cfg.out, "parts")
     os.makedirs(parts_dir, exist_ok=True)
-    if cfg.save_png:
+    if save_png:
         os.makedirs(os.path.join(cfg.out, "images"), exist_ok=True)
     mine = list(range(state.process_index, len(labels_all), state.num_processes))
     r, c, n = model.config.num_tokens, model.config.token_channels, model.config.grid**2
     dim = r * c + n * r
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    amp = autocast_dtype(cfg.mixed_precision, device)
+    precision = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     part, t0 = None, time.time()  # this process's images (len(mine),H,W,3), memory-mapped
     pbar = tqdm(total=len(mine), unit="img", disable=not (cfg.progress and state.is_main_process), desc="sample")
     for i in range(0, len(mine), cfg.batch_size):
         idx = mine[i : i + cfg.batch_size]
-        noise = torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(cfg.seed + j)) for j in idx]).to(device)
+        noise = sample_noise(cfg.seed, idx, dim).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             tokens, loc = sample_latents(model, labels_all[idx].to(device), cfg.steps, cfg.cfg, (lo, hi),
-                                         scheduler=FlowMatchEulerDiscreteScheduler(), noise=noise)
+                                         scheduler=make_scheduler(cfg.scheduler, cfg.shift), noise=noise)
             x = tok.decode(Latent(tokens, loc, True, model.latent_stats))
         batch = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B,H,W,3)
         if part is None:
             part = np.lib.format.open_memmap(os.path.join(parts_dir, f"{state.process_index:05d}.npy"), mode="w+", dtype=np.uint8,
                                              shape=(len(mine), *batch.shape[1:]))
         part[i : i + len(idx)] = batch
-        if cfg.save_png:
+        if save_png:
             for j, im in zip(idx, batch):
                 y = int(labels_all[j])
                 Image.fromarray(im).save(os.path.join(cfg.out, "images", f"{names[y] if names else y}_{j:06d}.png"))
@@ -163,16 +225,18 @@ def sample(cfg) -> dict:
         save_npz_streamed(os.path.join(cfg.out, "samples.npz"), (total, *parts[0].shape[1:]),
                           (rows(a, min(a + step, total)) for a in range(0, total, step)), labels_all.numpy())
         per_row = min(cfg.n, 16)
-        grid = np.concatenate([rows(k * cfg.n, k * cfg.n + per_row) for k in range(len(classes))])
+        grid = np.concatenate([rows(k * cfg.n, k * cfg.n + per_row) for k in range(min(len(classes), GRID_MAX_CLASSES))])
         enlarged_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 255, nrow=per_row, path=os.path.join(cfg.out, "grid.png"))
         del parts
         shutil.rmtree(parts_dir)
         seconds = time.time() - t0
         summary = {"images": total, "classes": classes, "seconds": round(seconds, 2), "images_per_s": round(total / max(seconds, 1e-9), 2),
-                   "cfg": cfg.cfg, "interval": [lo, hi], "steps": cfg.steps, "seed": cfg.seed, "processes": procs}
+                   "cfg": cfg.cfg, "interval": [lo, hi], "steps": cfg.steps, "scheduler": cfg.scheduler, "shift": cfg.shift,
+                   "seed": cfg.seed, "mixed_precision": precision, "png": save_png, "processes": procs}
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        print(f"sample: {total} images of {len(classes)} classes in {seconds:.1f}s -> {cfg.out}/grid.png, samples.npz")
+        print(f"sample: {total} images of {len(classes)} classes in {seconds:.1f}s -> {cfg.out}/grid.png, samples.npz"
+              + (", images/" if save_png else ""))
     state.wait_for_everyone()
     return summary
 

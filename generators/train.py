@@ -47,6 +47,38 @@ def save_sample_grid(model, tokenizer, labels, path: str, steps: int, cfg_scale:
     return enlarged_grid((images + 1) / 2, nrow=int((labels == labels[0]).sum()), path=path)
 
 
+def configure_ema(ema, train_cfg) -> None:
+    """The EMA decays as the config says. train.ema_warmup=false (the default, DiT): a constant `train.ema` (the
+    first update copies the weights, as DiT's initial sync). diffusers' EMAModel ramps the decay up otherwise, even
+    without its warm-up ((1 + s) / (10 + s)), so min_decay = decay pins it. train.ema_warmup=true: diffusers'
+    warm-up 1 - (1 + s)^(-2/3), capped at train.ema; it reaches 0.9999 only after 10^6 steps (0.99982 at 400k), 0.999
+    after 31,623 (short runs, tiny.yaml)."""
+    ema.decay = float(train_cfg.ema)
+    ema.use_ema_warmup = bool(train_cfg.ema_warmup)
+    ema.power, ema.inv_gamma = 2 / 3, 1.0
+    ema.min_decay = 0.0 if train_cfg.ema_warmup else float(train_cfg.ema)
+
+
+def latent_hash(manifest: dict, tokenizer=None) -> str:
+    """The generator's `tokenizer_hash`: the latent fingerprint (stellar_tok.latent.latent_fingerprint) of the tokenizer
+    that wrote the latents, when it is at hand (`tokenizer`, or the manifest's tokenizer_path) and is that tokenizer
+    (its whole fingerprint is the manifest's); otherwise the manifest's whole fingerprint, which the sampler accepts
+    for that exact tokenizer only."""
+    from stellar_tok.latent import latent_fingerprint
+    from stellar_tok.latent_data import tokenizer_fingerprint
+    from stellar_tok.tokenizer import StellarTokenizer
+
+    want = manifest["tokenizer_hash"]
+    for tok in (tokenizer, manifest.get("tokenizer_path")):
+        if isinstance(tok, str):
+            tok = StellarTokenizer.from_pretrained(tok) if os.path.isfile(os.path.join(tok, "config.json")) else None
+        if tok is not None and tokenizer_fingerprint(tok) == want:
+            return latent_fingerprint(tok)
+    print(f"note: the tokenizer that wrote {want} is not at hand (sample.tokenizer, the manifest's tokenizer_path): the generator "
+          f"records its whole fingerprint and is accepted by that exact tokenizer only", flush=True)
+    return want
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides("python -m generators.train", __doc__, GenConfig, argv, "config=configs/generator/tiny.yaml data.latents=DIR")
@@ -61,6 +93,7 @@ def train(cfg) -> dict:
     from tqdm.auto import tqdm
 
     from stellar_tok.latent_data import LatentDataset, collate_latents
+    from stellar_tok.launch import describe_launch
     from stellar_tok.tokenizer import StellarTokenizer
 
     from .dit import LatentDiT
@@ -84,6 +117,9 @@ def train(cfg) -> dict:
 
     # --- data ----------------------------------------------------------------------------------
     ds = LatentDataset(cfg.data.latents, normalize=True, flip_p=cfg.data.flip_p, in_memory=cfg.data.in_memory)
+    batch, world = cfg.optim.batch_size, accelerator.num_processes
+    accelerator.print(f"running: {describe_launch(accelerator)}, batch {batch} per process = {batch * world} global; "
+                      f"{cfg.train.steps:,} steps on {len(ds):,} latents", flush=True)
     man = ds.manifest
     r, c = man["shapes"]["tokens"]
     n, _ = man["shapes"]["loc"]
@@ -104,7 +140,8 @@ def train(cfg) -> dict:
     if cfg.train.compile:
         for blk in model.blocks:
             blk.compile()
-    ema = EMAModel(model.parameters(), decay=cfg.train.ema, use_ema_warmup=True, power=2 / 3, foreach=True)
+    ema = EMAModel(model.parameters(), decay=cfg.train.ema, foreach=True)
+    configure_ema(ema, cfg.train)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
     model, opt, loader = accelerator.prepare(model, opt, loader)
@@ -118,9 +155,12 @@ def train(cfg) -> dict:
     tokenizer = None
     if tok_path and os.path.isdir(tok_path) and accelerator.is_main_process:
         tokenizer = StellarTokenizer.from_pretrained(tok_path).to(device).eval()
+    if accelerator.is_main_process:  # the exported generator names the latent it models (generators.sample checks it)
+        net.register_to_config(tokenizer_hash=latent_hash(man, tokenizer))
 
     if ckpt.resume(cfg.train.resume):
         ema.to(device)
+        configure_ema(ema, cfg.train)  # the config, not the checkpoint, says how the EMA decays from here on
     if accelerator.is_main_process:  # the log continues from the step this run starts at
         truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), state.step)
     accelerator.init_trackers("generator", config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})

@@ -288,13 +288,17 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------------
 
 
-def export_pretrained(model, out_dir: str, name: str) -> str:
+def export_pretrained(model, out_dir: str, name: str, extra_json: dict | None = None) -> str:
     """`save_pretrained` (safetensors + JSON) into `out_dir/name.tmp`, fsynced, then renamed onto `out_dir/name`:
-    readers see the old export or the new one, never a half-written folder."""
+    readers see the old export or the new one, never a half-written folder. `extra_json`: {file name: object}
+    written beside the weights (e.g. how the model was trained)."""
     final = os.path.join(out_dir, name)
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    for fname, obj in (extra_json or {}).items():
+        with open(os.path.join(tmp, fname), "w") as f:
+            json.dump(obj, f, indent=1)
     fsync_tree(tmp)
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)

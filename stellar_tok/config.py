@@ -305,6 +305,11 @@ def validate(cfg) -> None:
     _require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
 
 
+def cls_is_trained(cfg) -> bool:
+    """Whether a loss reaches the CLS token: the alignment's image-level terms on CLS (align.image_feature=cls)."""
+    return bool(cfg.align.enabled and cfg.align.image_feature == "cls")
+
+
 def inert_settings(cfg) -> list[str]:
     """One line per setting that has no effect in the chosen mode: keys changed from their default that the run will
     not read, and a CLS token that no loss reaches."""
@@ -323,7 +328,7 @@ def inert_settings(cfg) -> list[str]:
             unused[f"recon.{k}"] = "LPIPS is off (recon.lpips_weight=0)"
     lines = [f"config key '{key}' has no effect: {why}" for key, why in unused.items()
              if OmegaConf.select(cfg, key) != OmegaConf.select(default, key)]
-    if a.enabled and a.image_feature == "tokens":
+    if a.enabled and not cls_is_trained(cfg):
         lines.append(f"no loss reaches the CLS token (align.image_feature=tokens, align.image_loss={a.image_loss}): "
                      "CLS features of this run are untrained")
     return lines

@@ -13,6 +13,9 @@ normalised form.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 from dataclasses import dataclass, replace
 
 import torch
@@ -122,3 +125,50 @@ class LatentStatsBuffers:
         self.latent_token_std.copy_(stats.token_std.clamp(min=1e-6))
         self.latent_loc_mean.copy_(stats.loc_mean)
         self.latent_loc_std.copy_(stats.loc_std.clamp(min=1e-6))
+
+
+LATENT_STATS_BUFFERS = ("latent_token_mean", "latent_token_std", "latent_loc_mean", "latent_loc_std")
+
+
+def latent_fingerprint(tokenizer: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of what makes a tokenizer's latent: its weights and buffers outside the pixel decoder
+    (`DECODER_PREFIXES`), i.e. the encoder, the localization head, the bottleneck to_latent and the input
+    normalisation; and its config keys outside the decoder's shape (stellar_tok.config.DECODER_KEYS) whose values
+    differ from their defaults (tau, loc_floor, norm_eps, ...; a key added later with a neutral default leaves
+    the fingerprint alone).
+
+    A tokenizer whose decoder was retrained on the frozen encoder (`train.decoder_from`) encodes bit for bit the same
+    latent, and has this fingerprint; a different encoder has another. Left out on purpose as well: the latent
+    statistics the tokenizer ships. They are re-measured on export (a decoder_from run gets its own, which move
+    with its batch size and device), they do not change a single latent value, and a generator denormalises its
+    samples with its own statistics (LatentDiT.latent_stats), not the tokenizer's."""
+    from .config import DECODER_KEYS  # the keys train.decoder_from lets a run choose
+
+    skip = tuple(getattr(tokenizer, "DECODER_PREFIXES", ()))
+    h = hashlib.sha256(b"stellar latent v1")
+    for name, t in sorted(tokenizer.state_dict().items()):
+        if name.startswith(skip) or name in LATENT_STATS_BUFFERS:
+            continue
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    config = dict(getattr(tokenizer, "config", None) or {})
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(type(tokenizer).__init__).parameters.items()}
+    except (TypeError, ValueError):
+        defaults = {}
+
+    def canon(v):  # 4 and 4.0, tuples and lists: one spelling
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            return v
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, (list, tuple)):
+            return [canon(x) for x in v]
+        return str(v)
+
+    keys = {k: canon(v) for k, v in config.items()
+            if not k.startswith("_") and k not in DECODER_KEYS and not (k in defaults and canon(defaults[k]) == canon(v))}
+    h.update(json.dumps(keys, sort_keys=True).encode())
+    return h.hexdigest()[:16]

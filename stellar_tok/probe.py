@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -539,10 +540,9 @@ def main(argv=None):
                 warnings.warn(f"protocol=cached reads the images at data.resolution={cfg.data.resolution}, not at the tokenizer's "
                               f"image_size={tok.config.image_size}; pass data.resolution={tok.config.image_size} to probe at its size")
     size = int(tok.config.image_size) if tok is not None else int(cfg.data.resolution)
-    from . import data as data_module
+    from .data import heldout_is_train
 
-    heldout_is_train = getattr(data_module, "heldout_is_train", None)
-    if heldout_is_train is not None and heldout_is_train(cfg.data):
+    if heldout_is_train(cfg.data):
         warnings.warn("the held-out (val) split resolves to training images (no val folder or val shards; data.val_path "
                       "names one): the probes' top-1 is then measured on images they were trained on")
     t = time.time()
@@ -559,9 +559,23 @@ def main(argv=None):
     if cfg.protocol == "augmented":
         res["settings"].update(crop_scale=list(CROP_SCALE), flip=True, image_size=size, data_resolution=int(cfg.data.resolution),
                                amp=bool(cfg.amp and device.type == "cuda"))
+    if "cls" in kinds and not cfg.random_init and cls_trained(cfg.tokenizer) is False:
+        res["cls_untrained"] = True  # its numbers describe a feature no loss reached
+        print("note: no loss reached this tokenizer's CLS token in training (training.json): its 'cls' numbers are an untrained CLS",
+              file=sys.stderr)
     res["seconds"] = round(time.time() - t, 1)
     print(json.dumps(res))
     return res
+
+
+def cls_trained(tokenizer_dir: str) -> bool | None:
+    """Whether a loss reached the CLS token when the tokenizer at `tokenizer_dir` was trained (its training.json,
+    written at export); None when the folder does not say."""
+    path = os.path.join(str(tokenizer_dir), "training.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("cls_trained")
 
 
 if __name__ == "__main__":

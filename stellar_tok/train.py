@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from .budget import Budget, cosine_with_warmup
 from .checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
-from .config import Config, check_data_paths, inert_settings, load_config, parse_overrides, tokenizer_kwargs
+from .config import Config, check_data_paths, cls_is_trained, inert_settings, load_config, parse_overrides, tokenizer_kwargs
 from .errors import UserError, cli_entry
 from .guards import GracefulStop, NonFiniteGuard
 from .launch import describe_launch
@@ -119,6 +119,17 @@ def end_training(accelerator, stop: GracefulStop) -> None:
     stop.restore()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def training_record(cfg, step: int) -> dict:
+    """What readers of an export need to know of its training (tokenizer/training.json): the steps, and whether any loss
+    reached the CLS token (probes label an untrained CLS). A fresh decoder keeps its encoder's record."""
+    cls_trained = cls_is_trained(cfg)
+    if cfg.train.decoder_from:
+        source = os.path.join(cfg.train.decoder_from, "training.json")
+        cls_trained = json.load(open(source)).get("cls_trained") if os.path.isfile(source) else None
+    return {"steps": step, "cls_trained": cls_trained, "align": {k: cfg.align[k] for k in ("enabled", "image_loss", "image_feature")},
+            "decoder_from": cfg.train.decoder_from, "init_from": cfg.model.init_from}
 
 
 def gathered_tokenizer(accelerator, objective, model_cfg):
@@ -339,7 +350,7 @@ def train(cfg) -> dict:
     export = None
     if tok is not None:  # the main process: statistics and export from the whole, unsharded tokenizer
         tok.set_latent_stats(compute_latent_stats(tok, stats_loader, device, cfg.train.stats_batches))
-        export = export_pretrained(tok, out_dir, "tokenizer")
+        export = export_pretrained(tok, out_dir, "tokenizer", {"training.json": training_record(cfg, state.step)})
     elapsed = time.time() - t_start
     summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt_path,
                "export": export, "skipped_samples": skipped, "nonfinite_skipped": state.nonfinite_total,

@@ -187,7 +187,9 @@ def test_sample_cli_is_batch_independent(trained, capsys):
     a, b = np.load(root / "s1" / "samples.npz"), np.load(root / "s2" / "samples.npz")
     assert a["arr_0"].shape == (6, 32, 32, 3) and a["arr_0"].dtype == np.uint8
     assert a["arr_1"].tolist() == [0, 0, 0, 3, 3, 3]
-    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    # other batch shapes, other float rounding: a value may flip by one level, rarely
+    diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
     assert len(os.listdir(root / "s1" / "images")) == 6 and os.path.exists(root / "s1" / "grid.png")
     with pytest.raises(SystemExit):
         sample_main(common[:1] + [f"tokenizer={root / 'run'}", f"out={root / 's3'}"])  # not a tokenizer folder

@@ -2,6 +2,7 @@
 (reference) protocol end to end on in-memory, folder and wds data, its crops changing across epochs and its
 evaluation deterministic, and subsets spread over the classes of a class-sorted listing."""
 import json
+import os
 from collections import Counter
 
 import numpy as np
@@ -146,3 +147,13 @@ def test_folder_subset_spread_over_classes(class_folder, tiny_tokenizer):
     assert Counter(labels.tolist()) == {0: 2, 1: 2, 2: 2, 3: 2}
     res = run_probes(tiny_tokenizer, cfg, ("pixels",), epochs=1, n_train=8, n_eval=4)
     assert res["n_train"] == 8 and res["n_val"] == 4
+
+
+def test_an_untrained_cls_is_labelled(tokenizer_dir, capsys):
+    """A tokenizer whose training.json says no loss reached CLS: the probe's result and its stderr say so."""
+    with open(os.path.join(tokenizer_dir, "training.json"), "w") as f:
+        json.dump({"steps": 1, "cls_trained": False}, f)
+    args = [f"tokenizer={tokenizer_dir}", "data.name=shapes", "data.train_size=40", "data.val_size=20", "epochs=1", "device=cpu", "progress=false"]
+    res = main(args + ["features=tokens,cls"])
+    assert res["cls_untrained"] is True and "untrained CLS" in capsys.readouterr().err
+    assert "cls_untrained" not in main(args + ["features=tokens"])

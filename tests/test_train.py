@@ -36,6 +36,8 @@ def test_training_loss_falls_and_exports(tmp_path):
     assert any(f.startswith("events") for _, _, fs in os.walk(os.path.join(out, "logs")) for f in fs)
     tok = StellarTokenizer.from_pretrained(os.path.join(out, "tokenizer"))
     assert not torch.allclose(tok.latent_token_std, torch.ones_like(tok.latent_token_std))
+    record = json.load(open(os.path.join(out, "tokenizer", "training.json")))
+    assert record["steps"] == 40 and record["cls_trained"] is False  # tiny.yaml: contrastive on the mean of S, no loss on CLS
     lat = tok.encode(torch.zeros(2, 3, 32, 32), normalize=True)
     assert lat.normalized and tok.decode(lat).shape == (2, 3, 32, 32)
 
