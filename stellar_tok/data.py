@@ -65,6 +65,7 @@ __all__ = [
     "build_dataset",
     "build_loader",
     "collate_samples",
+    "decode_wds_sample",
     "find_images",
     "heldout_is_train",
     "load_rgb",
@@ -558,33 +559,38 @@ def _tar_samples(shards: Iterable[dict], handler: _ShardErrorHandler) -> Iterato
     return group_by_keys(expand(), handler=handler)
 
 
+def decode_wds_sample(sample: dict, make_image, skips: SkipCounter, where: str) -> tuple[Any, int] | None:
+    """One raw webdataset sample -> ``(make_image(image bytes), label)`` (label -1 without a ``.cls``), or None once
+    the reason it is bad (no image member, a label that is not an integer, undecodable bytes) has been counted."""
+    data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
+    if data is None:
+        skips.add("missing_image", f"{where} has members {sorted(k for k in sample if not k.startswith('__'))}")
+        return None
+    label = -1
+    if "cls" in sample:
+        try:
+            label = int(bytes(sample["cls"]).decode("utf-8").strip())
+        except (ValueError, UnicodeDecodeError):
+            skips.add("bad_label", f"{where}: .cls is not an integer")
+            return None
+    try:
+        return make_image(bytes(data)), label
+    except BadSample as bad:
+        skips.add(bad.reason, f"{where}: {bad}")
+        return None
+
+
 def _decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop: bool, skips: SkipCounter,
                           with_keys: bool = False, cropper=None) -> Iterator[ImageSample]:
     """Pipeline stage: raw webdataset samples -> `ImageSample`s (or ``(ImageSample, __key__)`` pairs when
     ``with_keys``), skipping and counting bad ones; with a `stellar_tok.crops.ViewCropper`, the image of each
     sample is its training views."""
+    make = cropper or (lambda data: resize_and_crop(load_rgb(data, target=resolution), resolution, random_crop))
     for sample in samples:
-        key = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-        data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
-        if data is None:
-            skips.add("missing_image", f"{key} has members {sorted(k for k in sample if not k.startswith('__'))}")
-            continue
-        label = -1
-        if "cls" in sample:
-            try:
-                label = int(bytes(sample["cls"]).decode("utf-8").strip())
-            except (ValueError, UnicodeDecodeError):
-                skips.add("bad_label", f"{key}: .cls is not an integer")
-                continue
-        try:
-            if cropper is not None:
-                item = ImageSample(cropper(bytes(data)), label)
-            else:
-                item = ImageSample(resize_and_crop(load_rgb(bytes(data), target=resolution), resolution, random_crop), label)
-        except BadSample as bad:
-            skips.add(bad.reason, f"{key}: {bad}")
-            continue
-        yield (item, str(sample.get("__key__", "?"))) if with_keys else item
+        decoded = decode_wds_sample(sample, make, skips, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
+        if decoded is not None:
+            item = ImageSample(*decoded)
+            yield (item, str(sample.get("__key__", "?"))) if with_keys else item
 
 
 def _shard_urls(path: Any, split: str, key: str = "data.path") -> list[str]:

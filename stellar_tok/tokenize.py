@@ -136,27 +136,13 @@ def _tar_samples_strict(url: str, read: _Read) -> Iterator[dict]:
 def _wds_items(url: str, resolution: int, skips, read: _Read) -> Iterator[tuple[torch.Tensor, int, str]]:
     """Decoded (image, label, key) of one input tar; bad samples are skipped and counted in `skips`, as the
     training reader does (`stellar_tok.data`); a read error stops the stream (see `_tar_samples_strict`)."""
-    from .data import WDS_IMAGE_KEYS, BadSample, load_rgb, resize_and_crop
+    from .data import decode_wds_sample, load_rgb, resize_and_crop
 
+    make = lambda data: resize_and_crop(load_rgb(data, target=resolution), resolution, False)  # noqa: E731  centre crop
     for sample in _tar_samples_strict(url, read):
-        where = f"{url}:{sample.get('__key__', '?')}"
-        data = next((sample[k] for k in WDS_IMAGE_KEYS if k in sample), None)
-        if data is None:
-            skips.add("missing_image", f"{where} has members {sorted(k for k in sample if not k.startswith('__'))}")
-            continue
-        label = -1
-        if "cls" in sample:
-            try:
-                label = int(bytes(sample["cls"]).decode("utf-8").strip())
-            except (ValueError, UnicodeDecodeError):
-                skips.add("bad_label", f"{where}: .cls is not an integer")
-                continue
-        try:
-            image = resize_and_crop(load_rgb(bytes(data), target=resolution), resolution, False)
-        except BadSample as bad:
-            skips.add(bad.reason, f"{where}: {bad}")
-            continue
-        yield image, label, str(sample.get("__key__", "?"))
+        decoded = decode_wds_sample(sample, make, skips, f"{url}:{sample.get('__key__', '?')}")
+        if decoded is not None:
+            yield decoded[0], decoded[1], str(sample.get("__key__", "?"))
 
 
 def _batches(dataset, work: _Work, cfg, skips, read: _Read) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:

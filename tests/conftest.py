@@ -37,3 +37,17 @@ def launch_two_processes(module: str, args: list, port: int, config_file=None, t
     # unbuffered: what a process printed survives an abort at exit
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def tokenize_shapes(root, n: int, *extra: str):
+    """A random tiny tokenizer saved at root/tok and the latents of n shapes at root/lat (more tokenize keys in `extra`)."""
+    from stellar_tok import StellarTokenizer
+    from stellar_tok.config import load_config
+    from stellar_tok.tokenize import TokenizeConfig, tokenize
+
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**TINY_MODEL).eval()
+    tok.save_pretrained(str(root / "tok"))
+    tokenize(load_config([f"tokenizer={root / 'tok'}", f"out={root / 'lat'}", "data.name=shapes", f"data.train_size={n}",
+                          "progress=false", *extra], schema=TokenizeConfig), tokenizer=tok)
+    return tok

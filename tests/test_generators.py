@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, launch_two_processes
+from conftest import TINY_MODEL, launch_two_processes, tokenize_shapes
 
 from generators import LatentDiT, StellarDiTPipeline
 from generators.flow import flatten_latent, flow_loss, sample_latents, split_latent
@@ -122,15 +122,9 @@ def test_pipeline_save_load_round_trip(tmp_path):
 def trained(tmp_path_factory):
     """Tokenize 256 shapes with a random tiny tokenizer, train the generator 80 steps."""
     from generators.train import main as train_main
-    from stellar_tok.config import load_config
-    from stellar_tok.tokenize import TokenizeConfig, tokenize
 
     root = tmp_path_factory.mktemp("gen")
-    torch.manual_seed(0)
-    tok = StellarTokenizer(**TINY_MODEL).eval()
-    tok.save_pretrained(str(root / "tok"))
-    tokenize(load_config([f"tokenizer={root / 'tok'}", f"out={root / 'lat'}", "data.name=shapes", "data.train_size=256",
-                          "flip=true", "progress=false"], schema=TokenizeConfig), tokenizer=tok)
+    tokenize_shapes(root, 256, "flip=true")
     args = ["config=configs/generator/tiny.yaml", f"data.latents={root / 'lat'}", "model.width=64", "model.depth=2", "model.heads=2",
             "optim.batch_size=32", "optim.warmup_steps=10", "train.log_every=10", "train.progress=false", "train.sample_every=40",
             "train.ckpt_every=40", "sample.steps=3", "sample.per_class=2", f"train.output_dir={root / 'run'}"]

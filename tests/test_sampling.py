@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, tokenize_shapes
 
 from generators import LatentDiT
 from stellar_tok import StellarTokenizer
@@ -115,15 +115,9 @@ def test_heun_and_timestep_shift(folders):
 def run(tmp_path_factory):
     """Tokenize 64 shapes with a random tiny tokenizer; train a small generator 3 steps with the DiT-B config."""
     from generators.train import main as train_main
-    from stellar_tok.config import load_config
-    from stellar_tok.tokenize import TokenizeConfig, tokenize
 
     root = tmp_path_factory.mktemp("genrun")
-    torch.manual_seed(0)
-    tok = StellarTokenizer(**TINY_MODEL).eval()
-    tok.save_pretrained(str(root / "tok"))
-    tokenize(load_config([f"tokenizer={root / 'tok'}", f"out={root / 'lat'}", "data.name=shapes", "data.train_size=64",
-                          "progress=false"], schema=TokenizeConfig), tokenizer=tok)
+    tok = tokenize_shapes(root, 64)
     train_main(["config=configs/generator/b.yaml", f"data.latents={root / 'lat'}", "data.in_memory=true", "data.num_workers=0",
                 "model.width=32", "model.depth=1", "model.heads=2", "optim.batch_size=16", "train.mixed_precision=no",
                 "train.steps=3", "train.log_every=1", "train.sample_every=1000", "train.ckpt_every=1000", "train.progress=false",
