@@ -362,9 +362,9 @@ def check_data_paths(cfg) -> None:
         check_mae_fits(os.path.expanduser(m.init_from), m)  # its config.json only: a mismatch stops the run before any work
     _require(d.name != "folder" or os.path.isdir(os.path.expanduser(str(d.path))), "data.path", "an existing folder of images", d.path)
     if d.name == "wds":
-        from .data import DataError, _shard_urls
+        from .data import DataError, wds_shards
 
         try:
-            _shard_urls(d.path, "train")
+            wds_shards(d, "train")
         except DataError as e:
             raise UserError(f"config key 'data.path': {e}") from None

@@ -65,7 +65,11 @@ __all__ = [
     "build_dataset",
     "build_loader",
     "collate_samples",
+    "decode_shard_samples",
     "decode_wds_sample",
+    "is_image_file",
+    "skip_counter",
+    "tar_samples",
     "find_images",
     "heldout_is_train",
     "load_rgb",
@@ -174,7 +178,7 @@ class SkipCounter:
 _SKIPS: SkipCounter | None = None
 
 
-def _skip_counter() -> SkipCounter:
+def skip_counter() -> SkipCounter:
     """The process-wide counter every data set here reports to (created on first use)."""
     global _SKIPS
     if _SKIPS is None:
@@ -184,12 +188,12 @@ def _skip_counter() -> SkipCounter:
 
 def skipped_samples() -> dict[str, int]:
     """Bad samples skipped so far in this process and its DataLoader workers, by reason (non-zero only)."""
-    return _skip_counter().counts()
+    return skip_counter().counts()
 
 
 def reset_skipped_samples() -> None:
     """Zero the process-wide skip counts."""
-    _skip_counter().reset()
+    skip_counter().reset()
 
 
 def skipped_summary() -> str:
@@ -358,7 +362,7 @@ def _build_shapes(data_cfg: Any, resolution: int, split: str) -> ArrayDataset:
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -369,7 +373,7 @@ def _class_dirs(root: str) -> list[str]:
         if entry.name.startswith(".") or not entry.is_dir():
             continue
         for _, _, files in os.walk(entry.path, followlinks=True):
-            if any(_is_image(f) for f in files):
+            if any(is_image_file(f) for f in files):
                 names.append(entry.name)
                 break
     return names
@@ -400,16 +404,16 @@ def find_images(root: str, classes: Sequence[str] | None = None, what: str = "da
             for dirpath, dirnames, files in os.walk(os.path.join(root, name), followlinks=True):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
                 for f in sorted(files):
-                    if _is_image(f):
+                    if is_image_file(f):
                         paths.append(os.path.join(dirpath, f))
                         labels.append(index[name])
-        loose = [f for f in os.listdir(root) if _is_image(f) and os.path.isfile(os.path.join(root, f))]
+        loose = [f for f in os.listdir(root) if is_image_file(f) and os.path.isfile(os.path.join(root, f))]
         if loose:
             warnings.warn(f"{len(loose)} images directly in {root!r} are ignored because it has class sub-folders")
     else:
         classes = []
         for f in sorted(os.listdir(root)):
-            if _is_image(f) and os.path.isfile(os.path.join(root, f)):
+            if is_image_file(f) and os.path.isfile(os.path.join(root, f)):
                 paths.append(os.path.join(root, f))
                 labels.append(-1)
     if not paths:
@@ -439,7 +443,7 @@ class FolderDataset(Dataset):
         self.resolution = int(resolution)
         self.random_crop = bool(random_crop)
         self.cropper = cropper  # stellar_tok.crops.ViewCropper: items are training views cut from the original
-        self.skips = skips if skips is not None else _skip_counter()
+        self.skips = skips if skips is not None else skip_counter()
         self._bad: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -559,6 +563,12 @@ def _tar_samples(shards: Iterable[dict], handler: _ShardErrorHandler) -> Iterato
     return group_by_keys(expand(), handler=handler)
 
 
+def tar_samples(shards: Iterable[dict], skips: SkipCounter | None = None) -> Iterator[dict]:
+    """Pipeline stage: raw webdataset samples of `shards` (``{"url": ...}`` dicts), each shard read once, in order; a
+    shard that cannot be read (or the rest of it) is skipped with a warning and counted as ``bad_shard``."""
+    return _tar_samples(shards, _ShardErrorHandler(skips if skips is not None else skip_counter()))
+
+
 def decode_wds_sample(sample: dict, make_image, skips: SkipCounter, where: str) -> tuple[Any, int] | None:
     """One raw webdataset sample -> ``(make_image(image bytes), label)`` (label -1 without a ``.cls``), or None once
     the reason it is bad (no image member, a label that is not an integer, undecodable bytes) has been counted."""
@@ -580,7 +590,7 @@ def decode_wds_sample(sample: dict, make_image, skips: SkipCounter, where: str) 
         return None
 
 
-def _decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop: bool, skips: SkipCounter,
+def decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop: bool, skips: SkipCounter,
                           with_keys: bool = False, cropper=None) -> Iterator[ImageSample]:
     """Pipeline stage: raw webdataset samples -> `ImageSample`s (or ``(ImageSample, __key__)`` pairs when
     ``with_keys``), skipping and counting bad ones; with a `stellar_tok.crops.ViewCropper`, the image of each
@@ -631,11 +641,11 @@ def _build_wds(data_cfg: Any, resolution: int, split: str, shuffle: bool | None 
     path = _require_path(data_cfg, "wds", "a shard pattern like /data/train-{000000..000099}.tar, a list of .tar files or a directory of shards")
     val_path = _val_path(data_cfg, split)
     urls = _shard_urls(path, split) if val_path is None else _shard_urls(val_path, split, key="data.val_path")
-    skips = _skip_counter()
+    skips = skip_counter()
     handler = _ShardErrorHandler(skips)
     train = split == "train"
     shuffle = train if shuffle is None else shuffle
-    decode = functools.partial(_decode_shard_samples, resolution=resolution, random_crop=train, skips=skips, cropper=cropper)
+    decode = functools.partial(decode_shard_samples, resolution=resolution, random_crop=train, skips=skips, cropper=cropper)
     if train:
         source = [wds.ResampledShards(urls, seed=int(_cfg_get(data_cfg, "seed", 0)))]
     else:

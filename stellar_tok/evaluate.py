@@ -3,19 +3,24 @@
     python -m stellar_tok.evaluate tokenizer=runs/tiny/tokenizer data.name=shapes tasks=recon,linear,knn out=runs/tiny/eval
 
 Protocol (written to metrics.json with the numbers):
-- Held-out images: the first `n_eval` images of the val split, centre-cropped to the tokenizer's resolution.
+- Held-out images: `n_eval` images of the val split (0: all), a subset drawn with `seed` and spread over the
+  classes (stellar_tok.probe.spread_subset), centre-cropped to the tokenizer's resolution (`stellar_tok.fid_stats.
+  ReferenceImages`: every image read once, WebDataset shards too).
 - Reconstruction: encode -> decode through the public API (float32 latent), clamp to [-1,1], quantise to
   8 bits. PSNR and SSIM (stellar_tok.metrics) per image, averaged. LPIPS (VGG, the `lpips` package) when
   its backbone weights are available; `lpips=auto` skips it with a warning when they are not. rFID: the
   Fréchet distance between Inception-v3 pool features of the reconstructions and the reference statistics of
   the same held-out images (computed once, cached; `fid.ref=` to give them); rKID likewise when the
-  reference keeps its features. FID depends on the number of images: compare at equal `n_eval` only.
+  reference keeps its features. FID depends on the number of images: compare at equal `n_eval` only; every
+  rFID / rKID is reported with its n_eval and split (`rfid_n_eval`, `rfid_split`, the table's header).
   The downsampled-pixel baseline's reconstruction metrics depend on the data only and are cached too.
 - Semantics: features extracted once per split without augmentation and cached in `out/cache`: the mean of
   the r sparse tokens S (`tokens`) and the CLS token (`cls`). Linear probe: LayerNorm + Linear, AdamW
-  (lr 1e-3, weight decay 1e-4, batch 256, cosine schedule, `probe_epochs` epochs) trained on the first
-  `n_train` train images; kNN: cosine similarity, k = 20, votes weighted by exp(sim / 0.07) (DINO). Top-1
-  on the held-out images.
+  (lr 1e-3, weight decay 1e-4, batch 256, cosine schedule, `probe_epochs` epochs) trained on `n_train` train
+  images (a seeded subset spread over the classes, centre crops, as the held-out images); kNN: cosine
+  similarity, k = 20, votes weighted by exp(sim / 0.07) (DINO). Top-1 on the held-out images.
+- `num_workers` DataLoader processes decode the images (-1: data.num_workers if set, else up to 8 for image
+  files, none for shapes/digits).
 - Baselines (`baselines=true`): raw pixels (linear, kNN), and pixels area-downsampled to the largest square
   with no more values than the latent (r*c + N*r), upsampled bicubically: the same metrics at equal size.
 
@@ -39,7 +44,7 @@ from omegaconf import OmegaConf
 
 from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
-from .fid_stats import FIDConfig, cache_root, data_identity, default_ref_path, image_batches
+from .fid_stats import FIDConfig, ReferenceImages, cache_root, default_ref_path, reference_identity
 
 TASKS = ("recon", "linear", "knn")
 
@@ -50,8 +55,9 @@ class EvalConfig:
     out: Optional[str] = None  # folder for metrics.json, metrics.md, reconstructions.png
     data: DataConfig = field(default_factory=DataConfig)  # data.resolution defaults to the tokenizer's image_size
     tasks: str = "recon,linear,knn"
-    n_eval: int = 1000  # held-out (val) images (0: the whole split)
-    n_train: int = 5000  # train images the probes learn from (0: the whole split)
+    n_eval: int = 1000  # held-out (val) images (0: the whole split); a seeded subset spread over the classes
+    n_train: int = 5000  # train images the probes learn from (0: the whole split); likewise
+    num_workers: int = -1  # processes decoding images; -1: data.num_workers if > 0, else min(8, CPUs) for folder/wds, 0 otherwise
     features: str = "tokens,cls"  # tokenizer features for the probes: tokens (mean of S), cls, lowrank (mean of L·S)
     baselines: bool = True  # raw-pixel and downsampled-pixel baselines
     probe_epochs: int = 30
@@ -63,7 +69,7 @@ class EvalConfig:
     fid: FIDConfig = field(default_factory=FIDConfig)  # fid.batch_size 0: 10 on CPU (fastest there), 100 on GPU
     batch_size: int = 100
     grid: int = 8  # images in reconstructions.png (0: none)
-    seed: int = 0
+    seed: int = 0  # the n_eval / n_train subsets, the probes
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
 
@@ -176,21 +182,23 @@ def _save_cached(path: str, key: dict, tensors: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def train_features(tok, cfg, kinds, k_down: int, fingerprint: str, device) -> dict:
-    """Probe training features of the first n_train train images (cached in out/cache)."""
+def train_features(tok, cfg, kinds, k_down: int, fingerprint: str, device, images: ReferenceImages | None = None) -> dict:
+    """Probe training features of n_train train images, a seeded subset spread over the classes, centre crops
+    (cached in out/cache)."""
     from tqdm.auto import tqdm
 
-    key = {"tokenizer": fingerprint, "data": data_identity(cfg.data, "train", cfg.n_train), "kinds": list(kinds),
+    images = images or ReferenceImages(cfg.data, "train", cfg.n_train, cfg.seed)
+    key = {"tokenizer": fingerprint, "data": images.identity, "kinds": list(kinds),
            "baselines": bool(cfg.baselines), "k_down": k_down}
     path = os.path.join(cfg.out, "cache", "features-train.safetensors")
     cached = _load_cached(path, key)
     if cached is not None:
         return cached
     acc: dict[str, list] = {}
-    total = cfg.n_train or None
-    for images, labels in tqdm(image_batches(cfg.data, "train", cfg.n_train, cfg.batch_size), total=total and math.ceil(total / cfg.batch_size),
-                               desc="train features", disable=not cfg.progress):
-        x = images.to(device).float() / 127.5 - 1
+    total = images.size_hint()
+    for batch, labels in tqdm(images.loader(cfg.batch_size, cfg.num_workers), total=total and math.ceil(total / cfg.batch_size),
+                              desc="train features", disable=not cfg.progress):
+        x = batch.to(device).float() / 127.5 - 1
         for k, v in probe_features(tok, x, labels, kinds, cfg.baselines, k_down).items():
             acc.setdefault(k, []).append(v)
     out = {k: torch.cat(v) for k, v in acc.items()}
@@ -240,13 +248,18 @@ def evaluate(cfg) -> dict:
     semantics = [t for t in tasks if t in ("linear", "knn")]
 
     # --- one pass over the held-out images ---------------------------------------------------
+    from .data import heldout_is_train
+
+    held_out = ReferenceImages(cfg.data, "val", cfg.n_eval, cfg.seed)  # centre crops, a seeded subset spread over the classes
+    split_label = "val (falls back to train images)" if heldout_is_train(cfg.data) else "val"
     extractor = ref = lpips_net = None
-    lpips_note, ref_path, real_feats = "not computed", None, None
+    lpips_note, ref_path, real_feats, ref_identity = "not computed", None, None, None
     if "recon" in tasks:
         from .fid import build_inception, load_stats
 
         extractor = build_inception(cfg.fid.weights, device=device)
-        ref_path = cfg.fid.ref or default_ref_path(data_identity(cfg.data, "val", cfg.n_eval))
+        ref_identity = reference_identity(held_out, extractor)
+        ref_path = cfg.fid.ref or default_ref_path(ref_identity)
         if os.path.exists(ref_path):
             ref = load_stats(ref_path)
         elif cfg.fid.ref:
@@ -258,8 +271,7 @@ def evaluate(cfg) -> dict:
     meters = {"stellar": _ReconMeter(extractor, lpips_net, fid_batch)}
     baseline_path, baseline_cached = None, None
     if cfg.baselines and "recon" in tasks:  # depends on the data only: computed once, cached beside the reference
-        key = {"data": data_identity(cfg.data, "val", cfg.n_eval), "k_down": k_down, "reference": os.path.abspath(ref_path),
-               "extractor": extractor.weights_source, "lpips": lpips_note}
+        key = {"data": ref_identity, "k_down": k_down, "reference": os.path.abspath(ref_path), "lpips": lpips_note}
         baseline_path = os.path.join(cache_root(), "fid_refs", "baseline-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12] + ".json")
         if os.path.exists(baseline_path) and real_feats is None:
             with open(baseline_path) as f:
@@ -269,8 +281,8 @@ def evaluate(cfg) -> dict:
     val: dict[str, list] = {}
     grid_done = cfg.grid <= 0
     t = time.time()
-    total = cfg.n_eval or None
-    for images, labels in tqdm(image_batches(cfg.data, "val", cfg.n_eval, cfg.batch_size), total=total and math.ceil(total / cfg.batch_size),
+    total = held_out.size_hint()
+    for images, labels in tqdm(held_out.loader(cfg.batch_size, cfg.num_workers), total=total and math.ceil(total / cfg.batch_size),
                                desc="held-out images", disable=not cfg.progress):
         x = images.to(device).float() / 127.5 - 1  # (B,3,R,R) in [-1,1]
         f = tok.features(x, with_latent=True) if semantics else None  # one encoder pass for both tasks
@@ -299,7 +311,7 @@ def evaluate(cfg) -> dict:
         feats = np.concatenate(real_feats)
         stats = feature_stats(feats)
         stats["features"] = feats.astype(np.float32)
-        save_stats(ref_path, stats, meta={"data": data_identity(cfg.data, "val", cfg.n_eval), "extractor": extractor.weights_source})
+        save_stats(ref_path, stats, meta={"data": ref_identity, "extractor": extractor.weights_source, "images": held_out.describe()})
         ref = load_stats(ref_path)
 
     results: dict[str, dict] = {"stellar": {}}
@@ -315,11 +327,15 @@ def evaluate(cfg) -> dict:
             with open(baseline_path + ".tmp", "w") as f:
                 json.dump(results["pixels_down"], f)
             os.replace(baseline_path + ".tmp", baseline_path)
+        for r in results.values():  # every rFID / rKID carries the number of images and the split it was measured on
+            if "rfid" in r:
+                r["rfid_n_eval"], r["rfid_split"] = n_eval, split_label
 
     # --- semantic probes -----------------------------------------------------------------------
     if semantics:
         t = time.time()
-        tr = train_features(tok, cfg, kinds, k_down, fingerprint, device)
+        train_images = ReferenceImages(cfg.data, "train", cfg.n_train, cfg.seed)
+        tr = train_features(tok, cfg, kinds, k_down, fingerprint, device, train_images)
         times["train_features"] = time.time() - t
         va = {k: torch.cat(v) for k, v in val.items()}
         t = time.time()
@@ -340,14 +356,15 @@ def evaluate(cfg) -> dict:
         "tokenizer": {"path": cfg.tokenizer, "fingerprint": fingerprint, "num_tokens": tc.num_tokens, "latent_channels": tc.latent_channels,
                       "patches": n_patches, "latent_values": tok.latent_values(n_patches),
                       "decoder_input": tc.decoder_input},
-        "data": {"val": data_identity(cfg.data, "val", cfg.n_eval), "train": data_identity(cfg.data, "train", cfg.n_train),
-                 "n_eval": n_eval, "n_train": int(len(tr["labels"])) if semantics else 0},
+        "data": {"val": held_out.identity, "train": train_images.identity if semantics else None, "split": split_label,
+                 "n_eval": n_eval, "n_train": int(len(tr["labels"])) if semantics else 0,
+                 "held_out": held_out.describe(), "probe_train": train_images.describe() if semantics else None},
         "protocol": {"tasks": tasks, "features": kinds, "psnr_ssim": "8-bit images in [0,1]; SSIM 11x11 Gaussian sigma 1.5, valid, per channel",
                      "lpips": lpips_note, "fid_reference": ref_path, "fid_extractor": getattr(extractor, "weights_source", None),
                      "linear": {"epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "weight_decay": cfg.probe_weight_decay, "batch_size": 256, "head": "LayerNorm+Linear"},
                      "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "similarity": "cosine"},
                      "pixels_down": f"area-downsampled to {k_down}x{k_down} ({3 * k_down * k_down} values), bicubic back to {res}"},
-        "results": {k: {m: round(v, 4) for m, v in r.items()} for k, r in results.items()},
+        "results": {k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in results.items()},
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "config": OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else None,
     }
@@ -368,12 +385,20 @@ def markdown_table(report: dict) -> str:
     """The results as a Markdown table (only the columns that have a value), with the protocol below."""
     res = report["results"]
     cols = [c for c in COLUMNS if any(c[0] in r for r in res.values())]
-    lines = ["| | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+
+    def header(key: str, name: str) -> str:  # rFID / rKID with the images they were measured on
+        if key in ("rfid", "rkid"):
+            r = next(r for r in res.values() if key in r)
+            return f"{name} ({r.get('rfid_split', 'val')}, n={r.get('rfid_n_eval', report['data']['n_eval'])})"
+        return name
+
+    lines = ["| | " + " | ".join(header(c[0], c[1]) for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for name, r in res.items():
         cells = [f"{r[c[0]]:.{c[2]}f}" if c[0] in r else "–" for c in cols]
         lines.append(f"| {ROW_NAMES.get(name, name)} | " + " | ".join(cells) + " |")
     p, d = report["protocol"], report["data"]
-    lines += ["", f"{d['n_eval']} held-out images ({d['val']['name']}, val, {d['val']['resolution']} px); probes trained on {d['n_train']} train images. "
+    train = f"{d['n_train']} train images" + (f" ({d['probe_train']})" if d.get("probe_train") else "")
+    lines += ["", f"Held-out: {d['n_eval']} images, {d.get('held_out') or 'val split'} ({d['val']['name']}); probes trained on {train}. "
               f"Tokenizer {report['tokenizer']['fingerprint']}: r = {report['tokenizer']['num_tokens']}"
               f"{' (dense decoder: reads all N patch features)' if report['tokenizer'].get('decoder_input') == 'dense' else ''}, {report['tokenizer']['latent_values']} latent values; "
               f"baseline: {p['pixels_down']}. LPIPS: {p['lpips']}. FID extractor: {p['fid_extractor']}. {report['seconds'].get('total')} s.", ""]

@@ -244,6 +244,87 @@ def feature_stats(features: np.ndarray) -> dict:
     return {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False), "n": len(f)}
 
 
+class FeatureStats:
+    """Running mean and covariance of feature batches (Chan et al.'s pairwise update, float64): the statistics of any
+    number of images in O(d^2) memory. Batches are merged in blocks of about `block` rows (one d x d product per
+    block, not per batch). `stats()` equals `feature_stats` of all the batches stacked (to rounding)."""
+
+    def __init__(self, block: int = 2048) -> None:
+        self.n, self.mean, self.m2 = 0, None, None
+        self.block, self._pending, self._rows = block, [], 0
+
+    def add(self, features: np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or not len(f):
+            return
+        self._pending.append(f)
+        self._rows += len(f)
+        if self._rows >= self.block:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        f = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending, self._rows = [], 0
+        b, mb = len(f), f.mean(0)
+        c = f - mb
+        m2b = c.T @ c
+        if self.n == 0:
+            self.n, self.mean, self.m2 = b, mb, m2b
+            return
+        n, delta = self.n + b, mb - self.mean
+        self.mean = self.mean + delta * (b / n)
+        self.m2 += m2b + np.outer(delta, delta) * (self.n * b / n)
+        self.n = n
+
+    @property
+    def count(self) -> int:
+        return self.n + self._rows
+
+    def stats(self) -> dict:
+        self._merge()
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.n}")
+        return {"mu": self.mean.copy(), "sigma": self.m2 / (self.n - 1), "n": self.n}
+
+
+@torch.no_grad()
+def feature_batches(extractor: nn.Module, batches: Iterable[torch.Tensor], batch_size: int = 50, progress: bool = False,
+                    total: int | None = None, desc: str = "inception") -> Iterable[tuple[np.ndarray, torch.Tensor | None]]:
+    """(pool features (b, 2048) float64, logits (b, 1008) or None) per Inception forward of batches of uint8 images
+    (B,3,H,W): the images are never gathered, so any number of them streams through in bounded memory."""
+    from tqdm.auto import tqdm
+
+    idx, dev = extractor.features_list.index(FEATURES), next(extractor.parameters()).device
+    logits_idx = extractor.features_list.index("logits_unbiased") if getattr(extractor, "has_logits", False) else None
+    with tqdm(total=total, disable=not progress, unit="img", desc=desc) as bar:
+        for b in batches:
+            if not (torch.is_tensor(b) and b.dtype == torch.uint8 and b.dim() == 4 and b.shape[1] == 3):
+                got = f"{b.dtype} {tuple(b.shape)}" if torch.is_tensor(b) else type(b).__name__
+                raise ValueError(f"expected uint8 images (B,3,H,W), got {got}")
+            for c in b.split(batch_size):
+                out = extractor(c.to(dev))
+                yield out[idx].double().cpu().numpy(), (out[logits_idx].cpu() if logits_idx is not None else None)
+                bar.update(len(c))
+
+
+def extractor_identity(extractor: nn.Module) -> str:
+    """What makes two extractors give the same features: the source and the sha1 of the weights file."""
+    file = getattr(extractor, "weights_file", None)
+    source = getattr(extractor, "weights_source", "?")
+    if file and os.path.isfile(file):
+        st = os.stat(file)
+        key = (os.path.abspath(file), st.st_size, st.st_mtime_ns)
+        if key not in _SHA1_CACHE:
+            _SHA1_CACHE[key] = _sha1(file)
+        return f"{source}:sha1={_SHA1_CACHE[key]}"
+    return source
+
+
+_SHA1_CACHE: dict[tuple, str] = {}
+
+
 def save_stats(path: str, stats: dict, meta: dict | None = None) -> None:
     """Write stats (mu, sigma, n and any other arrays, e.g. features) and meta (as JSON) to a .npz, atomically."""
     arrays = {k: np.asarray(v) for k, v in stats.items() if k != "meta"}
@@ -256,21 +337,31 @@ def save_stats(path: str, stats: dict, meta: dict | None = None) -> None:
     _atomic_write(path, write)
 
 
+STATS_KEYS = ("mu", "sigma", "n", "meta", "features")  # what load_stats reads; anything else in the file is left unread
+
+
 def load_stats(path: str) -> dict:
-    """Stats written by save_stats: mu, sigma, n (int), meta (dict) and any other arrays saved."""
+    """Stats written by save_stats: mu, sigma, n (int), meta (dict) and, when kept, features. Other members are not
+    read: the ADM reference batches (`VIRTUAL_imagenet256_labeled.npz`: arr_0 = 10,000 reference images, mu, sigma
+    over the ImageNet train set, mu_s, sigma_s) give mu and sigma only, never their images (2 GB), with
+    meta = {"format": "adm"} and n = 0 (not recorded)."""
     if not os.path.isfile(path):
         raise UserError(f"FID statistics file {path} does not exist; compute it with python -m stellar_tok.fid_stats")
     try:
         with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
+            files = set(z.files)
+            out = {k: z[k] for k in STATS_KEYS if k in files}
     except Exception as e:
         raise UserError(f"could not read FID statistics {path} ({type(e).__name__}); "
                         "recompute it with python -m stellar_tok.fid_stats") from None
     if "mu" not in out or "sigma" not in out:
-        raise UserError(f"{path} has no mu/sigma (keys: {', '.join(sorted(out))}); "
+        raise UserError(f"{path} has no mu/sigma (keys: {', '.join(sorted(files))}); "
                         "recompute it with python -m stellar_tok.fid_stats")
     out["n"] = int(out["n"]) if "n" in out else 0
-    out["meta"] = json.loads(str(out["meta"])) if "meta" in out else {}
+    if "meta" in out:
+        out["meta"] = json.loads(str(out["meta"]))
+    else:
+        out["meta"] = {"format": "adm" if "arr_0" in files else "unknown", "members": sorted(files)}
     return out
 
 
