@@ -259,7 +259,12 @@ def evaluate_samples(cfg) -> dict:
     else:
         notes.append("Inception Score left out: these Inception weights have no classifier")
     labels = samples.labels
-    if cfg.class_accuracy and labels is not None and cfg.data.name in ("shapes", "digits"):
+    ref_name = ((ref.get("meta") or {}).get("data") or {}).get("name")  # the data set the reference was made of
+    judged = cfg.class_accuracy and labels is not None and cfg.data.name in ("shapes", "digits") and ref_name == cfg.data.name
+    if cfg.class_accuracy and labels is not None and not judged:
+        notes.append(f"class accuracy left out: it needs samples and a reference of an embedded set (data.name=shapes|digits), "
+                     f"the reference here is {ref_name or 'not of one'}")
+    if judged:
         from .class_accuracy import class_accuracy, judge
 
         data_cfg = {"name": cfg.data.name, "resolution": int(cfg.data.resolution)}

@@ -349,3 +349,18 @@ def test_streamed_feature_stats_equal_the_stacked_ones():
     assert got["n"] == 63
     np.testing.assert_allclose(got["mu"], want["mu"], rtol=1e-12)
     np.testing.assert_allclose(got["sigma"], want["sigma"], rtol=1e-10, atol=1e-12)
+
+
+def test_labelled_samples_against_adm_statistics_are_not_judged_on_shapes(tmp_path, fake_inception, monkeypatch):
+    """Class-labelled samples scored against ADM's mu/sigma with data.* left at its default (shapes): the class
+    accuracy judge (an embedded set's classifier) does not run; the notes say why."""
+    from generators import class_accuracy
+    from generators.evaluate import main
+
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=samples, arr_1=np.arange(12) % 4)
+    _adm_batch(tmp_path / "VIRTUAL.npz", 15, np.zeros(15), np.eye(15))
+    monkeypatch.setattr(class_accuracy, "judge", lambda *a, **k: pytest.fail("judged on shapes against an ImageNet reference"))
+    rep = main([f"samples={tmp_path / 'samples.npz'}", f"out={tmp_path / 'out'}", f"fid.ref={tmp_path / 'VIRTUAL.npz'}", "progress=false"])
+    assert "class_accuracy" not in rep["results"] and any("class accuracy left out" in n for n in rep["notes"])
