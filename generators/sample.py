@@ -145,6 +145,7 @@ def check_tokenizer(model, tok) -> None:
 def sample(cfg) -> dict:
     from accelerate import PartialState
     from PIL import Image
+    from stellar_tok.launch import describe_launch
     from stellar_tok.visual import enlarged_grid
     from tqdm.auto import tqdm
 
@@ -189,6 +190,9 @@ def sample(cfg) -> dict:
     dim = r * c + n * r
     amp = autocast_dtype(cfg.mixed_precision, device)
     precision = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    if state.is_main_process:
+        print(f"running: {describe_launch(state, precision)}, batch {cfg.batch_size} per process; {len(labels_all):,} samples "
+              f"of {len(classes)} classes", flush=True)
     part, t0 = None, time.time()  # this process's images (len(mine),H,W,3), memory-mapped
     pbar = tqdm(total=len(mine), unit="img", disable=not (cfg.progress and state.is_main_process), desc="sample")
     for i in range(0, len(mine), cfg.batch_size):

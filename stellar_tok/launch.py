@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 
-def describe_launch(accelerator) -> str:
-    """'2 processes (multi_cpu, gloo), device cpu, precision no' for an `accelerate.Accelerator`."""
+def describe_launch(accelerator, precision: str | None = None) -> str:
+    """'2 processes (multi_cpu, gloo), device cpu, precision no' for an `accelerate.Accelerator` (or a `PartialState`,
+    with `precision` given)."""
     world = accelerator.num_processes
     mode = accelerator.distributed_type.value.lower() if world > 1 or accelerator.distributed_type.value != "NO" else "single"
     backend = f", {torch.distributed.get_backend()}" if torch.distributed.is_initialized() else ""
     return (f"{world} process{'es' if world > 1 else ''} ({mode}{backend}), device {accelerator.device.type}, "
-            f"precision {accelerator.mixed_precision}")
+            f"precision {precision or getattr(accelerator, 'mixed_precision', 'no')}")

@@ -250,6 +250,7 @@ def tokenize(cfg, tokenizer=None) -> dict:
     from tqdm.auto import tqdm
 
     from .data import FolderDataset, SkipCounter, reset_skipped_samples
+    from .launch import describe_launch
     from .tokenizer import StellarTokenizer
 
     if not cfg.out:
@@ -263,6 +264,8 @@ def tokenize(cfg, tokenizer=None) -> dict:
         raise UserError("shard_size and batch_size must be >= 1")
     state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     device = state.device
+    if state.is_main_process:
+        print(f"running: {describe_launch(state, cfg.mixed_precision)}, batch {cfg.batch_size} per process", flush=True)
     if tokenizer is None:
         if not cfg.tokenizer or not os.path.isdir(cfg.tokenizer):
             raise UserError(f"tokenizer=DIR must name an exported tokenizer folder (got {cfg.tokenizer!r})")

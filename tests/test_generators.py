@@ -200,6 +200,7 @@ def test_sample_cli_two_processes_equal_one(trained):
     r = launch_two_processes("generators.sample", [f"out={root / 'p2'}", *common], 29536)
     # gloo sometimes aborts at interpreter exit after all work is done; the outputs decide
     assert "sample: 6 images of 2 classes" in r.stdout, r.stderr[-3000:]
+    assert "running: 2 processes (multi_cpu, gloo), device cpu, precision no, batch" in r.stdout
     sample_main(common + [f"out={root / 'p1'}"])
     one, two = np.load(root / "p1" / "samples.npz"), np.load(root / "p2" / "samples.npz")
     diff = np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int))  # 1 thread there, 2 here: a rare 1-level rounding flip

@@ -147,6 +147,7 @@ def test_two_processes_split_the_work(tmp_path, tok):
     r = launch_two_processes("stellar_tok.tokenize", [f"out={tmp_path / 'two'}", *args], 29534)
     # gloo sometimes aborts at interpreter exit after all work is done; the outputs decide
     assert "tokenize: 72 images in 4 shards (0 already done)" in r.stdout, r.stderr[-3000:]
+    assert r.stdout.lstrip().startswith("running: 2 processes (multi_cpu, gloo), device cpu, precision no"), r.stdout[:300]
     tokmod.main([f"out={tmp_path / 'one'}", "mixed_precision=no", *args])  # a bare `no` (YAML false) is accepted
     one, two = LatentDataset(str(tmp_path / "one"), normalize=False), LatentDataset(str(tmp_path / "two"), normalize=False)
     assert one.keys() == two.keys()
