@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from stellar_tok.errors import UserError, cli_entry
 from stellar_tok.config import parse_overrides
-from stellar_tok.budget import Budget, cosine_with_warmup
+from stellar_tok.budget import Budget, RunProgress, cosine_with_warmup
 from stellar_tok.checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
 from stellar_tok.guards import GracefulStop, NonFiniteGuard
 from stellar_tok.train import end_training, truncate_metrics
@@ -90,7 +90,6 @@ def train(cfg) -> dict:
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
 
     from stellar_tok.latent_data import LatentDataset, collate_latents
     from stellar_tok.launch import describe_launch
@@ -169,9 +168,9 @@ def train(cfg) -> dict:
     guard = NonFiniteGuard(accelerator, state, cfg.train.max_nonfinite, on_abort=ckpt.save)
 
     total = cfg.train.steps
-    pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="generator")
     t_start = t_window = time.time()
     budget = Budget(state, cfg.train.max_minutes, cfg.train.max_cpu_minutes)
+    pbar = RunProgress(budget, total, state.step, accelerator.is_main_process and cfg.train.progress, "generator")  # ETA: steps or budget
     img_window, start_step, last = 0, state.step, {}
     labels_grid = grid_labels(num_classes, cfg.sample.per_class, device)
 
@@ -226,8 +225,8 @@ def train(cfg) -> dict:
             if accelerator.is_main_process:
                 with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
-            pbar.set_postfix(loss=f"{logs['loss']:.3f}", ips=f"{logs['images_per_s']:.0f}")
-        pbar.update(1)
+            pbar.set_postfix(step=state.step, loss=f"{logs['loss']:.3f}", ips=f"{logs['images_per_s']:.0f}")
+        pbar.update(state.step)
         stopping = stop.should_stop(accelerator, late=budget.exhausted(), done=state.step >= total)  # the same on every process
         if state.step % cfg.train.sample_every == 0 and not stopping:
             sample_grid()

@@ -65,3 +65,36 @@ class Budget:
         frac = max((step - warmup) / max(1, total - warmup), self.time_fraction())
         for group, base in zip(opt.param_groups, sched.base_lrs):
             group["lr"] = base * cosine_factor(frac, min_ratio)
+
+
+class RunProgress:
+    """The run's tqdm bar. Without a time budget it counts steps; with one it counts percent of the run, the
+    further along of steps and time, so that its ETA is the budget's and not that of a step count the budget
+    will cut short (`train.steps=100000 train.max_minutes=4` shows about 4 minutes, not hours)."""
+
+    def __init__(self, budget: Budget, total_steps: int, step: int, enabled: bool, desc: str):
+        from tqdm.auto import tqdm
+
+        self.budget, self.total = budget, total_steps
+        if budget.timed:
+            self.bar = tqdm(total=100.0, initial=round(self.fraction(step) * 100, 1), disable=not enabled, dynamic_ncols=True,
+                            desc=desc, unit="%", bar_format="{l_bar}{bar}| {n:.1f}/100% [{elapsed}<{remaining}{postfix}]")
+        else:
+            self.bar = tqdm(total=total_steps, initial=step, disable=not enabled, dynamic_ncols=True, desc=desc)
+
+    def fraction(self, step: int) -> float:
+        """How far along the run is: steps done, or the time budget spent, whichever is further."""
+        return min(1.0, max(step / max(1, self.total), self.budget.time_fraction()))
+
+    def update(self, step: int) -> None:
+        """After each step (`step`: the steps done)."""
+        if self.budget.timed:
+            self.bar.update(round(self.fraction(step) * 100, 1) - self.bar.n)
+        else:
+            self.bar.update(1)
+
+    def set_postfix(self, **kwargs) -> None:
+        self.bar.set_postfix(**kwargs)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -30,7 +30,7 @@ import warnings
 import torch
 from omegaconf import OmegaConf
 
-from .budget import Budget, cosine_with_warmup
+from .budget import Budget, RunProgress, cosine_with_warmup
 from .checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
 from .config import Config, check_data_paths, cls_is_trained, inert_settings, load_config, parse_overrides, tokenizer_kwargs
 from .errors import UserError, cli_entry
@@ -189,7 +189,6 @@ def fsdp_on_cpu(accelerator) -> None:
 def train(cfg) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
 
     from .data import build_loader, heldout_is_train, reset_skipped_samples, skipped_samples
     from .objective import StellarObjective
@@ -269,9 +268,9 @@ def train(cfg) -> dict:
 
     stop = GracefulStop()  # SIGTERM/SIGINT: finish the step, checkpoint, export
     guard = NonFiniteGuard(accelerator, state, cfg.train.max_nonfinite, on_abort=ckpt.save)
-    pbar = tqdm(total=total, initial=state.step, disable=not (accelerator.is_main_process and cfg.train.progress), dynamic_ncols=True, desc="train")
     t_start = time.time()
     budget = Budget(state, cfg.train.max_minutes, cfg.train.max_cpu_minutes)
+    pbar = RunProgress(budget, total, state.step, accelerator.is_main_process and cfg.train.progress, "train")  # ETA: steps or budget
     t_window, img_window = time.time(), 0
     last_logs: dict = {}
     world = accelerator.num_processes
@@ -331,8 +330,8 @@ def train(cfg) -> dict:
             if accelerator.is_main_process:
                 with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
-            pbar.set_postfix(loss=f"{logs['loss']:.3f}", psnr=f"{logs.get('psnr', float('nan')):.1f}", ips=f"{ips:.0f}")
-        pbar.update(1)
+            pbar.set_postfix(step=state.step, loss=f"{logs['loss']:.3f}", psnr=f"{logs.get('psnr', float('nan')):.1f}", ips=f"{ips:.0f}")
+        pbar.update(state.step)
         # every process must agree to stop at the same step: a signal, the time budget, stop_after or the end
         stopping = stop.should_stop(accelerator, late=budget.exhausted(),
                                     done=state.step >= total or bool(cfg.train.stop_after and state.step - start_step >= cfg.train.stop_after))

@@ -182,3 +182,20 @@ def test_latent_stats_on_val_path_images(tmp_path):
     assert len(lines) == 1 and "\n" not in lines[0] and "data.val_path" in lines[0], lines
     with pytest.raises(UserError, match="data.val_path"):
         load_config(["data.name=shapes", "data.val_path=/somewhere"])
+
+
+def test_progress_follows_the_time_budget_not_the_step_count():
+    """train.steps=100000 train.max_minutes=4: the bar counts percent of the budget, so its ETA is the budget's."""
+    from stellar_tok.budget import Budget, RunProgress
+    from stellar_tok.checkpoint import TrainState
+
+    state = TrainState()
+    bar = RunProgress(Budget(state, max_minutes=4), 100000, 0, True, "train")
+    state.wall_s = 120.0  # half the budget spent after 10 of 100,000 steps
+    bar.update(10)
+    assert bar.bar.total == 100 and abs(bar.bar.n - 50) < 0.2
+    bar.close()
+    plain = RunProgress(Budget(TrainState()), 200, 5, True, "train")  # no budget: steps
+    plain.update(6)
+    assert plain.bar.total == 200 and plain.bar.n == 6
+    plain.close()
