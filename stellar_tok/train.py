@@ -66,6 +66,7 @@ def load_frozen_encoder(tokenizer, path: str) -> None:
 def compute_latent_stats(tokenizer, loader, device, batches: int):
     """Per-channel mean/std of the tokens and scalar mean/std of log L over a few clean batches."""
     from .latent import LatentStats
+    from .views import to_unit_range
 
     tok_sum = tok_sq = None
     loc_sum = loc_sq = 0.0
@@ -73,7 +74,7 @@ def compute_latent_stats(tokenizer, loader, device, batches: int):
     for i, (images, _) in enumerate(loader):
         if i >= batches:
             break
-        lat = tokenizer.encode(images.to(device).float() / 127.5 - 1)
+        lat = tokenizer.encode(to_unit_range(images, device))
         t = lat.tokens.flatten(0, 1).double()
         tok_sum = t.sum(0) if tok_sum is None else tok_sum + t.sum(0)
         tok_sq = (t**2).sum(0) if tok_sq is None else tok_sq + (t**2).sum(0)
@@ -103,11 +104,11 @@ def run_length(cfg, loader, accelerator) -> int:
     """The run's steps: train.steps, or train.epochs passes over the data (data.epoch_size for wds, the train
     split's size otherwise) at this launch's global batch. Prints what is running, on the main process."""
     world, batch = accelerator.num_processes, cfg.optim.batch_size
-    total = cfg.train.steps
+    total, length = cfg.train.steps, f"{cfg.train.steps:,} steps"
     if cfg.train.epochs > 0:
         per_epoch = cfg.data.epoch_size if cfg.data.name == "wds" else len(loader.dataset)
         total = max(1, math.ceil(cfg.train.epochs * per_epoch / (batch * world)))
-    length = f"{cfg.train.epochs:g} epochs of {per_epoch:,} images = {total:,} steps" if cfg.train.epochs > 0 else f"{total:,} steps"
+        length = f"{cfg.train.epochs:g} epochs of {per_epoch:,} images = {total:,} steps"
     accelerator.print(f"running: {describe_launch(accelerator)}, batch {batch} per process = {batch * world} global; {length}", flush=True)
     return total
 
