@@ -6,7 +6,7 @@
 For every data set and variant it trains the tiny tokenizer (`configs/tokenizer/tiny.yaml`, `train.steps=100000`
 with `train.max_cpu_minutes=minutes`, one thread per run, `jobs` runs at once), evaluates it with
 `stellar_tok.evaluate` (PSNR, SSIM, rFID, linear and kNN probes; no LPIPS offline), then writes the table to
-docs/BENCHMARKS.md, a short verdict to README.md and a picture per data set to docs/images/ablation_<data>.png.
+docs/BENCHMARKS.md, a short verdict to docs/RESULTS.md and a picture per data set to docs/images/ablation_<data>.png.
 
 Variants (the paper's claim: the factorised latent keeps the reconstruction of an autoencoder and the semantics
 of alignment-only training at once):
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from benchmarks.common import machine, parse_kv, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+RESULTS = os.path.join(ROOT, "docs", "RESULTS.md")  # the verdict block lives in the results page
 IMAGES = os.path.join(ROOT, "docs", "images")
 
 VARIANTS = {  # name -> (label, overrides)
@@ -43,13 +43,13 @@ VARIANTS = {  # name -> (label, overrides)
     "align_only": ("(b) alignment only", ["recon.enabled=false"]),
     "dense": ("(c) dense decoder", ["model.decoder_input=dense"]),
 }
-DATA = {  # name -> training overrides (digits: no rotations, as in the README's digits run)
+DATA = {  # name -> training overrides (digits: no rotations, as in the digits run of docs/RESULTS.md)
     "shapes": ["data.name=shapes"],
     "digits": ["data.name=digits", "views.rotation=0"],
 }
 DEFAULTS = {"minutes": "10", "data": "shapes,digits", "variants": ",".join(VARIANTS), "jobs": "2", "n_eval": "1000",
             "seed": "0", "out": "runs/ablation", "readme": "true"}
-README_BEGIN, README_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+VERDICT_BEGIN, VERDICT_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -221,31 +221,31 @@ The criterion of the paper's claim: STELLAR within 1 dB PSNR of (a) and within 3
           + ", ".join(f"`docs/images/{os.path.basename(p)}`" for p in pictures) if pictures else "")
     write_section("The paper's claim at small scale (ablation)", body)
     if args["readme"] == "true":
-        write_readme(verdicts, args)
+        write_verdict(verdicts, args)
 
 
-def write_readme(verdicts: list, args: dict) -> None:
-    lines = [README_BEGIN, "### The paper's claim at small scale (measured)", "",
+def write_verdict(verdicts: list, args: dict) -> None:
+    lines = [VERDICT_BEGIN, "## The paper's claim at small scale", "",
              f"STELLAR (r = 16) against (a) the same model without alignment losses (an autoencoder), (b) without "
              f"reconstruction losses (alignment only) and (c) a decoder reading all patch features instead of L·S "
              f"(`model.decoder_input=dense`), each trained for the same {args['minutes']} minutes of CPU time (one thread, "
-             f"seed {args['seed']}), evaluated as above (`{command_line(args)}`; full table with rFID, kNN and CLS in "
+             f"seed {args['seed']}), evaluated as in the README's \"Evaluation\" section (`{command_line(args)}`; full table with rFID, kNN and CLS in "
              f"`docs/BENCHMARKS.md`). The claim: PSNR within 1 dB of (a) and linear top-1 within 3 points of (b), both at once.", ""]
     lines += [f"- {verdict_line(d, v)}" for d, v in verdicts if v]
     if any(v and not (v["psnr_ok"] and v["linear_ok"]) for _, v in verdicts):
         lines += ["", "What was tried to make the alignment losses work at this scale (conv stem, contrastive image-level "
                   "term on the mean of S, per-slot token balance) is under \"Why the reference recipe did not learn here, "
                   "and what changed\" above; these runs use that recipe (`tiny.yaml`) unchanged."]
-    lines.append(README_END)
+    lines.append(VERDICT_END)
     block = "\n".join(textwrap.fill(line, 110, subsequent_indent="  " if line.startswith("- ") else "", break_on_hyphens=False)
                       if len(line) > 110 else line for line in lines)
-    text = open(README).read()
-    if README_BEGIN in text and README_END in text:
-        text = re.sub(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), lambda _: block, text, flags=re.S)
+    text = open(RESULTS).read()
+    if VERDICT_BEGIN in text and VERDICT_END in text:
+        text = re.sub(re.escape(VERDICT_BEGIN) + ".*?" + re.escape(VERDICT_END), lambda _: block, text, flags=re.S)
     else:  # first time: after the evaluation results, before the pictures
-        anchor = "\n### Pictures\n"
+        anchor = "\n## Pictures\n"
         text = text.replace(anchor, "\n" + block + "\n" + anchor, 1) if anchor in text else text.rstrip() + "\n\n" + block + "\n"
-    with open(README, "w") as f:
+    with open(RESULTS, "w") as f:
         f.write(text)
 
 

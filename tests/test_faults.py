@@ -1,5 +1,5 @@
 """Fault injection: kills, signals, broken checkpoints, bad data, bad configs, non-finite losses and crafted
-pickles. The README section "Reliability" lists what each test guarantees."""
+pickles. docs/RELIABILITY.md lists what each test guarantees."""
 import builtins
 import json
 import os
