@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 
 import torch
@@ -56,17 +57,33 @@ def write_section(name: str, body: str) -> None:
         f.write(text.rstrip() + "\n")
 
 
-def parse_kv(argv: list[str], defaults: dict, doc: str) -> dict:
-    """`key=value` arguments over `defaults` (strings); `--help` prints `doc`; an unknown key exits with one line."""
-    import sys
+def parse_kv(argv: list[str], defaults: dict, doc: str, prog: str | None = None) -> dict:
+    """`key=value` arguments over `defaults` (strings; a key may hold dots, e.g. batch.tiny) through the commands'
+    own loader (`stellar_tok.config.parse_command`): `--help` prints `doc` and every key; an unknown key exits with
+    one line (status 2). Returns {key: value as text} for every key of `defaults`."""
+    from omegaconf import OmegaConf
 
-    args = dict(defaults)
-    for a in argv:
-        if a in ("-h", "--help"):
-            print(doc)
-            sys.exit(0)
-        key, sep, value = a.partition("=")
-        if not sep or key not in defaults:
-            sys.exit(f"unknown argument {a!r}; keys: {', '.join(defaults)}")
-        args[key] = value
-    return args
+    from stellar_tok.config import parse_command
+    from stellar_tok.errors import UserError
+
+    schema: dict = {}
+    for key, value in defaults.items():  # dotted keys -> nested sections, values kept as given
+        *parents, leaf = key.split(".")
+        node = schema
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
+    try:
+        cfg = parse_command(prog, doc, schema, argv, example)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return {k: _text(OmegaConf.select(cfg, k)) for k in defaults}
+
+
+def _text(value) -> str:
+    """A parsed `key=value` value back to the text the benchmarks read (true/false lower case, null empty)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)

@@ -53,7 +53,7 @@ def write_samples(path: str, n: int, size: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    args = parse_kv(argv, DEFAULTS, __doc__)
+    args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.fid_memory")
     size, root = int(args["size"]), args["dir"]
     os.makedirs(root, exist_ok=True)
     ref = os.path.join(root, "ref.npz")

@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_setup, machine, median, write_section  # noqa: E402
+from common import device_setup, machine, median, parse_kv, write_section  # noqa: E402
 from common import timed as common_timed  # noqa: E402
 
 
@@ -40,10 +40,11 @@ def main(argv):
 
     from generators import LatentDiT
 
-    kv = dict(a.split("=", 1) for a in argv)
-    name, b, rounds = kv.get("config", "xl"), int(kv.get("batch", 2)), int(kv.get("rounds", 3))
-    torch.set_num_threads(int(kv.get("threads", 2)))
-    dev, precision = kv.get("device", "cpu"), kv.get("precision", "fp32")
+    kv = parse_kv(argv, {"config": "xl", "batch": "2", "rounds": "3", "threads": "2", "device": "cpu", "precision": "fp32"}, __doc__,
+                  "python benchmarks/generator_cost.py")
+    name, b, rounds = kv["config"], int(kv["batch"]), int(kv["rounds"])
+    torch.set_num_threads(int(kv["threads"]))
+    dev, precision = kv["device"], kv["precision"]
     cuda, cast = device_setup(dev, precision)
     m = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "generator", f"{name}.yaml")).model
     torch.manual_seed(0)

@@ -1,11 +1,11 @@
 """Helpers of `benchmarks/imagenet_rehearsal.sh`: ImageNet-like data made offline, a random ViT-MAE folder, a
 random FID Inception, a measuring wrapper around the project's commands, and the summary table.
 
-    python -m benchmarks.imagenet_like images DIR --train 6400 --val 1000 --classes 16 --workers 16 [--json F]
-    python -m benchmarks.imagenet_like mae DIR [--width 768 --depth 12 --heads 12 --patch 16 --image-size 224]
-    python -m benchmarks.imagenet_like inception FILE.safetensors
-    python -m benchmarks.imagenet_like run MODULE --stats F.json [--split-at N] -- key=value ...
-    python -m benchmarks.imagenet_like report WORK_DIR RESULTS_DIR
+    python -m benchmarks.imagenet_like images out=DIR train=6400 val=1000 classes=16 workers=16 [json=F]
+    python -m benchmarks.imagenet_like mae out=DIR [width=768 depth=12 heads=12 patch=16 image_size=224] [json=F]
+    python -m benchmarks.imagenet_like inception out=FILE.safetensors
+    python -m benchmarks.imagenet_like run module=MODULE stats=F.json [split_at=N] -- key=value ...
+    python -m benchmarks.imagenet_like report work=WORK_DIR out=RESULTS_DIR
 
 `images` renders DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg: ImageNet-like files (JPEG quality 75-95,
 shorter side 300-500 px, aspect 3:4..4:3, about 3% with a shorter side of 1000-1400 px, about 2% greyscale
@@ -23,8 +23,8 @@ only), for `fid.weights=`: the real weights cannot be fetched offline, so an FID
 means nothing.
 
 `run` calls `MODULE.main(argv)` in this process (also under `accelerate launch -m benchmarks.imagenet_like run
-...`) and writes to --stats: wall time, batches drawn, the time spent waiting for each batch (the trainers'
-`epoch_batches` is wrapped), seconds per step (median, also before and after --split-at, e.g. the GAN's start),
+...`) and writes to `stats`: wall time, batches drawn, the time spent waiting for each batch (the trainers'
+`epoch_batches` is wrapped), seconds per step (median, also before and after `split_at`, e.g. the GAN's start),
 images per second, peak GPU memory (torch.cuda.max_memory_allocated / reserved) and peak RSS. Rewritten every
 25 batches, so a killed stage still leaves figures.
 
@@ -33,7 +33,6 @@ and packs the logs into RESULTS_DIR/logs.tar.gz (at most 8 files in RESULTS_DIR,
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import io
 import json
@@ -43,8 +42,11 @@ import re
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
+
+from stellar_tok.files import atomic_path, atomic_write_json
 
 SHAPES = ["circle", "ring", "square", "triangle", "plus", "star", "crescent", "bar"]
 VARIANTS = ["one", "three", "two"]  # copies of the shape
@@ -196,7 +198,7 @@ def cmd_images(a) -> None:
                "total_mb": round(sum(d["bytes"] for d in done) / 2**20, 1)}
     print(json.dumps(summary))
     if a.json:
-        _write_json(a.json, summary)
+        atomic_write_json(a.json, summary)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +244,7 @@ def cmd_mae(a) -> None:
     summary = {"tensors": len(sd), "params": params, "mb": round(size / 2**20, 1), "grid": grid}
     print(json.dumps(summary))
     if a.json:
-        _write_json(a.json, summary)
+        atomic_write_json(a.json, summary)
 
 
 def cmd_inception(a) -> None:
@@ -274,14 +276,6 @@ def cmd_inception(a) -> None:
 # ----------------------------------------------------------------------------------------------
 # run: a project command, measured
 # ----------------------------------------------------------------------------------------------
-
-
-def _write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _batch_size(batch) -> int:
@@ -337,10 +331,12 @@ def cmd_run(a, argv: list[str]) -> None:
 
     def save(status: str) -> None:
         if rank == 0:
-            _write_json(a.stats, stats(status))
+            atomic_write_json(a.stats, stats(status))
 
-    if hasattr(mod, "epoch_batches"):
-        original = mod.epoch_batches
+    # the trainers draw their batches through `epoch_batches`: in the module itself, or in the shared training engine
+    holders = [m for m in (mod, sys.modules.get("stellar_tok.engine")) if m is not None and hasattr(m, "epoch_batches")]
+    if holders:
+        original = holders[0].epoch_batches
 
         def timed_batches(*args, **kwargs):
             it = original(*args, **kwargs)
@@ -354,7 +350,8 @@ def cmd_run(a, argv: list[str]) -> None:
                     save("running")
                 yield batch
 
-        mod.epoch_batches = timed_batches
+        for m in holders:
+            m.epoch_batches = timed_batches
     save("started")
     status = "error"
     try:
@@ -539,16 +536,15 @@ def cmd_report(a) -> None:
              *rows, ""]
     with open(os.path.join(res, "summary.md"), "w") as f:
         f.write("\n".join(lines))
-    _write_json(os.path.join(res, "summary.json"), {"env": env, "stages": details})
+    atomic_write_json(os.path.join(res, "summary.json"), {"env": env, "stages": details})
     logs = os.path.join(res, "logs.tar.gz")
-    with tarfile.open(logs + ".tmp", "w:gz") as tar:
+    with atomic_path(logs) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for pattern in ("logs/*.log", "stats/*.json", "stages.jsonl", "*/summary.json", "*/metrics.jsonl", "*/config.yaml",
                         "latents/manifest.json", "eval/metrics.*", "shards/classes.json"):
             for p in sorted(glob.glob(os.path.join(w, pattern))):
                 if os.path.realpath(p).startswith(os.path.realpath(res) + os.sep):
                     continue
                 tar.add(p, arcname=os.path.relpath(p, w))
-    os.replace(logs + ".tmp", logs)
     for src, dst in ((os.path.join(w, "samples", "grid.png"), "samples_grid.png"),):
         if os.path.isfile(src) and os.path.getsize(src) < 15 * 2**20:
             shutil.copyfile(src, os.path.join(res, dst))
@@ -558,41 +554,44 @@ def cmd_report(a) -> None:
     print("\n".join(lines))
 
 
-def main() -> None:
-    argv = sys.argv[1:]
+COMMANDS = {  # command -> its keys and defaults (key=value, through benchmarks.common.parse_kv)
+    "images": {"out": "", "train": "6400", "val": "1000", "classes": "16", "workers": str(os.cpu_count() or 1), "seed": "0",
+               "json": ""},
+    "mae": {"out": "", "width": "768", "depth": "12", "heads": "12", "patch": "16", "image_size": "224", "json": ""},
+    "inception": {"out": ""},
+    "run": {"module": "", "stats": "", "split_at": "0"},
+    "report": {"work": "", "out": ""},
+}
+REQUIRED = {"images": ("out",), "mae": ("out",), "inception": ("out",), "run": ("module", "stats"), "report": ("work", "out")}
+INTS = ("train", "val", "classes", "workers", "seed", "width", "depth", "heads", "patch", "image_size", "split_at")
+
+
+def parse_command_line(argv: list[str]) -> tuple[SimpleNamespace, list[str]]:
+    """`COMMAND key=value ... [-- ARGS]` -> (the keys, typed; ARGS, for `run`)."""
+    from benchmarks.common import parse_kv
+
     rest: list[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(prog="python -m benchmarks.imagenet_like", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("images")
-    q.add_argument("out")
-    q.add_argument("--train", type=int, default=6400)
-    q.add_argument("--val", type=int, default=1000)
-    q.add_argument("--classes", type=int, default=16)
-    q.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--json", default=None)
-    q = sub.add_parser("mae")
-    q.add_argument("out")
-    q.add_argument("--width", type=int, default=768)
-    q.add_argument("--depth", type=int, default=12)
-    q.add_argument("--heads", type=int, default=12)
-    q.add_argument("--patch", type=int, default=16)
-    q.add_argument("--image-size", type=int, default=224)
-    q.add_argument("--json", default=None)
-    q = sub.add_parser("inception")
-    q.add_argument("out")
-    q = sub.add_parser("run")
-    q.add_argument("module")
-    q.add_argument("--stats", required=True)
-    q.add_argument("--split-at", type=int, default=0)
-    q = sub.add_parser("report")
-    q.add_argument("work")
-    q.add_argument("out")
-    a = p.parse_args(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}; one of {', '.join(COMMANDS)}", file=sys.stderr)
+            raise SystemExit(2)
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
+    cmd = argv[0]
+    kv = parse_kv(argv[1:], COMMANDS[cmd], __doc__, f"python -m benchmarks.imagenet_like {cmd}")
+    missing = [k for k in REQUIRED[cmd] if not kv[k]]
+    if missing:
+        print(f"error: {cmd} needs {', '.join(f'{k}=' for k in missing)}", file=sys.stderr)
+        raise SystemExit(2)
+    a = SimpleNamespace(cmd=cmd, **{k: int(v) if k in INTS else (v or None) for k, v in kv.items()})
+    return a, rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    a, rest = parse_command_line(sys.argv[1:] if argv is None else argv)
     if a.cmd == "images":
         cmd_images(a)
     elif a.cmd == "mae":

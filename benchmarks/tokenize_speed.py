@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median, write_section  # noqa: E402
+from common import machine, median, parse_kv, write_section  # noqa: E402
 
 
 def main(argv):
@@ -28,10 +28,11 @@ def main(argv):
     from stellar_tok.data import build_dataset
     from stellar_tok.tokenize import TokenizeConfig, tokenize
 
-    kv = dict(a.split("=", 1) for a in argv)
-    torch.set_num_threads(int(kv.get("threads", 2)))
-    n, bs, rounds = int(kv.get("images", 4096)), int(kv.get("batch_size", 256)), int(kv.get("rounds", 3))
-    if "tokenizer" in kv:
+    kv = parse_kv(argv, {"tokenizer": "", "images": "4096", "batch_size": "256", "rounds": "3", "threads": "2"}, __doc__,
+                  "python benchmarks/tokenize_speed.py")
+    torch.set_num_threads(int(kv["threads"]))
+    n, bs, rounds = int(kv["images"]), int(kv["batch_size"]), int(kv["rounds"])
+    if kv["tokenizer"]:
         tok = StellarTokenizer.from_pretrained(kv["tokenizer"]).eval()
     else:
         model = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer", "tiny.yaml")).model

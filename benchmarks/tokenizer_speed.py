@@ -48,7 +48,7 @@ def main(argv):
     from stellar_tok import StellarTokenizer
 
     kv = parse_kv(argv, {"batches": "1,16", "rounds": "3", "big_rounds": "1", "threads": "2", "device": "cpu",
-                         "precision": "fp32", "compile": "none"}, __doc__)
+                         "precision": "fp32", "compile": "none"}, __doc__, "python benchmarks/tokenizer_speed.py")
     batches = [int(b) for b in kv["batches"].split(",")]
     rounds, big_rounds = int(kv["rounds"]), int(kv["big_rounds"])
     torch.set_num_threads(int(kv["threads"]))

@@ -89,7 +89,7 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     from stellar_tok.objective import StellarObjective
     from stellar_tok.reconstruction import PatchDiscriminator, ReconstructionLoss
     from stellar_tok.tokenizer import StellarTokenizer
-    from stellar_tok.train import param_groups
+    from stellar_tok.engine import param_groups
     from stellar_tok.views import make_views
 
     from benchmarks.common import device_setup

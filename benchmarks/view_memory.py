@@ -51,7 +51,7 @@ def saved_bytes_per_image(config: str, global_crops: int, local_crops: int, batc
 
 
 def main(argv: list[str]) -> None:
-    args = parse_kv(argv, DEFAULTS, __doc__)
+    args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.view_memory")
     torch.set_num_threads(int(args["threads"]))
     rows = []
     for spec in args["views"].split(","):

@@ -16,19 +16,44 @@ of another (random) image, and its own S with another image's L, each scored aga
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omegaconf import OmegaConf
+
+from stellar_tok.config import parse_command
 from stellar_tok.errors import UserError, cli_entry
+from stellar_tok.files import atomic_path, atomic_write_json
+
+
+@dataclass
+class JudgeData:
+    """The embedded data set the judge learns from; null keys keep the data set's defaults (and the cache key)."""
+    name: str = "shapes"  # shapes | digits
+    resolution: int = 32
+    train_size: Optional[int] = None  # shapes only
+    val_size: Optional[int] = None  # shapes only
+    seed: Optional[int] = None
+
+
+@dataclass
+class ClassAccuracyConfig:
+    samples: Optional[str] = None  # a samples.npz of generators.sample (arr_0 uint8 NHWC, arr_1 requested labels)
+    tokenizer: Optional[str] = None  # instead of samples: the ceiling of a generator over this exported tokenizer
+    n: int = 400  # tokenizer=: real val images measured
+    data: JudgeData = field(default_factory=JudgeData)
+    epochs: int = 3  # the judge's training epochs (part of its cache key)
+    cache: Optional[str] = "runs/classifiers"  # where trained judges are kept; null: no cache
+    out: Optional[str] = None  # also write the result to this JSON file
 
 
 def small_cnn(classes: int, width: int = 64) -> nn.Module:
@@ -118,9 +143,8 @@ def judge(data_cfg: dict, cache: str | None = None, epochs: int = 3, progress: b
     if path:
         from safetensors.torch import save_file
 
-        os.makedirs(cache, exist_ok=True)
-        save_file(model.state_dict(), path + ".tmp", metadata={"classes": json.dumps(classes), "val_accuracy": str(acc)})
-        os.replace(path + ".tmp", path)
+        with atomic_path(path) as tmp:
+            save_file(model.state_dict(), tmp, metadata={"classes": json.dumps(classes), "val_accuracy": str(acc)})
     return model, acc, classes
 
 
@@ -158,35 +182,25 @@ def ceiling(tokenizer_dir: str, data_cfg: dict, model: nn.Module, classes: list[
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m generators.class_accuracy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("args", nargs="*", help="samples=NPZ | tokenizer=DIR [n=400], data.name=shapes|digits [data.resolution=32] [epochs=3] "
-                                           "[cache=runs/classifiers] [out=JSON]")
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    bad = [s for s in a.args if "=" not in s]
-    if bad:
-        raise UserError(f"argument {bad[0]!r} is not of the form key=value")
-    kv = dict(s.split("=", 1) for s in a.args)
-    if "tokenizer" in kv:
-        if not os.path.isfile(os.path.join(kv["tokenizer"], "config.json")):
-            raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {kv['tokenizer']!r})")
-    elif "samples" not in kv or not os.path.isfile(kv["samples"]):
-        raise UserError(f"samples=PATH must name a samples.npz (from python -m generators.sample); got {kv.get('samples')!r}")
-    data_cfg = {"name": kv.get("data.name", "shapes"), "resolution": int(kv.get("data.resolution", 32))}
-    for k in ("train_size", "val_size", "seed"):
-        if f"data.{k}" in kv:
-            data_cfg[k] = int(kv[f"data.{k}"])
-    npz = None if "tokenizer" in kv else np.load(kv["samples"])
+    cfg = parse_command("python -m generators.class_accuracy", __doc__, ClassAccuracyConfig, argv,
+                        "samples=NPZ data.name=shapes | tokenizer=DIR data.name=digits n=400")
+    if cfg.tokenizer is not None:
+        if not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
+            raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {cfg.tokenizer!r})")
+    elif cfg.samples is None or not os.path.isfile(cfg.samples):
+        raise UserError(f"samples=PATH must name a samples.npz (from python -m generators.sample); got {cfg.samples!r}")
+    data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if v is not None}  # unset keys: the data set's defaults
+    npz = None if cfg.tokenizer is not None else np.load(cfg.samples)
     if npz is not None and "arr_1" not in npz:
-        raise UserError(f"{kv['samples']} has no labels (arr_1): sample with python -m generators.sample")
+        raise UserError(f"{cfg.samples} has no labels (arr_1): sample with python -m generators.sample")
     t = time.time()
-    model, val_acc, classes = judge(data_cfg, kv.get("cache", "runs/classifiers"), int(kv.get("epochs", 3)))
-    found = ceiling(kv["tokenizer"], data_cfg, model, classes, int(kv.get("n", 400))) if npz is None else \
+    model, val_acc, classes = judge(data_cfg, cfg.cache, cfg.epochs)
+    found = ceiling(cfg.tokenizer, data_cfg, model, classes, cfg.n) if npz is None else \
         class_accuracy(npz["arr_0"], npz["arr_1"], model, classes)
     res = {"judge_val_accuracy": round(val_acc, 2), **found, "seconds": round(time.time() - t, 1)}
     print(json.dumps(res))
-    if "out" in kv:
-        with open(kv["out"], "w") as f:
-            json.dump(res, f, indent=1)
+    if cfg.out:
+        atomic_write_json(cfg.out, res)
     return res
 
 

@@ -25,7 +25,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-from stellar_tok.checkpoint import SafetensorsOnly
+from stellar_tok.files import SafetensorsOnly
 from stellar_tok.latent import LatentStatsBuffers
 from stellar_tok.vit import Attention, Mlp, sincos_pos_embed
 

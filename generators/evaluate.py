@@ -22,7 +22,6 @@ Writes `out/metrics.json` and `out/metrics.md`.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import zipfile
@@ -32,8 +31,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from stellar_tok.config import DataConfig, load_config, parse_overrides
+from stellar_tok.config import DataConfig, parse_command
 from stellar_tok.errors import UserError, cli_entry
+from stellar_tok.files import atomic_write_json, atomic_write_text
 from stellar_tok.fid_stats import FIDConfig, ReferenceImages, reference_identity, reference_stats
 
 
@@ -284,10 +284,8 @@ def evaluate_samples(cfg) -> dict:
               "reference": {"path": ref_path, "n": int(ref["n"]), "data": ref_data},
               "extractor": extractor.weights_source, "results": res, "notes": notes, "seconds": round(time.time() - t0, 1)}
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(cfg.out, "metrics.md"), "w") as f:
-        f.write(markdown_table(report))
+    atomic_write_json(os.path.join(cfg.out, "metrics.json"), report, indent=2)
+    atomic_write_text(os.path.join(cfg.out, "metrics.md"), markdown_table(report))
     return report
 
 
@@ -310,8 +308,7 @@ def markdown_table(report: dict) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    overrides = parse_overrides("python -m generators.evaluate", __doc__, GenEvalConfig, argv, "samples=DIR/samples.npz data.name=shapes out=DIR")
-    cfg = load_config(overrides, schema=GenEvalConfig)
+    cfg = parse_command("python -m generators.evaluate", __doc__, GenEvalConfig, argv, "samples=DIR/samples.npz data.name=shapes out=DIR")
     report = evaluate_samples(cfg)
     print(markdown_table(report))
     print(f"-> {os.path.join(cfg.out, 'metrics.json')}")

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, ImagePipelineOutput
 
-from stellar_tok.checkpoint import safetensors_only_kwargs
+from stellar_tok.files import safetensors_only_kwargs
 from stellar_tok.latent import Latent
 
 from .flow import autocast_dtype, sample_latents

@@ -23,7 +23,6 @@ interval=0.1,0.7), `mixed_precision` (auto: bf16 autocast on GPUs, fp32 on the C
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -36,6 +35,7 @@ import torch
 
 from stellar_tok.config import load_config, parse_overrides
 from stellar_tok.errors import UserError, cli_entry
+from stellar_tok.files import atomic_path, atomic_write_json
 
 
 @dataclass
@@ -106,20 +106,19 @@ def _parse_classes(spec: str, model) -> list[int]:
 def save_npz_streamed(path: str, shape: tuple, chunks, labels: np.ndarray) -> None:
     """np.savez's layout (stored members arr_0.npy = uint8 `shape`, arr_1.npy = labels) written chunk by chunk, so
     arr_0 never has to fit in memory; `chunks` yields uint8 arrays that fill `shape` in order."""
-    tmp, written = path + ".tmp", 0
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
-            for c in chunks:
-                c = np.ascontiguousarray(c, dtype=np.uint8)
-                f.write(c.tobytes())
-                written += c.size
-        with zf.open("arr_1.npy", "w") as f:
-            np.lib.format.write_array(f, np.asarray(labels))
-    if written != int(np.prod(shape)):
-        os.remove(tmp)
-        raise RuntimeError(f"samples.npz: wrote {written} values, expected {int(np.prod(shape))}")
-    os.replace(tmp, path)
+    written = 0
+    with atomic_path(path) as tmp:  # a short stream raises: no file is left
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+                for c in chunks:
+                    c = np.ascontiguousarray(c, dtype=np.uint8)
+                    f.write(c.tobytes())
+                    written += c.size
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(labels))
+        if written != int(np.prod(shape)):
+            raise RuntimeError(f"samples.npz: wrote {written} values, expected {int(np.prod(shape))}")
 
 
 def check_tokenizer(model, tok) -> None:
@@ -237,8 +236,7 @@ def sample(cfg) -> dict:
         summary = {"images": total, "classes": classes, "seconds": round(seconds, 2), "images_per_s": round(total / max(seconds, 1e-9), 2),
                    "cfg": cfg.cfg, "interval": [lo, hi], "steps": cfg.steps, "scheduler": cfg.scheduler, "shift": cfg.shift,
                    "seed": cfg.seed, "mixed_precision": precision, "png": save_png, "processes": procs}
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
         print(f"sample: {total} images of {len(classes)} classes in {seconds:.1f}s -> {cfg.out}/grid.png, samples.npz"
               + (", images/" if save_png else ""))
     state.wait_for_everyone()

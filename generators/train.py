@@ -9,22 +9,21 @@ Writes to train.output_dir:
     pipeline/                   a `StellarDiTPipeline` (tokenizer + generator + scheduler), when a tokenizer is known
     images/step-XXXXXXX.png     class-conditional samples from the EMA weights (one row per class)
     logs/, metrics.jsonl, config.yaml, summary.json
+
+This file is the generator's set-up and its step (`GeneratorStep`); the loop around the step, checkpoints,
+budgets, metrics and the summary are `stellar_tok.engine`'s, shared with the tokenizer's trainer.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import torch
 from omegaconf import OmegaConf
 
-from stellar_tok.errors import UserError, cli_entry
+from stellar_tok.checkpoint import export_pretrained
 from stellar_tok.config import parse_overrides
-from stellar_tok.budget import Budget, RunProgress, cosine_with_warmup
-from stellar_tok.checkpoint import Checkpointer, TrainState, epoch_batches, export_pretrained
-from stellar_tok.guards import GracefulStop, NonFiniteGuard
-from stellar_tok.train import end_training, truncate_metrics
+from stellar_tok.engine import TrainingRun, announce, make_accelerator
+from stellar_tok.errors import UserError, cli_entry
 
 from .config import GenConfig, load_config
 
@@ -85,176 +84,153 @@ def main(argv: list[str] | None = None) -> dict:
     return train(load_config(overrides))
 
 
+# ----------------------------------------------------------------------------------------------
+# the step
+# ----------------------------------------------------------------------------------------------
+
+class GeneratorStep:
+    """One training step: class dropout (for classifier-free guidance) -> flow-matching loss at sampled times ->
+    the update (`TrainingRun.update`) -> the EMA. `sample_grid` draws class-conditional samples with the EMA weights."""
+
+    def __init__(self, cfg, run, model, ema, gen, num_classes: int, tokenizer):
+        self.cfg, self.run, self.model, self.ema, self.gen = cfg, run, model, ema, gen
+        self.num_classes, self.tokenizer = num_classes, tokenizer
+        self.net = run.accelerator.unwrap_model(model)
+        self.labels_grid = grid_labels(num_classes, cfg.sample.per_class, run.accelerator.device)
+
+    def __call__(self, batch):
+        from .flow import flow_loss, sample_t
+
+        cfg, acc, gen, device = self.cfg, self.run.accelerator, self.gen, self.run.accelerator.device
+        tokens, loc, y = batch["tokens"].to(device), batch["loc"].to(device), batch["label"].to(device)
+        drop = torch.rand(y.shape, generator=gen, device=device) < cfg.flow.class_dropout
+        y = torch.where(drop, torch.full_like(y, self.num_classes), y)  # the null class
+        t = sample_t(y.shape[0], cfg.flow.t_sampling, gen, device, cfg.flow.logit_mean, cfg.flow.logit_std)
+        with acc.autocast():
+            loss, logs = flow_loss(self.model, tokens, loc, y, t, gen)
+        if not self.run.update(loss, logs):  # NaN/inf on any process: no update, counted; too many in a row stop the run
+            return None
+        self.ema.step(self.net.parameters())
+        logs.update(loss=float(loss.detach()), ema_decay=self.ema.cur_decay_value or 0.0)
+        return logs, y.shape[0]
+
+    def after_step(self, stopping: bool) -> None:
+        if self.run.state.step % self.cfg.train.sample_every == 0 and not stopping:
+            self.sample_grid()
+
+    def sample_grid(self) -> None:
+        """images/step-XXXXXXX.png from the EMA weights (the main process, with a tokenizer at hand)."""
+        acc, net, ema, step = self.run.accelerator, self.net, self.ema, self.run.state.step
+        if self.tokenizer is None or not acc.is_main_process:
+            return
+        ema.store(net.parameters())
+        ema.copy_to(net.parameters())
+        net.eval()
+        path = os.path.join(self.cfg.train.output_dir, "images", f"step-{step:07d}.png")
+        img = save_sample_grid(net, self.tokenizer, self.labels_grid, path, self.cfg.sample.steps, self.cfg.sample.cfg)
+        net.train()
+        ema.restore(net.parameters())
+        try:
+            acc.get_tracker("tensorboard").writer.add_image("samples", img, step)
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+
 def train(cfg) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import EMAModel
 
     from stellar_tok.latent_data import LatentDataset, collate_latents
-    from stellar_tok.launch import describe_launch
-    from stellar_tok.tokenizer import StellarTokenizer
 
-    from .dit import LatentDiT
-    from .flow import flow_loss, sample_t
-    from .pipeline import StellarDiTPipeline
-
-    out_dir = cfg.train.output_dir
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,  # gloo on CPU-only machines
-        mixed_precision=cfg.train.mixed_precision,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    set_seed(cfg.train.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPUs: TF32 for what autocast leaves in fp32 (as DiT)
+    accelerator = make_accelerator(cfg.train, cfg)
     device = accelerator.device
-    if accelerator.is_main_process:
-        os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
 
     # --- data ----------------------------------------------------------------------------------
     ds = LatentDataset(cfg.data.latents, normalize=True, flip_p=cfg.data.flip_p, in_memory=cfg.data.in_memory)
-    batch, world = cfg.optim.batch_size, accelerator.num_processes
-    accelerator.print(f"running: {describe_launch(accelerator)}, batch {batch} per process = {batch * world} global; "
-                      f"{cfg.train.steps:,} steps on {len(ds):,} latents", flush=True)
-    man = ds.manifest
-    r, c = man["shapes"]["tokens"]
-    n, _ = man["shapes"]["loc"]
-    grid = int(round(n**0.5))
-    num_classes = ds.num_classes
-    if num_classes < 1:
+    announce(accelerator, cfg.optim.batch_size, f"{cfg.train.steps:,} steps on {len(ds):,} latents")
+    if ds.num_classes < 1:
         raise UserError(f"{cfg.data.latents} has no class labels: the generator is class-conditional")
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=len(ds) >= cfg.optim.batch_size,
                                          num_workers=cfg.data.num_workers, collate_fn=collate_latents,
                                          generator=torch.Generator().manual_seed(cfg.train.seed))
 
-    # --- model ---------------------------------------------------------------------------------
-    m = cfg.model
-    model = LatentDiT(num_tokens=r, token_channels=c, grid=grid, loc_patch=m.loc_patch, width=m.width, depth=m.depth, heads=m.heads,
-                      mlp_ratio=m.mlp_ratio, num_classes=num_classes, class_names=list(ds.classes) or None,
+    # --- model, EMA, optimizer -----------------------------------------------------------------
+    model = build_model(cfg, ds)
+    ema = EMAModel(model.parameters(), decay=cfg.train.ema, foreach=True)
+    configure_ema(ema, cfg.train)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
+    run = TrainingRun(accelerator, cfg.train, cfg.optim, cfg.train.steps, "generator")
+    sched = run.lr_scheduler(opt)
+    model, opt, loader = accelerator.prepare(model, opt, loader)
+    net = accelerator.unwrap_model(model)
+    ema.to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
+    run.checkpoints(rng=gen, scheduler=sched, ema=ema)
+    tokenizer = sample_tokenizer(cfg, ds.manifest, accelerator)
+    if accelerator.is_main_process:  # the exported generator names the latent it models (generators.sample checks it)
+        net.register_to_config(tokenizer_hash=latent_hash(ds.manifest, tokenizer))
+    if run.begin("generator", {k: str(v) for k, v in OmegaConf.to_container(cfg).items()}):
+        ema.to(device)
+        configure_ema(ema, cfg.train)  # the config, not the checkpoint, says how the EMA decays from here on
+
+    # --- train, then the final checkpoint and the exports ----------------------------------------
+    step = GeneratorStep(cfg, run, model, ema, gen, ds.num_classes, tokenizer)
+    run.fit(step, loader, model, opt, after_step=step.after_step)
+    ckpt_path = run.save()
+    export = pipe_dir = None
+    if accelerator.is_main_process:
+        step.sample_grid()
+        export, pipe_dir = export_generator(cfg.train.output_dir, net, ema, tokenizer)
+    return run.finish(ckpt_path, {"export": export, "pipeline": pipe_dir}, f"generator {export}; pipeline {pipe_dir}")
+
+
+def build_model(cfg, ds):
+    """The `LatentDiT` for the latents of `ds` (their token and localization shapes, classes and statistics)."""
+    from .dit import LatentDiT
+
+    man, m = ds.manifest, cfg.model
+    r, c = man["shapes"]["tokens"]
+    n, _ = man["shapes"]["loc"]
+    model = LatentDiT(num_tokens=r, token_channels=c, grid=int(round(n**0.5)), loc_patch=m.loc_patch, width=m.width, depth=m.depth,
+                      heads=m.heads, mlp_ratio=m.mlp_ratio, num_classes=ds.num_classes, class_names=list(ds.classes) or None,
                       tokenizer_hash=man["tokenizer_hash"])
     model.set_latent_stats(ds.stats)
     if cfg.train.compile:
         for blk in model.blocks:
             blk.compile()
-    ema = EMAModel(model.parameters(), decay=cfg.train.ema, foreach=True)
-    configure_ema(ema, cfg.train)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio))
-    model, opt, loader = accelerator.prepare(model, opt, loader)
-    state = TrainState()
-    net = accelerator.unwrap_model(model)
-    ema.to(device)
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
-    ckpt = Checkpointer(accelerator, out_dir, cfg.train.keep_ckpts, state, rng=gen, scheduler=sched, ema=ema)
+    return model
 
-    tok_path = cfg.sample.tokenizer or man.get("tokenizer_path")
-    tokenizer = None
-    if tok_path and os.path.isdir(tok_path) and accelerator.is_main_process:
-        tokenizer = StellarTokenizer.from_pretrained(tok_path).to(device).eval()
-    if accelerator.is_main_process:  # the exported generator names the latent it models (generators.sample checks it)
-        net.register_to_config(tokenizer_hash=latent_hash(man, tokenizer))
 
-    if ckpt.resume(cfg.train.resume):
-        ema.to(device)
-        configure_ema(ema, cfg.train)  # the config, not the checkpoint, says how the EMA decays from here on
-    if accelerator.is_main_process:  # the log continues from the step this run starts at
-        truncate_metrics(os.path.join(out_dir, "metrics.jsonl"), state.step)
-    accelerator.init_trackers("generator", config={k: str(v) for k, v in OmegaConf.to_container(cfg).items()})
+def sample_tokenizer(cfg, manifest: dict, accelerator):
+    """The tokenizer that decodes the sample grids and goes into the exported pipeline (sample.tokenizer, or the
+    manifest's tokenizer_path), on the main process; None without one."""
+    from stellar_tok.tokenizer import StellarTokenizer
 
-    stop = GracefulStop()  # SIGTERM/SIGINT: finish the step, checkpoint, export
-    guard = NonFiniteGuard(accelerator, state, cfg.train.max_nonfinite, on_abort=ckpt.save)
+    path = cfg.sample.tokenizer or manifest.get("tokenizer_path")
+    if path and os.path.isdir(path) and accelerator.is_main_process:
+        return StellarTokenizer.from_pretrained(path).to(accelerator.device).eval()
+    return None
 
-    total = cfg.train.steps
-    t_start = t_window = time.time()
-    budget = Budget(state, cfg.train.max_minutes, cfg.train.max_cpu_minutes)
-    pbar = RunProgress(budget, total, state.step, accelerator.is_main_process and cfg.train.progress, "generator")  # ETA: steps or budget
-    img_window, start_step, last = 0, state.step, {}
-    labels_grid = grid_labels(num_classes, cfg.sample.per_class, device)
 
-    def sample_grid():
-        if tokenizer is None or not accelerator.is_main_process:
-            return
-        ema.store(net.parameters())
-        ema.copy_to(net.parameters())
-        net.eval()
-        path = os.path.join(out_dir, "images", f"step-{state.step:07d}.png")
-        img = save_sample_grid(net, tokenizer, labels_grid, path, cfg.sample.steps, cfg.sample.cfg)
-        net.train()
-        ema.restore(net.parameters())
-        try:
-            accelerator.get_tracker("tensorboard").writer.add_image("samples", img, state.step)
-        except Exception:
-            pass
+def export_generator(out_dir: str, net, ema, tokenizer) -> tuple[str, str | None]:
+    """out_dir/generator with the EMA weights, and out_dir/pipeline when a tokenizer is at hand; the training weights
+    are put back."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    model.train()
-    data = epoch_batches(loader, state, accelerator)
-    stopping = state.step >= total
-    while not stopping:
-        b = next(data)
-        tokens, loc, y = b["tokens"].to(device), b["loc"].to(device), b["label"].to(device)
-        drop = torch.rand(y.shape, generator=gen, device=device) < cfg.flow.class_dropout
-        y = torch.where(drop, torch.full_like(y, num_classes), y)
-        t = sample_t(y.shape[0], cfg.flow.t_sampling, gen, device, cfg.flow.logit_mean, cfg.flow.logit_std)
-        with accelerator.autocast():
-            loss, logs = flow_loss(model, tokens, loc, y, t, gen)
-        if not guard.ok(loss):  # NaN/inf on any process: no update, counted; too many in a row stops the run
-            opt.zero_grad(set_to_none=True)
-            continue
-        accelerator.backward(loss)
-        if cfg.optim.grad_clip > 0:
-            logs["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
-        opt.step()
-        sched.step()
-        budget.adjust_lr(opt, sched, state.step, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio)
-        opt.zero_grad(set_to_none=True)
-        ema.step(net.parameters())
-        state.step += 1
-        state.images_seen += y.shape[0] * accelerator.num_processes
-        img_window += y.shape[0] * accelerator.num_processes
-        budget.tick()
-        logs.update(loss=float(loss.detach()), lr=opt.param_groups[0]["lr"], ema_decay=ema.cur_decay_value or 0.0,
-                    nonfinite_skipped=float(state.nonfinite_total))
-        last = logs
-        if state.step % cfg.train.log_every == 0 or state.step == total:
-            logs["images_per_s"] = img_window / max(1e-9, time.time() - t_window)
-            t_window, img_window = time.time(), 0
-            accelerator.log(logs, step=state.step)
-            if accelerator.is_main_process:
-                with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": state.step, **{k: round(v, 6) for k, v in logs.items()}}) + "\n")
-            pbar.set_postfix(step=state.step, loss=f"{logs['loss']:.3f}", ips=f"{logs['images_per_s']:.0f}")
-        pbar.update(state.step)
-        stopping = stop.should_stop(accelerator, late=budget.exhausted(), done=state.step >= total)  # the same on every process
-        if state.step % cfg.train.sample_every == 0 and not stopping:
-            sample_grid()
-        if state.step % cfg.train.ckpt_every == 0 and not stopping:
-            ckpt.save()
-    pbar.close()
+    from .pipeline import StellarDiTPipeline
 
-    ckpt_path = ckpt.save()
-    export = pipe_dir = None
-    if accelerator.is_main_process:
-        sample_grid()
-        ema.store(net.parameters())
-        ema.copy_to(net.parameters())
-        export = export_pretrained(net, out_dir, "generator")
-        if tokenizer is not None:
-            pipe = StellarDiTPipeline(tokenizer=tokenizer, transformer=net, scheduler=FlowMatchEulerDiscreteScheduler())
-            pipe_dir = export_pretrained(pipe, out_dir, "pipeline")
-        ema.restore(net.parameters())
-    elapsed = time.time() - t_start
-    summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": ckpt_path,
-               "export": export, "pipeline": pipe_dir, "nonfinite_skipped": state.nonfinite_total, "stopped_by": stop.signal_name,
-               "last": {k: round(v, 5) for k, v in last.items()}}
-    if accelerator.is_main_process:
-        with open(os.path.join(out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        accelerator.print(f"done: {state.step} steps ({state.step - start_step} in this run), {elapsed:.0f}s; generator {export}; pipeline {pipe_dir}")
-    end_training(accelerator, stop)
-    return summary
+    ema.store(net.parameters())
+    ema.copy_to(net.parameters())
+    export = export_pretrained(net, out_dir, "generator")
+    pipe_dir = None
+    if tokenizer is not None:
+        pipe = StellarDiTPipeline(tokenizer=tokenizer, transformer=net, scheduler=FlowMatchEulerDiscreteScheduler())
+        pipe_dir = export_pretrained(pipe, out_dir, "pipeline")
+    ema.restore(net.parameters())
+    return export, pipe_dir
 
 
 if __name__ == "__main__":

@@ -1,9 +1,16 @@
-"""Training budgets: a step count, and optionally wall-clock and CPU-time limits that survive resumes.
+"""Training budgets: a step count, and optionally wall-clock and CPU-time limits that survive resumes; the LR
+schedule that follows them.
 
     budget = Budget(state, max_minutes=30)      # state: the TrainState saved with every checkpoint
+    sched = LambdaLR(opt, budget.lr_schedule(warmup, total, min_ratio))   # the one thing that writes the LR
+    budget.start()                              # the loop begins: time before it is not counted
     budget.tick()                               # once per step: adds the time spent since the last tick
-    budget.fraction(step, warmup, total)        # how far along the run is (for the LR schedule)
+    sched.step()                                # then: the LR of the next step, from the steps and the time spent
     budget.exhausted()                          # a time limit is reached
+
+The LR is `lr_factor(step, ...)` times the base LR: a linear warm-up over steps, then a cosine that follows
+whichever is further along, the steps or the time budget (`time_fraction`). Without a time limit the time
+fraction is 0 and the cosine follows the steps alone.
 
 The time already spent is kept in the TrainState (`wall_s`, `cpu_s`), so a run that is killed and resumed
 continues its schedule instead of starting the clock again. CPU time is the process's time on all threads
@@ -20,13 +27,12 @@ def cosine_factor(frac: float, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return cosine_factor((step - warmup) / max(1, total - warmup), min_ratio)
-
-    return f
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, time_fraction: float = 0.0) -> float:
+    """The LR multiplier for step `step` (0-based) of `total`: (step + 1) / warmup during the warm-up, then a cosine
+    from 1 to min_ratio over the further along of the steps after the warm-up and `time_fraction` (the time budget spent)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return cosine_factor(max((step - warmup) / max(1, total - warmup), time_fraction), min_ratio)
 
 
 class Budget:
@@ -34,6 +40,10 @@ class Budget:
         self.state = state
         self.max_wall = max_minutes * 60
         self.max_cpu = max_cpu_minutes * 60
+        self.start()
+
+    def start(self) -> None:
+        """Start the clock (again): the time until now is not the run's (set-up, loading a checkpoint)."""
         self._wall, self._cpu = time.time(), time.process_time()
 
     @property
@@ -58,13 +68,13 @@ class Budget:
     def exhausted(self) -> bool:
         return self.timed and self.time_fraction() >= 1.0
 
-    def adjust_lr(self, opt, sched, step: int, warmup: int, total: int, min_ratio: float) -> None:
-        """With a time limit, the cosine after warm-up follows whichever is further along, steps or time."""
-        if not self.timed or step < warmup:
-            return
-        frac = max((step - warmup) / max(1, total - warmup), self.time_fraction())
-        for group, base in zip(opt.param_groups, sched.base_lrs):
-            group["lr"] = base * cosine_factor(frac, min_ratio)
+    def lr_schedule(self, warmup: int, total: int, min_ratio: float):
+        """The LR multiplier as a function of the step, for `torch.optim.lr_scheduler.LambdaLR`: `lr_factor` with
+        this budget's time fraction at the moment the scheduler steps (a plain function: LambdaLR saves no state of it)."""
+        def factor(step: int) -> float:
+            return lr_factor(step, warmup, total, min_ratio, self.time_fraction())
+
+        return factor
 
 
 class RunProgress:

@@ -20,7 +20,6 @@ Reading checks the manifest first: a folder whose files are missing, truncated o
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ import warnings
 import torch
 
 from .errors import UserError
+from .files import atomic_write_json, fsync_dir
 
 MANIFEST = "manifest.json"
 STATE_JSON = "trainer_state.json"
@@ -81,19 +81,6 @@ def _fsync_file(path: str) -> str:
     return digest
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform / file system
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(root: str) -> dict[str, dict]:
     """fsync every file and folder below `root`; returns {relative path: {size, sha256}}."""
     files = {}
@@ -101,7 +88,7 @@ def fsync_tree(root: str) -> dict[str, dict]:
         for n in sorted(names):
             p = os.path.join(folder, n)
             files[os.path.relpath(p, root)] = {"size": os.path.getsize(p), "sha256": _fsync_file(p)}
-        _fsync_dir(folder)
+        fsync_dir(folder)
     return files
 
 
@@ -237,15 +224,11 @@ class Checkpointer:
         acc.wait_for_everyone()  # every process's files are written
         if acc.is_main_process:
             files = fsync_tree(tmp)
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump({"step": self.state.step, "time": time.time(), "files": files}, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
+            atomic_write_json(os.path.join(tmp, MANIFEST), {"step": self.state.step, "time": time.time(), "files": files})
             if os.path.exists(final):
                 _remove(final)
             os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             for old in find_checkpoints(self.dir)[: -self.keep]:
                 _remove(old)
         acc.wait_for_everyone()
@@ -304,7 +287,7 @@ def export_pretrained(model, out_dir: str, name: str, extra_json: dict | None = 
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -322,43 +305,3 @@ def epoch_batches(loader, state: TrainState, accelerator, skip: bool = True):
             yield batch
         state.epoch += 1
         state.batch_in_epoch = 0
-
-
-def safetensors_only_kwargs(name: str, kwargs: dict) -> dict:
-    """`from_pretrained` keyword arguments with use_safetensors=True (False is refused): no pickle fallback."""
-    if kwargs.get("use_safetensors") is False:
-        raise ValueError(f"{name} loads safetensors weights only (use_safetensors=False is not supported)")
-    return {**kwargs, "use_safetensors": True}
-
-
-class SafetensorsOnly:
-    """Mixin for `diffusers` models: `from_pretrained` reads safetensors + JSON only. A pickled weight file in the
-    folder (`*.bin`, `*.pt`) is never opened, even when the safetensors file is missing."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        kwargs = safetensors_only_kwargs(cls.__name__, kwargs)
-        path = str(pretrained_model_name_or_path)
-        folder = os.path.join(path, kwargs.get("subfolder") or "")
-        if os.path.isdir(folder) and not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in os.listdir(folder)):
-            raise UserError(f"{folder} holds no .safetensors weights: {cls.__name__} loads safetensors + config.json only "
-                            "and never unpickles .bin/.pt files (convert them with safetensors.torch.save_file if you trust them)")
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Within the block, every `torch.load` is `weights_only=True`, whatever its caller asks: for libraries
-    that unpickle weight files fully (torch.hub's `load_state_dict_from_url`, which torchvision uses for the
-    LPIPS backbone, defaults to weights_only=False)."""
-    real = torch.load
-
-    def load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return real(*args, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = real

@@ -203,8 +203,10 @@ def _friendly(e: OmegaConfBaseException) -> str:
 
 
 def load_config(args: list[str], schema=Config):
-    """`args`: optional `config=PATH` plus `key=value` overrides (later wins). Returns a DictConfig."""
+    """`args`: optional `config=PATH` plus `key=value` overrides (later wins). Returns a DictConfig. `schema`: a
+    dataclass (typed keys), or a nested dict of defaults (untyped); either way a key it lacks is refused."""
     cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)  # dataclasses already are; a dict schema too
     files = [a.split("=", 1)[1] for a in args if a.startswith("config=")]
     overrides = [a for a in args if not a.startswith("config=")]
     for a in overrides:
@@ -235,9 +237,10 @@ def load_tokenizer_command_config(overrides: list[str], schema):
     return cfg
 
 
-def parse_overrides(prog: str, doc: str, schema, argv: list[str] | None, example: str) -> list[str]:
-    """argparse for a `key=value` command: `--help` prints `doc` and every key of `schema` with its default.
-    Returns the overrides (unparsed strings); `argv` None reads sys.argv."""
+def parse_overrides(prog: str | None, doc: str, schema, argv: list[str] | None, example: str) -> list[str]:
+    """The command line of every command (with `load_config`, or both at once with `parse_command`): `--help`
+    prints `doc` and every key of `schema` with its default. Returns the overrides (unparsed strings); `argv` None
+    reads sys.argv."""
     import argparse
     import sys
 
@@ -245,6 +248,12 @@ def parse_overrides(prog: str, doc: str, schema, argv: list[str] | None, example
                                 epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(schema)))
     p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     return p.parse_args(sys.argv[1:] if argv is None else argv).overrides
+
+
+def parse_command(prog: str | None, doc: str, schema, argv: list[str] | None, example: str):
+    """`parse_overrides` then `load_config`: a command's `key=value` arguments as a DictConfig of `schema`; an
+    unknown key, a wrong type or a bad file stops with a UserError naming it (one line under `cli_entry`)."""
+    return load_config(parse_overrides(prog, doc, schema, argv, example), schema=schema)
 
 
 def _require(ok: bool, key: str, allowed: str, value) -> None:

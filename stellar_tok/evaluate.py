@@ -44,6 +44,7 @@ from omegaconf import OmegaConf
 
 from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
+from .files import atomic_path, atomic_write_json, atomic_write_text
 from .fid_stats import FIDConfig, ReferenceImages, cache_root, default_ref_path, reference_identity
 
 TASKS = ("recon", "linear", "knn")
@@ -177,9 +178,8 @@ def _load_cached(path: str, key: dict) -> dict | None:
 def _save_cached(path: str, key: dict, tensors: dict) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp", metadata={"key": json.dumps(key, sort_keys=True)})
-    os.replace(path + ".tmp", path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": json.dumps(key, sort_keys=True)})
 
 
 def train_features(tok, cfg, kinds, k_down: int, fingerprint: str, device, images: ReferenceImages | None = None) -> dict:
@@ -323,10 +323,7 @@ def evaluate(cfg) -> dict:
         if baseline_cached is not None:
             results["pixels_down"].update(baseline_cached)
         elif baseline_path:
-            os.makedirs(os.path.dirname(baseline_path), exist_ok=True)
-            with open(baseline_path + ".tmp", "w") as f:
-                json.dump(results["pixels_down"], f)
-            os.replace(baseline_path + ".tmp", baseline_path)
+            atomic_write_json(baseline_path, results["pixels_down"], indent=None)
         for r in results.values():  # every rFID / rKID carries the number of images and the split it was measured on
             if "rfid" in r:
                 r["rfid_n_eval"], r["rfid_split"] = n_eval, split_label
@@ -368,10 +365,8 @@ def evaluate(cfg) -> dict:
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "config": OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else None,
     }
-    with open(os.path.join(cfg.out, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(cfg.out, "metrics.md"), "w") as f:
-        f.write(markdown_table(report))
+    atomic_write_json(os.path.join(cfg.out, "metrics.json"), report, indent=2)
+    atomic_write_text(os.path.join(cfg.out, "metrics.md"), markdown_table(report))
     return report
 
 

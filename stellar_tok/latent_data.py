@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .files import atomic_path
 from .latent import Latent, LatentStats
 
 FORMAT = "stellar-latents/1"
@@ -102,15 +103,9 @@ class StatsAccumulator:
 
 
 def write_shard(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors shard atomically: to `path.tmp`, fsync, then rename onto `path`."""
-    tmp = path + ".tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # readable like any other file the user writes (safetensors makes it 0600)
-    os.replace(tmp, path)
+    """Write a safetensors shard atomically (`stellar_tok.files.atomic_path`: a temporary file, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
 
 def read_shard_meta(path: str) -> dict | None:

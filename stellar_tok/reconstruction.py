@@ -32,7 +32,7 @@ def build_lpips(random_backbone: bool, net: str = "vgg") -> nn.Module:
 
     if net not in ("vgg", "alex"):
         raise UserError(f"recon.lpips_net must be 'vgg' or 'alex' (got {net!r})")
-    from .checkpoint import weights_only_loads
+    from .files import weights_only_loads
 
     with warnings.catch_warnings(), weights_only_loads():  # the backbone and linear-layer files are never fully unpickled
         warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation notes

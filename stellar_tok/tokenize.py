@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from .config import DataConfig, check_precision, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
+from .files import atomic_write_json
 from .latent_data import DTYPES, FORMAT, SHARD_DIR, StatsAccumulator, read_shard_meta, tokenizer_fingerprint, write_shard
 
 
@@ -214,13 +215,6 @@ def _identity(cfg, fingerprint: str, tok_config: dict, inputs: Optional[dict]) -
             "inputs": inputs}
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _check_existing(out: str, identity: dict) -> None:
     f = os.path.join(out, "manifest.json")
     if not os.path.isfile(f):
@@ -289,7 +283,7 @@ def tokenize(cfg, tokenizer=None) -> dict:
     state.wait_for_everyone()
 
     if state.is_main_process:
-        _write_json(os.path.join(out, "manifest.json"), {**identity, "complete": False, "classes": classes})
+        atomic_write_json(os.path.join(out, "manifest.json"), {**identity, "complete": False, "classes": classes})
     mine = work[state.process_index :: state.num_processes]
     todo, done_before = [], 0
     for w in mine:
@@ -327,7 +321,7 @@ def tokenize(cfg, tokenizer=None) -> dict:
             keys += list(batch_keys)
             pbar.update(len(batch_keys))
         if read.error is not None:  # not read whole: write nothing, record why (for the summary), redo on rerun
-            _write_json(os.path.join(shard_dir, w.name + FAILED_SUFFIX), {"shard": w.name, "source": str(w.source), "error": read.error})
+            atomic_write_json(os.path.join(shard_dir, w.name + FAILED_SUFFIX), {"shard": w.name, "source": str(w.source), "error": read.error})
             continue
         if keys:
             tensors = {k: torch.cat(v) for k, v in parts.items() if v}
@@ -414,8 +408,8 @@ def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_befor
                 "loc_representation": f"log L clamped at log({tok_config['loc_floor']})", "summary": summary}
     if not failed:  # statistics of the whole set only
         stats = StatsAccumulator.merge(parts, tok_config["latent_channels"]).stats()
-        _write_json(os.path.join(out, "stats.json"), {**stats.to_dict(), "images": images, "includes_flipped": identity["flip"]})
-    _write_json(os.path.join(out, "manifest.json"), manifest)
+        atomic_write_json(os.path.join(out, "stats.json"), {**stats.to_dict(), "images": images, "includes_flipped": identity["flip"]})
+    atomic_write_json(os.path.join(out, "manifest.json"), manifest)
     return summary
 
 

@@ -30,7 +30,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-from .checkpoint import SafetensorsOnly
+from .files import SafetensorsOnly
 from .latent import Latent, LatentStatsBuffers
 from .vit import Block, FourierPositionEncoding, interpolate_pos_embed, sincos_pos_embed
 

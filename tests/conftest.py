@@ -10,14 +10,49 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 TINY_MODEL = dict(image_size=32, patch_size=4, width=64, depth=2, heads=2, num_tokens=16, latent_channels=8,
                   decoder_width=64, decoder_depth=1, decoder_heads=2)
+# the clustering heads that go with it (align.* keys)
+TINY_ALIGN = dict(head_hidden=32, head_bottleneck=16, token_prototypes=16, cls_prototypes=8)
+
+
+def make_tiny_tokenizer(path=None):
+    """The tests' tokenizer: TINY_MODEL, seed 0, eval mode; also saved to `path` when given."""
+    from stellar_tok import StellarTokenizer
+
+    torch.manual_seed(0)
+    tok = StellarTokenizer(**TINY_MODEL).eval()
+    if path is not None:
+        tok.save_pretrained(str(path))
+    return tok
+
+
+def tiny_align_config(**overrides):
+    """AlignConfig with the tiny heads of TINY_ALIGN, and `overrides`."""
+    from omegaconf import OmegaConf
+
+    from stellar_tok.config import AlignConfig
+
+    return OmegaConf.merge(OmegaConf.structured(AlignConfig), {**TINY_ALIGN, **overrides})
+
+
+def data_cfg(**kw):
+    """A DataConfig with the given fields (the rest at their defaults)."""
+    from omegaconf import OmegaConf
+
+    from stellar_tok.config import DataConfig
+
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(kw))
 
 
 @pytest.fixture
 def tiny_tokenizer():
-    from stellar_tok import StellarTokenizer
+    return make_tiny_tokenizer()
 
-    torch.manual_seed(0)
-    return StellarTokenizer(**TINY_MODEL).eval()
+
+@pytest.fixture
+def tokenizer_dir(tmp_path) -> str:
+    """make_tiny_tokenizer() saved in this test's tmp_path/tokenizer."""
+    make_tiny_tokenizer(tmp_path / "tokenizer")
+    return str(tmp_path / "tokenizer")
 
 
 @pytest.fixture
@@ -41,13 +76,10 @@ def launch_two_processes(module: str, args: list, port: int, config_file=None, t
 
 def tokenize_shapes(root, n: int, *extra: str):
     """A random tiny tokenizer saved at root/tok and the latents of n shapes at root/lat (more tokenize keys in `extra`)."""
-    from stellar_tok import StellarTokenizer
     from stellar_tok.config import load_config
     from stellar_tok.tokenize import TokenizeConfig, tokenize
 
-    torch.manual_seed(0)
-    tok = StellarTokenizer(**TINY_MODEL).eval()
-    tok.save_pretrained(str(root / "tok"))
+    tok = make_tiny_tokenizer(root / "tok")
     tokenize(load_config([f"tokenizer={root / 'tok'}", f"out={root / 'lat'}", "data.name=shapes", f"data.train_size={n}",
                           "progress=false", *extra], schema=TokenizeConfig), tokenizer=tok)
     return tok

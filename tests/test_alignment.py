@@ -1,10 +1,11 @@
 """Sinkhorn marginals, OT matching, KoLeo, GAN adaptive weight, views and masks."""
 import pytest
 import torch
+from conftest import TINY_ALIGN, TINY_MODEL, tiny_align_config
 from omegaconf import OmegaConf
 
 from stellar_tok.alignment import AlignmentLoss, clustering_loss, koleo, match_tokens, ot_plan, sinkhorn_knopp
-from stellar_tok.config import AlignConfig, ViewsConfig
+from stellar_tok.config import ViewsConfig
 from stellar_tok.reconstruction import PatchDiscriminator, ReconstructionLoss, adaptive_weight, hinge_d_loss
 from stellar_tok.views import make_views, sample_keep
 
@@ -59,7 +60,7 @@ def test_koleo_lower_when_spread():
 
 
 def test_alignment_loss_runs_and_backprops(tiny_tokenizer):
-    cfg = OmegaConf.merge(OmegaConf.structured(AlignConfig), {"head_hidden": 32, "head_bottleneck": 16, "token_prototypes": 16, "cls_prototypes": 8})
+    cfg = tiny_align_config()
     vcfg = OmegaConf.merge(OmegaConf.structured(ViewsConfig), {"blur_kernel": 5})
     loss_fn = AlignmentLoss(64, cfg)
     tiny_tokenizer.train()
@@ -125,8 +126,16 @@ def test_hinge_loss_and_gan_start():
     out = layer(recon + 0.1)
     _, logs = rl.generator_loss(out, torch.zeros(2, 3, 32, 32), step=5, disc=disc, last_layer=layer.weight)
     assert "gan_g" not in logs
-    _, logs = rl.generator_loss(out, torch.zeros(2, 3, 32, 32), step=10, disc=disc, last_layer=layer.weight)
-    assert "gan_g" in logs and logs["gan_adaptive_weight"] >= 0
+    loss, logs = rl.generator_loss(out, torch.zeros(2, 3, 32, 32), step=10, disc=disc, last_layer=layer.weight)
+    # from step gan_start: loss = pixel + gan_weight * w * g, w the VQGAN balance of the two gradients at the last layer
+    pix, g = out.abs().mean(), -disc(out).mean()
+    w = adaptive_weight(pix, g, layer.weight, 1e4)
+    assert logs["gan_adaptive_weight"] == pytest.approx(w.item(), rel=1e-5) and w > 0
+    assert loss.item() == pytest.approx(logs["pixel"] + 0.5 * w.item() * logs["gan_g"], rel=1e-5, abs=1e-6)
+    # the weight is clamped to gan_max_adaptive
+    rl_capped = ReconstructionLoss(OmegaConf.merge(cfg, {"gan_max_adaptive": 0.5 * w.item()}))
+    _, logs = rl_capped.generator_loss(out, torch.zeros(2, 3, 32, 32), step=10, disc=disc, last_layer=layer.weight)
+    assert logs["gan_adaptive_weight"] == pytest.approx(0.5 * w.item(), rel=1e-5)
 
 
 
@@ -172,8 +181,7 @@ def test_slot_balance_defeats_token_identity():
 def test_ema_teacher_is_frozen_and_follows_student(tiny_tokenizer):
     from stellar_tok.objective import StellarObjective
 
-    cfg = OmegaConf.merge(OmegaConf.structured(AlignConfig), {"head_hidden": 32, "head_bottleneck": 16, "token_prototypes": 16,
-                                                              "cls_prototypes": 8, "teacher_momentum": 0.5})
+    cfg = tiny_align_config(teacher_momentum=0.5)
     obj = StellarObjective(tiny_tokenizer, cfg).train()
     assert not obj.teacher.training and obj.tokenizer.training
     assert not any(p.requires_grad for p in obj.teacher.parameters())
@@ -196,18 +204,12 @@ def test_info_nce_prefers_matching_pairs():
 
 def test_contrastive_image_loss_on_mean_tokens_trains():
     """align.image_loss=contrastive with image_feature=tokens: the terms exist, are finite and have gradients."""
-    from omegaconf import OmegaConf
-
-    from conftest import TINY_MODEL
-
     from stellar_tok import StellarTokenizer
     from stellar_tok.config import Config
     from stellar_tok.objective import StellarObjective
-    from stellar_tok.views import make_views
 
     cfg = OmegaConf.structured(Config)
-    cfg.align.merge_with({"image_loss": "contrastive", "image_feature": "tokens", "head_hidden": 32, "head_bottleneck": 16,
-                          "token_prototypes": 8, "cls_prototypes": 8})
+    cfg.align.merge_with({**TINY_ALIGN, "image_loss": "contrastive", "image_feature": "tokens", "token_prototypes": 8})
     cfg.views.merge_with({"global_crops": 2, "local_crops": 1})
     torch.manual_seed(0)
     tok = StellarTokenizer(**TINY_MODEL)
@@ -251,13 +253,11 @@ def _per_view_alignment(align, encode, main, views):
 @pytest.mark.parametrize("image_loss", ["clustering", "contrastive"])
 def test_batched_views_give_the_per_view_losses_and_gradients(image_loss):
     """All masked views in one encoder pass, all local crops in another: the same terms and gradients as a pass per view."""
-    from conftest import TINY_MODEL
     from stellar_tok import StellarTokenizer
 
     torch.manual_seed(0)
     tok = StellarTokenizer(**TINY_MODEL)
-    cfg = OmegaConf.merge(OmegaConf.structured(AlignConfig), {"head_hidden": 32, "head_bottleneck": 16, "token_prototypes": 16,
-                                                              "cls_prototypes": 8, "image_loss": image_loss})
+    cfg = tiny_align_config(image_loss=image_loss)
     align = AlignmentLoss(TINY_MODEL["width"], cfg)
     vcfg = OmegaConf.merge(OmegaConf.structured(ViewsConfig), {"global_crops": 3, "local_crops": 2})
     views = make_views(torch.rand(6, 3, 32, 32) * 2 - 1, vcfg, torch.Generator().manual_seed(0), 4)
@@ -277,3 +277,124 @@ def test_batched_views_give_the_per_view_losses_and_gradients(image_loss):
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the masked-view target and the slot balance
+def _align(**kw):
+    torch.manual_seed(0)
+    return AlignmentLoss(16, tiny_align_config(token_prototypes=8, **kw))
+
+
+def _permuted_masked_views(b=3, r=8, d=16, m=2, seed=0):
+    """Main-view S (B,r,d), and an encoder whose m masked views hold the same tokens in known orders: view v's
+    token j is main token perms[v][b, j] (no token kept in place)."""
+    g = torch.Generator().manual_seed(seed)
+    s0 = torch.randn(b, r, d, generator=g)
+
+    def cycle():  # a random r-cycle: token sigma[i] goes to sigma[i+1], so no token stays in place
+        sigma, perm = torch.randperm(r, generator=g), torch.empty(r, dtype=torch.long)
+        perm[sigma] = sigma.roll(-1)
+        return perm
+
+    perms = [torch.stack([cycle() for _ in range(b)]) for _ in range(m)]  # (B, r) per view
+    s_m = torch.cat([torch.gather(s0, 1, p[..., None].expand(-1, -1, d)) for p in perms])  # (m*B, r, d)
+    cls_m = torch.randn(m * b, d, generator=g)
+
+    def encode(images, keep):
+        assert images.shape[0] == m * b and keep.shape[0] == m * b  # all masked views in one pass
+        return cls_m, None, s_m
+
+    views = {"masked": [torch.zeros(b, 3, 8, 8)] * m, "keep": [torch.zeros(b, 4, dtype=torch.long)] * m, "local": []}
+    main = {"sparse": s0, "cls": torch.randn(b, d, generator=g)}
+    return main, views, encode, perms, s_m
+
+
+def test_masked_view_target_is_the_matched_teacher_assignment():
+    """Masked views whose tokens are known permutations of the main view's: the masked-token term is the
+    cross-entropy against the teacher's assignment of each token's matched main-view partner."""
+    align = _align(sinkhorn_iters=10)
+    main, views, encode, perms, s_m = _permuted_masked_views()
+    s0 = main["sparse"]
+    # the teacher sees the main view as the student does, its heads are the student's (as the EMA copy at step 0)
+    teacher = {"sparse": s0, "cls": main["cls"], "token_logits": align.token_head(s0).detach(), "cls_logits": align.cls_head(main["cls"]).detach()}
+    with torch.no_grad():
+        _, logs = align(encode, main, views, teacher)
+        q_tok, _ = align.targets(teacher["token_logits"], teacher["cls_logits"])
+        pred = align.token_head(s_m)
+        k = q_tok.shape[-1]
+        matched = torch.cat([torch.gather(q_tok, 1, p[..., None].expand(-1, -1, k)) for p in perms])
+        unmatched = q_tok.repeat(len(perms), 1, 1)  # each masked token against the main token in its own slot
+        want = clustering_loss(pred, matched, align.cfg.student_temp).item()
+        identity = clustering_loss(pred, unmatched, align.cfg.student_temp).item()
+    assert logs["match_identity"] == 0.0  # every token was moved, and the matcher saw it
+    assert logs["token_masked"] == pytest.approx(want, rel=1e-5)
+    # the matched target is what the student predicts for that token: a lower loss than slot-by-slot targets
+    assert want < identity - 0.1, (want, identity)
+
+
+def test_masked_view_target_comes_from_the_teacher_not_the_student():
+    """With an EMA teacher, the masked views' targets are the teacher's assignments (permuted), not the student's."""
+    align = _align(sinkhorn_iters=10)
+    main, views, encode, perms, s_m = _permuted_masked_views(seed=1)
+    s0 = main["sparse"]
+    g = torch.Generator().manual_seed(7)
+    teacher = {"sparse": s0, "cls": main["cls"], "token_logits": torch.randn(3, 8, 8, generator=g) * 3,
+               "cls_logits": torch.randn(3, 8, generator=g)}
+    with torch.no_grad():
+        _, logs = align(encode, main, views, teacher)
+        pred = align.token_head(s_m)
+        expected = {}
+        for name, logits in (("teacher", teacher["token_logits"]), ("student", align.token_head(s0))):
+            q = align.targets(logits, None)[0]
+            target = torch.cat([torch.gather(q, 1, p[..., None].expand(-1, -1, 8)) for p in perms])
+            expected[name] = clustering_loss(pred, target, align.cfg.student_temp).item()
+    assert logs["token_masked"] == pytest.approx(expected["teacher"], rel=1e-5)
+    assert abs(expected["teacher"] - expected["student"]) > 0.1
+
+
+def _slot_skewed_logits(b=32, r=4, k=4, seed=0):
+    """Token logits that depend on the slot only: slot i prefers cluster i."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(r, k)[None].expand(b, r, k) * 5 + 0.1 * torch.randn(b, r, k, generator=g)
+
+
+def test_token_balance_slot_balances_each_slot_through_alignment_loss():
+    """align.token_balance=slot: every slot spreads its images evenly over the clusters; =all: balanced over all
+    B*r tokens together, so a slot may keep its own cluster."""
+    b, r, k = 32, 4, 4
+    logits = _slot_skewed_logits(b, r, k)
+    q_slot, q_cls = _align(token_balance="slot", sinkhorn_iters=50, sinkhorn_temp=0.5).targets(logits, torch.randn(b, 8))
+    q_all, _ = _align(token_balance="all", sinkhorn_iters=50, sinkhorn_temp=0.5).targets(logits, None)
+    assert q_slot.shape == q_all.shape == (b, r, k) and q_cls.shape == (b, 8)
+    torch.testing.assert_close(q_slot.sum(-1), torch.ones(b, r))  # every token a distribution
+    torch.testing.assert_close(q_slot.sum(0), torch.full((r, k), b / k), rtol=1e-2, atol=1e-2)  # per slot balanced
+    torch.testing.assert_close(q_all.sum((0, 1)), torch.full((k,), b * r / k), rtol=1e-2, atol=1e-2)  # overall balanced
+    assert q_all[:, 0, 0].mean() > 0.9 and q_slot[:, 0, 0].mean() < 0.5  # only "all" lets slot 0 keep cluster 0
+    # the slot branch solves one problem per slot: Sinkhorn on slot i's B tokens alone
+    for i in range(r):
+        torch.testing.assert_close(q_slot[:, i], sinkhorn_knopp(logits[:, i], 0.5, 50))
+
+
+def test_token_balance_slot_sets_the_token_terms():
+    """Through the forward pass: token_self and token_masked are computed against the per-slot targets."""
+    main, views, encode, perms, s_m = _permuted_masked_views(b=8, r=8, seed=2)
+    s0 = main["sparse"]
+    losses, targets = {}, {}
+    for balance in ("slot", "all"):
+        align = _align(token_balance=balance, sinkhorn_iters=20)
+        teacher = {"sparse": s0, "cls": main["cls"], "token_logits": torch.eye(8)[None].expand(8, 8, 8) * 0.5,
+                   "cls_logits": align.cls_head(main["cls"]).detach()}
+        with torch.no_grad():
+            _, logs = align(encode, main, views, teacher)
+            q = align.targets(teacher["token_logits"], None)[0]
+            torch.testing.assert_close(q, sinkhorn_knopp(teacher["token_logits"].transpose(0, 1), 0.06, 20).transpose(0, 1)
+                                       if balance == "slot" else sinkhorn_knopp(teacher["token_logits"].reshape(64, 8), 0.06, 20).view(8, 8, 8))
+            want_self = clustering_loss(align.token_head(s0), q, align.cfg.student_temp).item()
+            target = torch.cat([torch.gather(q, 1, p[..., None].expand(-1, -1, 8)) for p in perms])
+            want_masked = clustering_loss(align.token_head(s_m), target, align.cfg.student_temp).item()
+        assert logs["token_self"] == pytest.approx(want_self, rel=1e-5)
+        assert logs["token_masked"] == pytest.approx(want_masked, rel=1e-5)
+        losses[balance], targets[balance] = logs["token_self"], q
+    # slot-skewed logits: the branch changes the targets (per slot, slot i no longer keeps cluster i) and the loss
+    assert targets["all"][:, 0, 0].mean() > 0.9 > 0.5 > targets["slot"][:, 0, 0].mean()
+    assert abs(losses["slot"] - losses["all"]) > 0.01

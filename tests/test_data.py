@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 import warnings
 from types import SimpleNamespace
 
@@ -90,15 +89,6 @@ def test_shapes_classes_balanced_and_images_varied():
 def test_shapes_other_resolution():
     images, labels = render_shapes(16, 64, 0)
     assert images.shape == (16, 64, 64, 3)
-
-
-def test_shapes_render_speed():
-    render = shapes._render_cached.__wrapped__
-    start = time.perf_counter()
-    render(2000, 32, 123)
-    elapsed = time.perf_counter() - start
-    # 20,000 images must take under ~15 s on one core; measured ~5 s (0.5 s per 2,000) on the dev box
-    assert elapsed < 3.0, f"2,000 shapes took {elapsed:.2f} s"
 
 
 def test_shapes_raw_pixel_linear_probe_near_chance():
@@ -376,11 +366,13 @@ def test_wds_bad_members_and_shards_skipped_and_counted(odd_folder, tmp_path, ca
     # (Python's tarfile takes a cut inside a header for a clean end of archive, so cut inside data)
     raw = (out / "val-000000.tar").read_bytes()
     with tarfile.open(out / "val-000000.tar") as tar:
-        last = tar.getmembers()[-1]
+        members = tar.getmembers()
+    last = members[-1]
+    keys = {m.name.split(".", 1)[0] for m in members}  # the shard's samples, the last one cut
     (tmp_path / "cut.tar").write_bytes(raw[: last.offset_data + last.size // 2])
     with SkipDelta() as delta, pytest.warns(UserWarning, match="cut.tar"):
         n = sum(len(b[1]) for b in build_loader(cfg(name="wds", path=[str(tmp_path / "cut.tar")], resolution=16), 4, "val"))
-    assert 0 <= n < 4 and delta.counts.get("bad_shard", 0) >= 1
+    assert len(keys) == 4 and n == len(keys) - 1 and delta.counts.get("bad_shard", 0) >= 1
 
 
 def test_wds_train_streams_epochs(odd_folder, tmp_path, capsys):

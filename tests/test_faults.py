@@ -4,6 +4,7 @@ import builtins
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,9 +18,8 @@ from PIL import Image
 
 from stellar_tok import StellarTokenizer
 from stellar_tok.checkpoint import MANIFEST, find_checkpoints, latest_valid_checkpoint, verify_checkpoint
-from stellar_tok.config import load_config
 from stellar_tok.errors import UserError
-from stellar_tok.train import main, train
+from stellar_tok.train import main
 
 FAST = [
     "config=configs/tokenizer/tiny.yaml",
@@ -44,6 +44,15 @@ def _metrics(out) -> list[dict]:
             except ValueError:  # being written
                 pass
     return rows
+
+
+def _refused(capsys, argv, match: str) -> None:
+    """`main(argv)` stops with exit status 2 and one `error:` line (a UserError) that matches `match`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(err) == 1 and re.search(match, err[0]), err
 
 
 def _last_step(out) -> int:
@@ -166,7 +175,7 @@ def _copy_run(short_run, tmp_path) -> str:
     return out
 
 
-def test_incomplete_and_corrupt_checkpoints_are_skipped(short_run, tmp_path):
+def test_incomplete_and_corrupt_checkpoints_are_skipped(short_run, tmp_path, capsys):
     out = _copy_run(short_run, tmp_path)
     cdir = os.path.join(out, "checkpoints")
     assert sorted(os.listdir(cdir)) == ["step-0000004", "step-0000006"]  # keep_ckpts=2
@@ -188,8 +197,7 @@ def test_incomplete_and_corrupt_checkpoints_are_skipped(short_run, tmp_path):
     open(weights, "wb").write(bytes(data[:100]))
     assert "bytes" in verify_checkpoint(bad)
     # an explicit resume from it is refused with one line; auto resumes from step 6
-    with pytest.raises(UserError, match="does not match|bytes"):
-        train(load_config(FAST + ["train.steps=8", f"train.output_dir={out}", f"train.resume={bad}"]))
+    _refused(capsys, FAST + ["train.steps=8", f"train.output_dir={out}", f"train.resume={bad}"], "does not match|bytes")
     with pytest.warns(UserWarning, match="skipping checkpoint"):
         s = main(FAST + ["train.steps=8", "train.ckpt_every=2", f"train.output_dir={out}", "train.resume=auto"])
     assert s["step"] == 8
@@ -220,7 +228,7 @@ def test_crafted_pickle_in_an_export_is_never_executed(short_run, tmp_path):
     assert not os.path.exists(marker)
 
 
-def test_checkpoint_files_are_loaded_weights_only(short_run, tmp_path, monkeypatch):
+def test_checkpoint_files_are_loaded_weights_only(short_run, tmp_path, monkeypatch, capsys):
     out = _copy_run(short_run, tmp_path)
     ckpt = find_checkpoints(os.path.join(out, "checkpoints"))[-1]
     calls = []
@@ -237,15 +245,14 @@ def test_checkpoint_files_are_loaded_weights_only(short_run, tmp_path, monkeypat
     marker = str(tmp_path / "marker")
     evil = os.path.join(ckpt, "optimizer.bin")
     torch.save({"state": _Evil(marker)}, evil)
-    with pytest.raises(UserError, match="SHA-256|bytes"):
-        train(load_config(FAST + ["train.steps=8", f"train.output_dir={out}", f"train.resume={ckpt}"]))
+    _refused(capsys, FAST + ["train.steps=8", f"train.output_dir={out}", f"train.resume={ckpt}"], "SHA-256|bytes")
     import hashlib
 
     manifest = json.load(open(os.path.join(ckpt, MANIFEST)))
     manifest["files"]["optimizer.bin"] = {"size": os.path.getsize(evil), "sha256": hashlib.sha256(open(evil, "rb").read()).hexdigest()}
     json.dump(manifest, open(os.path.join(ckpt, MANIFEST), "w"))
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
-        train(load_config(FAST + ["train.steps=8", f"train.output_dir={out}", f"train.resume={ckpt}"]))
+        main(FAST + ["train.steps=8", f"train.output_dir={out}", f"train.resume={ckpt}"])
     assert not os.path.exists(marker)
 
 

@@ -16,12 +16,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from conftest import data_cfg
 from PIL import Image
-
-from stellar_tok.config import DataConfig
-
-from conftest import TINY_MODEL
 
 
 class FakeInception(nn.Module):
@@ -48,10 +44,6 @@ def fake_inception(monkeypatch, tmp_path):
 
     monkeypatch.setenv("STELLAR_TOK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fid, "build_inception", lambda weights=None, device="cpu": FakeInception(weights))
-
-
-def data_cfg(**kw):
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.create(kw))
 
 
 def _picture(rng, cls, w, h):
@@ -290,17 +282,7 @@ def test_fid_stats_reads_with_worker_processes(tmp_path, fake_inception, monkeyp
 
 
 # ------------------------------------------------------------------ items 3 and 5: stellar_tok.evaluate
-@pytest.fixture
-def tok_dir(tmp_path):
-    from stellar_tok import StellarTokenizer
-
-    torch.manual_seed(0)
-    d = tmp_path / "tokenizer"
-    StellarTokenizer(**TINY_MODEL).eval().save_pretrained(str(d))
-    return str(d)
-
-
-def test_probes_use_seeded_spread_subsets_of_centre_crops(tmp_path, tok_dir):
+def test_probes_use_seeded_spread_subsets_of_centre_crops(tmp_path, tokenizer_dir):
     from safetensors.torch import load_file
 
     from stellar_tok.evaluate import main
@@ -308,7 +290,7 @@ def test_probes_use_seeded_spread_subsets_of_centre_crops(tmp_path, tok_dir):
 
     root = make_folder(tmp_path / "imgs")  # 4 classes x 6 per split, listed class by class
     out = tmp_path / "eval"
-    rep = main([f"tokenizer={tok_dir}", f"out={out}", "data.name=folder", f"data.path={root}", "tasks=knn", "n_train=8", "n_eval=8",
+    rep = main([f"tokenizer={tokenizer_dir}", f"out={out}", "data.name=folder", f"data.path={root}", "tasks=knn", "n_train=8", "n_eval=8",
                 "progress=false", "seed=0"])
     assert rep["data"]["n_train"] == 8 and rep["data"]["n_eval"] == 8
     tr = load_file(str(out / "cache" / "features-train.safetensors"))
@@ -320,15 +302,17 @@ def test_probes_use_seeded_spread_subsets_of_centre_crops(tmp_path, tok_dir):
     assert rows(((got + 1) * 127.5).round().to(torch.uint8)) == rows(((expected + 1) * 127.5).round().to(torch.uint8))
 
 
-def test_rfid_printed_with_its_n_eval_and_split(tmp_path, tok_dir, fake_inception, capsys):
+def test_rfid_printed_with_its_n_eval_and_split(tmp_path, tokenizer_dir, fake_inception, capsys):
     from stellar_tok.evaluate import main
 
     out = tmp_path / "eval"
-    rep = main([f"tokenizer={tok_dir}", f"out={out}", "data.name=shapes", "data.train_size=16", "data.val_size=24", "tasks=recon",
+    rep = main([f"tokenizer={tokenizer_dir}", f"out={out}", "data.name=shapes", "data.train_size=16", "data.val_size=24", "tasks=recon",
                 "n_eval=12", "lpips=none", "progress=false", "batch_size=6"])
     for row in ("stellar", "pixels_down"):
         r = rep["results"][row]
-        assert r["rfid"] >= 0 and r["rfid_n_eval"] == 12 and r["rfid_split"] == "val"
+        assert r["rfid_n_eval"] == 12 and r["rfid_split"] == "val"
+    # an untrained tokenizer's colours are further from the originals' than those of the downsampled images
+    assert 0 < rep["results"]["pixels_down"]["rfid"] < rep["results"]["stellar"]["rfid"]
     assert json.loads((out / "metrics.json").read_text())["results"]["stellar"]["rfid_n_eval"] == 12
     printed = capsys.readouterr().out
     for text in (printed, (out / "metrics.md").read_text()):

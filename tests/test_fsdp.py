@@ -1,6 +1,6 @@
 """FSDP2 on the CPU: `accelerate launch --config_file configs/accelerate/fsdp_h14.yaml` with two gloo processes trains
 the tiny tokenizer, writes sharded checkpoints, exports a whole tokenizer and resumes (accelerate's own FSDP2 path:
-`stellar_tok.train.fsdp_on_cpu` switches it on where accelerate would fall back to DDP without GPUs)."""
+`stellar_tok.engine.fsdp_on_cpu` switches it on where accelerate would fall back to DDP without GPUs)."""
 import json
 import os
 
@@ -57,7 +57,7 @@ def test_fsdp2_trains_exports_and_resumes(tmp_path):
 
     from stellar_tok.config import load_config
     from stellar_tok.data import build_loader
-    from stellar_tok.train import compute_latent_stats
+    from stellar_tok.tokenizer_training import compute_latent_stats
 
     cfg = load_config(ARGS)
     loader = build_loader(OmegaConf.merge(cfg.data, {"resolution": cfg.model.image_size}), cfg.optim.batch_size, "val")

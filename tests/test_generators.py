@@ -1,18 +1,19 @@
 """The latent DiT, its flow-matching sampler, the diffusers pipeline, the sampler CLI and a short training run."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL, launch_two_processes, tokenize_shapes
+from conftest import TINY_MODEL, launch_two_processes, make_tiny_tokenizer, tokenize_shapes
 
 from generators import LatentDiT, StellarDiTPipeline
 from generators.flow import flatten_latent, flow_loss, sample_latents, split_latent
-from stellar_tok import StellarTokenizer
 from stellar_tok.latent import LatentStats
 
-R, C, G = 16, 8, 8  # the tests' tokenizer: 16 tokens x 8 channels, 8x8 patch grid
+# the tests' tokenizer: 16 tokens x 8 channels, 8x8 patch grid
+R, C, G = TINY_MODEL["num_tokens"], TINY_MODEL["latent_channels"], TINY_MODEL["image_size"] // TINY_MODEL["patch_size"]
 
 
 def _dit(seed=0, randomize=False, **kw):
@@ -98,8 +99,7 @@ def test_flow_loss_target_is_velocity():
 def test_pipeline_save_load_round_trip(tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    torch.manual_seed(0)
-    tok = StellarTokenizer(**TINY_MODEL).eval()
+    tok = make_tiny_tokenizer()
     m = _dit(randomize=True, class_names=["a", "b", "c", "d"])
     m.set_latent_stats(LatentStats(torch.rand(C) - 0.5, torch.rand(C) + 0.5, torch.tensor(-3.0), torch.tensor(2.0)))
     pipe = StellarDiTPipeline(tokenizer=tok, transformer=m, scheduler=FlowMatchEulerDiscreteScheduler())
@@ -120,7 +120,8 @@ def test_pipeline_save_load_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Tokenize 256 shapes with a random tiny tokenizer, train the generator 80 steps."""
+    """Tokenize 256 shapes with a random tiny tokenizer, train the generator 80 steps. Shared by the tests below,
+    which only read it: a test that writes (resumes, samples) does so in its own tmp_path."""
     from generators.train import main as train_main
 
     root = tmp_path_factory.mktemp("gen")
@@ -161,53 +162,57 @@ def test_resume_from_a_checkpoint_is_exact(trained, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6, msg=k)
 
 
-def test_training_resumes_step_count(trained):
+def test_training_resumes_step_count(trained, tmp_path):
+    """train.resume=auto in a copy of the finished run: 10 more steps, appended to its metrics."""
     from generators.train import main as train_main
 
     root, args, _ = trained
-    s = train_main(args + ["train.steps=90", "train.resume=auto"])
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    s = train_main(args + ["train.steps=90", "train.resume=auto", f"train.output_dir={run}"])
     assert s["step"] == 90
-    steps = [json.loads(l)["step"] for l in open(root / "run" / "metrics.jsonl")]
+    steps = [json.loads(l)["step"] for l in open(run / "metrics.jsonl")]
     assert steps[-2:] == [80, 90] and steps.count(80) == 1
+    assert [json.loads(l)["step"] for l in open(root / "run" / "metrics.jsonl")][-1] == 80  # the shared run is untouched
 
 
-def test_sample_cli_is_batch_independent(trained, capsys):
+def test_sample_cli_is_batch_independent(trained, tmp_path, capsys):
     from generators.sample import main as sample_main
 
     root, _, _ = trained
     common = [f"generator={root / 'run' / 'generator'}", f"tokenizer={root / 'tok'}", "classes=circle,3", "n=3", "steps=3", "cfg=2", "progress=false"]
-    sample_main(common + [f"out={root / 's1'}", "batch_size=6"])
-    sample_main(common + [f"out={root / 's2'}", "batch_size=2", "save_png=false"])
-    a, b = np.load(root / "s1" / "samples.npz"), np.load(root / "s2" / "samples.npz")
+    sample_main(common + [f"out={tmp_path / 's1'}", "batch_size=6"])
+    sample_main(common + [f"out={tmp_path / 's2'}", "batch_size=2", "save_png=false"])
+    a, b = np.load(tmp_path / "s1" / "samples.npz"), np.load(tmp_path / "s2" / "samples.npz")
     assert a["arr_0"].shape == (6, 32, 32, 3) and a["arr_0"].dtype == np.uint8
     assert a["arr_1"].tolist() == [0, 0, 0, 3, 3, 3]
     # other batch shapes, other float rounding: a value may flip by one level, rarely
     diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
-    assert len(os.listdir(root / "s1" / "images")) == 6 and os.path.exists(root / "s1" / "grid.png")
+    assert len(os.listdir(tmp_path / "s1" / "images")) == 6 and os.path.exists(tmp_path / "s1" / "grid.png")
     with pytest.raises(SystemExit):
-        sample_main(common[:1] + [f"tokenizer={root / 'run'}", f"out={root / 's3'}"])  # not a tokenizer folder
+        sample_main(common[:1] + [f"tokenizer={root / 'run'}", f"out={tmp_path / 's3'}"])  # not a tokenizer folder
     assert capsys.readouterr().err.strip().startswith("error: tokenizer=DIR")
 
 
-def test_sample_cli_two_processes_equal_one(trained):
+def test_sample_cli_two_processes_equal_one(trained, tmp_path):
     """`accelerate launch --num_processes 2` (gloo): each process writes its part and PNGs; samples.npz is the one-process result."""
     from generators.sample import main as sample_main
 
     root, _, _ = trained
     common = [f"generator={root / 'run' / 'generator'}", f"tokenizer={root / 'tok'}", "classes=circle,3", "n=3", "steps=3", "cfg=2",
               "progress=false", "batch_size=2"]
-    r = launch_two_processes("generators.sample", [f"out={root / 'p2'}", *common], 29536)
+    r = launch_two_processes("generators.sample", [f"out={tmp_path / 'p2'}", *common], 29536)
     # gloo sometimes aborts at interpreter exit after all work is done; the outputs decide
     assert "sample: 6 images of 2 classes" in r.stdout, r.stderr[-3000:]
     assert "running: 2 processes (multi_cpu, gloo), device cpu, precision no, batch" in r.stdout
-    sample_main(common + [f"out={root / 'p1'}"])
-    one, two = np.load(root / "p1" / "samples.npz"), np.load(root / "p2" / "samples.npz")
+    sample_main(common + [f"out={tmp_path / 'p1'}"])
+    one, two = np.load(tmp_path / "p1" / "samples.npz"), np.load(tmp_path / "p2" / "samples.npz")
     diff = np.abs(one["arr_0"].astype(int) - two["arr_0"].astype(int))  # 1 thread there, 2 here: a rare 1-level rounding flip
     assert one["arr_0"].shape == two["arr_0"].shape and diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert two["arr_1"].tolist() == [0, 0, 0, 3, 3, 3]
-    assert sorted(os.listdir(root / "p2" / "images")) == sorted(os.listdir(root / "p1" / "images"))
-    assert not os.path.exists(root / "p2" / "parts") and json.load(open(root / "p2" / "summary.json"))["processes"] == 2
+    assert sorted(os.listdir(tmp_path / "p2" / "images")) == sorted(os.listdir(tmp_path / "p1" / "images"))
+    assert not os.path.exists(tmp_path / "p2" / "parts") and json.load(open(tmp_path / "p2" / "summary.json"))["processes"] == 2
 
 
 def test_save_npz_streamed_is_np_savez(tmp_path):
@@ -248,17 +253,15 @@ def test_class_accuracy_ceiling_of_a_tokenizer(tmp_path, capsys):
     """tokenizer=DIR: the judge on real val images, reconstructions and S/L swaps, from one command."""
     from generators.class_accuracy import ceiling, class_accuracy
     from generators.class_accuracy import main as ca_main
-    from stellar_tok import StellarTokenizer
     from stellar_tok.data import build_dataset
-    from conftest import TINY_MODEL
+    from stellar_tok.metrics import to_uint8
 
     class Bright(torch.nn.Module):  # class 1 when the top half is brighter than the bottom half
         def forward(self, x):
             up = (x[:, :, :16].mean((1, 2, 3)) > x[:, :, 16:].mean((1, 2, 3))).long()
             return torch.nn.functional.one_hot(up, 10).float()
 
-    torch.manual_seed(0)
-    StellarTokenizer(**TINY_MODEL).save_pretrained(tmp_path / "tok")
+    tok = make_tiny_tokenizer(tmp_path / "tok")
     data_cfg = {"name": "digits", "resolution": 32}
     names = [str(d) for d in range(10)]
     res = ceiling(str(tmp_path / "tok"), data_cfg, Bright(), names, n=40)
@@ -266,8 +269,13 @@ def test_class_accuracy_ceiling_of_a_tokenizer(tmp_path, capsys):
     assert res["n"] == 40
     # "real" is the judge's accuracy on the first 40 real val images, computed the same way
     assert res["real"] == class_accuracy(np.ascontiguousarray(ds.images[:40]), ds.labels[:40], Bright(), names)["accuracy"]
+    # "reconstruction": the same judge on decode(encode(x)) of those images
+    images = torch.from_numpy(np.array(ds.images[:40])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        recon = to_uint8(tok.decode(tok.encode(images))).permute(0, 2, 3, 1).numpy()
+    assert res["reconstruction"] == class_accuracy(recon, ds.labels[:40], Bright(), names)["accuracy"]
     share_0_or_1 = float(np.isin(ds.labels[:40], (0, 1)).mean() * 100)
-    assert 0 <= res["reconstruction"] <= share_0_or_1 + 1e-6  # the judge only ever says 0 or 1
+    assert res["reconstruction"] <= share_0_or_1 + 1e-6  # the judge only ever says 0 or 1
     assert set(res["own_L_other_S"]) == {"label_of_L", "label_of_S"} and set(res["own_S_other_L"]) == {"label_of_S", "label_of_L"}
     with pytest.raises(SystemExit):
         ca_main([f"tokenizer={tmp_path}", "data.name=digits"])  # not a tokenizer folder

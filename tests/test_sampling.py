@@ -146,7 +146,7 @@ def test_ema_decay_and_betas_are_what_the_configs_say(run):
 def test_a_retrained_decoder_decodes_the_generator_a_new_encoder_does_not(run, capsys):
     from generators.sample import main as sample_main
     from stellar_tok.latent_data import tokenizer_fingerprint
-    from stellar_tok.train import load_frozen_encoder
+    from stellar_tok.tokenizer_training import load_frozen_encoder
 
     root, tok = run
     gen = root / "run" / "generator"

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_MODEL, launch_two_processes
+from conftest import TINY_MODEL, launch_two_processes, make_tiny_tokenizer
 
 import stellar_tok.tokenize as tokmod
 from stellar_tok import Latent, StellarTokenizer
@@ -30,8 +30,7 @@ def _images():
 
 @pytest.fixture(scope="module")
 def tok():
-    torch.manual_seed(0)
-    return StellarTokenizer(**TINY_MODEL).eval()
+    return make_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,10 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
-from conftest import TINY_MODEL
+from conftest import make_tiny_tokenizer
 from PIL import Image
 
 import stellar_tok.tokenize as tokmod
-from stellar_tok import StellarTokenizer
 from stellar_tok.config import load_config
 from stellar_tok.errors import UserError
 from stellar_tok.latent_data import LatentDataset
@@ -21,11 +19,8 @@ from stellar_tok.tokenize import TokenizeConfig, tokenize
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = StellarTokenizer(**TINY_MODEL).eval()
     path = tmp_path_factory.mktemp("tok") / "tok"
-    tok.save_pretrained(str(path))
-    return tok, str(path)
+    return make_tiny_tokenizer(path), str(path)
 
 
 def _png(seed: int) -> bytes:

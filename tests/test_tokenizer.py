@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stellar_tok import Latent, LatentStats, StellarTokenizer
-from conftest import TINY_MODEL
+from conftest import TINY_ALIGN, TINY_MODEL
 
 
 def test_forward_shapes(tiny_tokenizer, images):
@@ -200,7 +200,7 @@ def test_dense_decoder_trains_through_the_trainer_objective(images):
 
     torch.manual_seed(0)
     cfg = OmegaConf.structured(Config)
-    cfg.align.token_prototypes, cfg.align.cls_prototypes, cfg.align.head_hidden, cfg.align.head_bottleneck = 8, 8, 32, 16
+    cfg.align.merge_with({**TINY_ALIGN, "token_prototypes": 8})
     tok = StellarTokenizer(**{**TINY_MODEL, "decoder_input": "dense"})
     obj = StellarObjective(tok, cfg.align).train()
     views = make_views(images, cfg.views, torch.Generator().manual_seed(0), TINY_MODEL["patch_size"])
