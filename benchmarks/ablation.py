@@ -53,7 +53,7 @@ VERDICT_BEGIN, VERDICT_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
 def parse_args(argv: list[str]) -> dict:
-    args = parse_kv(argv, DEFAULTS, __doc__)
+    args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.ablation")
     for key, allowed in (("data", DATA), ("variants", VARIANTS)):
         bad = [x for x in args[key].split(",") if x not in allowed]
         if bad:
@@ -229,7 +229,7 @@ def write_verdict(verdicts: list, args: dict) -> None:
              f"STELLAR (r = 16) against (a) the same model without alignment losses (an autoencoder), (b) without "
              f"reconstruction losses (alignment only) and (c) a decoder reading all patch features instead of L·S "
              f"(`model.decoder_input=dense`), each trained for the same {args['minutes']} minutes of CPU time (one thread, "
-             f"seed {args['seed']}), evaluated as in the README's \"Evaluation\" section (`{command_line(args)}`; full table with rFID, kNN and CLS in "
+             f"seed {args['seed']}), evaluated as in `docs/EVALUATION.md` (`{command_line(args)}`; full table with rFID, kNN and CLS in "
              f"`docs/BENCHMARKS.md`). The claim: PSNR within 1 dB of (a) and linear top-1 within 3 points of (b), both at once.", ""]
     lines += [f"- {verdict_line(d, v)}" for d, v in verdicts if v]
     if any(v and not (v["psnr_ok"] and v["linear_ok"]) for _, v in verdicts):
@@ -257,7 +257,7 @@ def pictures(runs: dict, args: dict, n: int = 8) -> list[str]:
 
     from stellar_tok import StellarTokenizer
     from stellar_tok.config import DataConfig
-    from stellar_tok.fid_stats import image_batches
+    from stellar_tok.fid_reference import image_batches
 
     os.makedirs(IMAGES, exist_ok=True)
     paths = []
