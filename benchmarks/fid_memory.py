@@ -3,7 +3,7 @@
     python -m benchmarks.fid_memory [n=2000,10000] [size=256] [dir=/tmp/fid_memory] [keep=false]
 
 For each n: writes a samples.npz of n random uint8 images (n, size, size, 3) with the sampler's streamed writer
-(`generators.sample.save_npz_streamed`, never whole in memory) and an ADM-style reference (`mu`, `sigma`, 2048-d),
+(`generators.sampling.save_npz_streamed`, never whole in memory) and an ADM-style reference (`mu`, `sigma`, 2048-d),
 then runs `python -m generators.evaluate samples=... fid.ref=...` in a fresh process with a cheap stand-in for
 Inception-v3 (2048-d features of pooled colours: the reading path and the statistics are the real ones, only the
 network is not) and reports that process's peak RSS. The files are deleted unless keep=true (50,000 images at
@@ -44,7 +44,7 @@ print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def write_samples(path: str, n: int, size: int) -> None:
-    from generators.sample import save_npz_streamed
+    from generators.sampling import save_npz_streamed
 
     rng = np.random.default_rng(0)
     chunk = 500

@@ -3,9 +3,11 @@
     python benchmarks/tokenize_speed.py [tokenizer=DIR] [images=4096] [batch_size=256] [rounds=3] [threads=2]
 
 Both read the same in-memory `shapes` images (uint8) and produce latents for every one: the loop calls
-`tok.encode` per batch and keeps the result in memory; `stellar_tok.tokenize` also casts to float16,
-accumulates statistics and writes safetensors shards. Runs alternate; the table reports medians.
-Cost does not depend on the weights, so without `tokenizer=` a random tiny tokenizer is used.
+`tok.encode` per batch and keeps the result in memory; the command `stellar_tok.tokenize` (its `main`, as a
+user runs it: it also loads the tokenizer folder) also casts to float16, accumulates statistics and writes
+safetensors shards. Runs alternate; the table reports medians.
+Cost does not depend on the weights, so without `tokenizer=` a random tiny tokenizer is used (saved to a
+temporary folder for the command).
 """
 from __future__ import annotations
 
@@ -24,9 +26,9 @@ def main(argv):
     from omegaconf import OmegaConf
 
     from stellar_tok import StellarTokenizer
-    from stellar_tok.config import load_config, tokenizer_kwargs
+    from stellar_tok.config import tokenizer_kwargs
     from stellar_tok.data import build_dataset
-    from stellar_tok.tokenize import TokenizeConfig, tokenize
+    from stellar_tok.tokenize import main as tokenize_main  # the command itself, as a user runs it
 
     kv = parse_kv(argv, {"tokenizer": "", "images": "4096", "batch_size": "256", "rounds": "3", "threads": "2"}, __doc__,
                   "python benchmarks/tokenize_speed.py")
@@ -50,19 +52,24 @@ def main(argv):
             out.append((lat.tokens, lat.loc))
         return n / (time.perf_counter() - t)
 
-    def tokenize_run():
+    def tokenize_run(tok_dir: str):
         with tempfile.TemporaryDirectory() as d:
-            cfg = load_config([f"out={d}/lat", "data.name=shapes", f"data.resolution={res}", f"data.train_size={n}",
-                               f"batch_size={bs}", "shard_size=4096", "progress=false"], schema=TokenizeConfig)
+            args = [f"tokenizer={tok_dir}", f"out={d}/lat", "data.name=shapes", f"data.resolution={res}", f"data.train_size={n}",
+                    f"batch_size={bs}", "shard_size=4096", "progress=false"]
             t = time.perf_counter()
-            tokenize(cfg, tokenizer=tok)
+            tokenize_main(args)
             return n / (time.perf_counter() - t)
 
     encode_loop()  # warm-up
     loop, job = [], []
-    for _ in range(rounds):
-        loop.append(encode_loop())
-        job.append(tokenize_run())
+    with tempfile.TemporaryDirectory() as saved:
+        tok_dir = kv["tokenizer"]
+        if not tok_dir:  # the random tokenizer, as a folder the command can read
+            tok_dir = os.path.join(saved, "tokenizer")
+            tok.save_pretrained(tok_dir)
+        for _ in range(rounds):
+            loop.append(encode_loop())
+            job.append(tokenize_run(tok_dir))
     cmd = "python benchmarks/tokenize_speed.py " + " ".join(argv)
     body = f"""```bash
 {cmd.strip()}
@@ -73,7 +80,7 @@ def main(argv):
 | | images/s (median) | runs |
 |---|---|---|
 | `tok.encode` in a loop (latents kept in memory) | {median(loop):.0f} | {', '.join(f'{x:.0f}' for x in loop)} |
-| `stellar_tok.tokenize` (float16 shards + stats on disk) | {median(job):.0f} | {', '.join(f'{x:.0f}' for x in job)} |
+| `stellar_tok.tokenize` (loads the tokenizer folder; float16 shards + stats on disk) | {median(job):.0f} | {', '.join(f'{x:.0f}' for x in job)} |
 | ratio tokenize / loop | {median(job) / median(loop):.2f} | |
 """
     print(body)

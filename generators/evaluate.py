@@ -34,7 +34,7 @@ import torch
 from stellar_tok.config import DataConfig, parse_command
 from stellar_tok.errors import UserError, cli_entry
 from stellar_tok.files import atomic_write_json, atomic_write_text
-from stellar_tok.fid_stats import FIDConfig, ReferenceImages, reference_identity, reference_stats
+from stellar_tok.fid_reference import FIDConfig, ReferenceImages, reference_identity, reference_stats
 
 
 @dataclass
@@ -265,7 +265,7 @@ def evaluate_samples(cfg) -> dict:
         notes.append(f"class accuracy left out: it needs samples and a reference of an embedded set (data.name=shapes|digits), "
                      f"the reference here is {ref_name or 'not of one'}")
     if judged:
-        from .class_accuracy import class_accuracy, judge
+        from .judge import class_accuracy, judge
 
         data_cfg = {"name": cfg.data.name, "resolution": int(cfg.data.resolution)}
         if cfg.data.name == "shapes":

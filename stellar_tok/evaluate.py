@@ -4,8 +4,8 @@
 
 Protocol (written to metrics.json with the numbers):
 - Held-out images: `n_eval` images of the val split (0: all), a subset drawn with `seed` and spread over the
-  classes (stellar_tok.probe.spread_subset), centre-cropped to the tokenizer's resolution (`stellar_tok.fid_stats.
-  ReferenceImages`: every image read once, WebDataset shards too).
+  classes (stellar_tok.probing.spread_subset), centre-cropped to the tokenizer's resolution
+  (`stellar_tok.fid_reference.ReferenceImages`: every image read once, WebDataset shards too).
 - Reconstruction: encode -> decode through the public API (float32 latent), clamp to [-1,1], quantise to
   8 bits. PSNR and SSIM (stellar_tok.metrics) per image, averaged. LPIPS (VGG, the `lpips` package) when
   its backbone weights are available; `lpips=auto` skips it with a warning when they are not. rFID: the
@@ -45,7 +45,7 @@ from omegaconf import OmegaConf
 from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
 from .files import atomic_path, atomic_write_json, atomic_write_text
-from .fid_stats import FIDConfig, ReferenceImages, cache_root, default_ref_path, reference_identity
+from .fid_reference import FIDConfig, ReferenceImages, cache_root, default_ref_path, reference_identity
 
 TASKS = ("recon", "linear", "knn")
 
@@ -215,7 +215,7 @@ def evaluate(cfg) -> dict:
     from tqdm.auto import tqdm
 
     from .latent_data import tokenizer_fingerprint
-    from .probe import knn_classify, linear_probe
+    from .probing import knn_classify, linear_probe
     from .tokenizer import StellarTokenizer
     from .visual import reconstruction_grid
 

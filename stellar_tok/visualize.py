@@ -188,7 +188,7 @@ def loss_curves(logs: str, path: str) -> int:
 
 
 def visualize(cfg) -> list[str]:
-    from .fid_stats import image_batches
+    from .fid_reference import image_batches
     from .tokenizer import StellarTokenizer
 
     if not cfg.out:

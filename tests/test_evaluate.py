@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from stellar_tok.metrics import psnr, ssim
-from stellar_tok.probe import knn_classify, linear_probe
+from stellar_tok.probing import knn_classify, linear_probe
 
 from conftest import make_tiny_tokenizer
 
@@ -148,7 +148,7 @@ def test_evaluate_semantics_and_baselines(tok_dir, tmp_path):
     from safetensors.torch import load_file
 
     from stellar_tok.data import build_dataset
-    from stellar_tok.probe import spread_subset
+    from stellar_tok.probing import spread_subset
 
     val = build_dataset({"name": "shapes", "resolution": 32, "train_size": 96, "val_size": 48}, "val")
     pick = spread_subset(val.labels, 40, seed=0)
@@ -216,7 +216,7 @@ def test_evaluate_reconstruction_with_rfid(tok_dir, tmp_path, monkeypatch):
 def test_generator_evaluate_real_images_score_near_zero(tmp_path, monkeypatch):
     """Samples that are the reference images themselves: FID ~ 0 and KID ~ 0; noise: far away."""
     from generators.evaluate import main
-    from stellar_tok.fid_stats import image_batches
+    from stellar_tok.fid_reference import image_batches
     from stellar_tok.config import DataConfig
     from omegaconf import OmegaConf
 

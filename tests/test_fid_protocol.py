@@ -95,7 +95,7 @@ def rows(t):
 
 # ------------------------------------------------------------------ item 2: which images the reference reads
 def test_reference_train_split_is_centre_crops_of_every_image(tmp_path):
-    from stellar_tok.fid_stats import image_batches
+    from stellar_tok.fid_reference import image_batches
 
     root = make_folder(tmp_path / "imgs")
     cfg = data_cfg(name="folder", path=str(root), resolution=16)
@@ -109,7 +109,7 @@ def test_reference_train_split_is_centre_crops_of_every_image(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_reference_wds_reads_each_shard_once(tmp_path, workers):
     """The train shards are read once, in order, centre-cropped: never the resampled training stream."""
-    from stellar_tok.fid_stats import image_batches
+    from stellar_tok.fid_reference import image_batches
 
     made = make_shards(tmp_path / "wds", "train")
     make_shards(tmp_path / "wds", "val", shards=1)
@@ -122,8 +122,8 @@ def test_reference_wds_reads_each_shard_once(tmp_path, workers):
 
 
 def test_reference_subset_is_seeded_and_spread_over_classes(tmp_path):
-    from stellar_tok.fid_stats import image_batches
-    from stellar_tok.probe import spread_subset
+    from stellar_tok.fid_reference import image_batches
+    from stellar_tok.probing import spread_subset
 
     root = make_folder(tmp_path / "imgs")  # 4 classes x 6, listed class by class
     cfg = data_cfg(name="folder", path=str(root), resolution=16)
@@ -142,7 +142,7 @@ def test_reference_subset_is_seeded_and_spread_over_classes(tmp_path):
 
 
 def test_reference_cache_key_covers_what_changes_the_pixels(tmp_path, monkeypatch):
-    from stellar_tok import fid_stats
+    from stellar_tok import fid_reference
 
     monkeypatch.setenv("STELLAR_TOK_CACHE", str(tmp_path / "cache"))
     root = make_folder(tmp_path / "imgs")
@@ -151,19 +151,19 @@ def test_reference_cache_key_covers_what_changes_the_pixels(tmp_path, monkeypatc
     w1.write_bytes(b"one")
     w2.write_bytes(b"two")
     ext = FakeInception(str(w1))
-    s0, p0 = fid_stats.reference_stats(ext, cfg, "val", 0, progress=False)
+    s0, p0 = fid_reference.reference_stats(ext, cfg, "val", 0, progress=False)
     assert s0["n"] == 24 and s0["meta"]["data"]["crop"] == "centre"
-    assert fid_stats.reference_stats(ext, cfg, "val", 0, progress=False)[1] == p0  # cached
+    assert fid_reference.reference_stats(ext, cfg, "val", 0, progress=False)[1] == p0  # cached
     paths = {p0}
-    for stats, path in [fid_stats.reference_stats(FakeInception(str(w2)), cfg, "val", 0, progress=False),  # other weights
-                        fid_stats.reference_stats(ext, data_cfg(name="folder", path=str(root), resolution=20), "val", 0, progress=False),
-                        fid_stats.reference_stats(ext, cfg, "train", 0, progress=False),
-                        fid_stats.reference_stats(ext, cfg, "val", 8, progress=False, seed=0),
-                        fid_stats.reference_stats(ext, cfg, "val", 8, progress=False, seed=1)]:
+    for stats, path in [fid_reference.reference_stats(FakeInception(str(w2)), cfg, "val", 0, progress=False),  # other weights
+                        fid_reference.reference_stats(ext, data_cfg(name="folder", path=str(root), resolution=20), "val", 0, progress=False),
+                        fid_reference.reference_stats(ext, cfg, "train", 0, progress=False),
+                        fid_reference.reference_stats(ext, cfg, "val", 8, progress=False, seed=0),
+                        fid_reference.reference_stats(ext, cfg, "val", 8, progress=False, seed=1)]:
         assert path not in paths
         paths.add(path)
     Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(root / "val" / "c0" / "zz.png")  # one more file
-    s1, p1 = fid_stats.reference_stats(ext, cfg, "val", 0, progress=False)
+    s1, p1 = fid_reference.reference_stats(ext, cfg, "val", 0, progress=False)
     assert p1 not in paths and s1["n"] == 25
 
 
@@ -176,7 +176,7 @@ def test_adm_reference_batch_used_as_given(tmp_path, fake_inception, monkeypatch
     import zipfile
 
     from generators.evaluate import main
-    from stellar_tok import fid, fid_stats
+    from stellar_tok import fid, fid_reference
 
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
@@ -188,7 +188,7 @@ def test_adm_reference_batch_used_as_given(tmp_path, fake_inception, monkeypatch
     opened = []
     real_open = zipfile.ZipFile.open
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append((os.path.basename(str(self.filename)), getattr(name, "filename", name))) or real_open(self, name, *a, **k))
-    monkeypatch.setattr(fid_stats, "image_batches", lambda *a, **k: pytest.fail("statistics computed although fid.ref was given"))
+    monkeypatch.setattr(fid_reference, "image_batches", lambda *a, **k: pytest.fail("statistics computed although fid.ref was given"))
     rep = main([f"samples={tmp_path / 'samples.npz'}", f"out={tmp_path / 'out'}", "data.name=wds", "data.path=/nowhere/x.tar",
                 f"fid.ref={tmp_path / 'VIRTUAL.npz'}", "class_accuracy=false", "progress=false"])
     assert ("VIRTUAL.npz", "arr_0.npy") not in opened  # the 10k reference images are never loaded
@@ -238,7 +238,7 @@ print(json.dumps({"base": base, "peak": rss("VmHWM:")}))
 
 def test_samples_are_read_in_batches_without_a_copy(tmp_path):
     """A samples.npz as generators.sample streams it: scoring it must not hold arr_0 in memory (RSS measured)."""
-    from generators.sample import save_npz_streamed
+    from generators.sampling import save_npz_streamed
 
     n, side = 1600, 128  # 78.6 MB
     rng = np.random.default_rng(0)
@@ -256,18 +256,19 @@ def test_samples_are_read_in_batches_without_a_copy(tmp_path):
 
 # ------------------------------------------------------------------ item 12: worker processes
 def test_fid_stats_reads_with_worker_processes(tmp_path, fake_inception, monkeypatch):
-    from stellar_tok import data, fid_stats
+    from stellar_tok import fid_stats
+    from stellar_tok.data import folder
 
     root = make_folder(tmp_path / "imgs")
     log = tmp_path / "pids.txt"
-    load = data.load_rgb
+    load = folder.load_rgb
 
     def logged(*a, **k):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         return load(*a, **k)
 
-    monkeypatch.setattr(data, "load_rgb", logged)
+    monkeypatch.setattr(folder, "load_rgb", logged)  # where FolderDataset looks it up
     common = ["data.name=folder", f"data.path={root}", "data.resolution=16", "split=train", "progress=false"]
     fid_stats.main([*common, "num_workers=2", f"out={tmp_path / 'a.npz'}"])
     pids = set(log.read_text().split())
@@ -286,7 +287,7 @@ def test_probes_use_seeded_spread_subsets_of_centre_crops(tmp_path, tokenizer_di
     from safetensors.torch import load_file
 
     from stellar_tok.evaluate import main
-    from stellar_tok.probe import spread_subset
+    from stellar_tok.probing import spread_subset
 
     root = make_folder(tmp_path / "imgs")  # 4 classes x 6 per split, listed class by class
     out = tmp_path / "eval"
@@ -338,13 +339,13 @@ def test_streamed_feature_stats_equal_the_stacked_ones():
 def test_labelled_samples_against_adm_statistics_are_not_judged_on_shapes(tmp_path, fake_inception, monkeypatch):
     """Class-labelled samples scored against ADM's mu/sigma with data.* left at its default (shapes): the class
     accuracy judge (an embedded set's classifier) does not run; the notes say why."""
-    from generators import class_accuracy
+    from generators import judge
     from generators.evaluate import main
 
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=samples, arr_1=np.arange(12) % 4)
     _adm_batch(tmp_path / "VIRTUAL.npz", 15, np.zeros(15), np.eye(15))
-    monkeypatch.setattr(class_accuracy, "judge", lambda *a, **k: pytest.fail("judged on shapes against an ImageNet reference"))
+    monkeypatch.setattr(judge, "judge", lambda *a, **k: pytest.fail("judged on shapes against an ImageNet reference"))
     rep = main([f"samples={tmp_path / 'samples.npz'}", f"out={tmp_path / 'out'}", f"fid.ref={tmp_path / 'VIRTUAL.npz'}", "progress=false"])
     assert "class_accuracy" not in rep["results"] and any("class accuracy left out" in n for n in rep["notes"])

@@ -216,7 +216,7 @@ def test_sample_cli_two_processes_equal_one(trained, tmp_path):
 
 
 def test_save_npz_streamed_is_np_savez(tmp_path):
-    from generators.sample import save_npz_streamed
+    from generators.sampling import save_npz_streamed
 
     arr, labels = np.random.default_rng(0).integers(0, 256, (7, 5, 4, 3), dtype=np.uint8), np.arange(7)
     save_npz_streamed(str(tmp_path / "a.npz"), arr.shape, (arr[i : i + 3] for i in range(0, 7, 3)), labels)
@@ -230,7 +230,7 @@ def test_save_npz_streamed_is_np_savez(tmp_path):
 
 
 def test_class_accuracy_and_cached_judge(tmp_path):
-    from generators.class_accuracy import class_accuracy, judge
+    from generators.judge import class_accuracy, judge
 
     class Fixed(torch.nn.Module):  # predicts class 0 for dark images, 1 for bright ones
         def forward(self, x):
@@ -251,7 +251,7 @@ def test_class_accuracy_and_cached_judge(tmp_path):
 
 def test_class_accuracy_ceiling_of_a_tokenizer(tmp_path, capsys):
     """tokenizer=DIR: the judge on real val images, reconstructions and S/L swaps, from one command."""
-    from generators.class_accuracy import ceiling, class_accuracy
+    from generators.judge import ceiling, class_accuracy
     from generators.class_accuracy import main as ca_main
     from stellar_tok.data import build_dataset
     from stellar_tok.metrics import to_uint8

@@ -12,7 +12,8 @@ from conftest import data_cfg
 from PIL import Image
 
 from stellar_tok.data import build_dataset
-from stellar_tok.probe import augmented_probe, main, run_probes, split_batches, spread_subset
+from stellar_tok.probe import main
+from stellar_tok.probing import augmented_probe, run_probes, split_batches, spread_subset
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping a bad sample:UserWarning")
 

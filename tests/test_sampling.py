@@ -46,7 +46,7 @@ def test_two_seeds_share_no_sample_and_noise_depends_only_on_seed_and_index(fold
     a, _ = _sample(folders, "seed0", "classes=a", "n=3", "seed=0")
     b, _ = _sample(folders, "seed1", "classes=a", "n=3", "seed=1")
     assert not any(np.array_equal(x, y) for x in a for y in b)  # seed + i gave seed 1's sample 0 = seed 0's sample 1
-    from generators.sample import sample_noise
+    from generators.sampling import sample_noise
 
     dim = R * C + G * G * R
     full = sample_noise(0, range(6), dim)
@@ -56,8 +56,9 @@ def test_two_seeds_share_no_sample_and_noise_depends_only_on_seed_and_index(fold
 
 def test_png_auto_skips_large_sets_and_precision_is_fp32_on_the_cpu(folders, monkeypatch):
     import generators.sample as gs
+    import generators.sampling as sampling
 
-    monkeypatch.setattr(gs, "PNG_AUTO_MAX", 4, raising=False)  # stands in for 1000: a 6-image set is "large"
+    monkeypatch.setattr(sampling, "PNG_AUTO_MAX", 4, raising=False)  # stands in for 1000: a 6-image set is "large"
     _, s = _sample(folders, "auto", "classes=a,b", "n=3")
     assert not os.path.exists(folders / "auto" / "images") and os.path.exists(folders / "auto" / "grid.png")
     assert s["png"] is False and s["mixed_precision"] == "no"  # auto on the CPU: fp32
