@@ -27,6 +27,13 @@ FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytor
 FEATURES = "2048"
 
 
+def check_uint8_images(b) -> None:
+    """Inception takes uint8 (B,3,H,W) batches: anything else is a caller's mistake, said in one line."""
+    if not (torch.is_tensor(b) and b.dtype == torch.uint8 and b.dim() == 4 and b.shape[1] == 3):
+        got = f"{b.dtype} {tuple(b.shape)}" if torch.is_tensor(b) else type(b).__name__
+        raise ValueError(f"expected uint8 images (B,3,H,W), got {got}")
+
+
 def cache_dir() -> str:
     return os.environ.get("STELLAR_TOK_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "stellar_tok")
 
@@ -210,9 +217,7 @@ def inception_features(extractor: nn.Module, images: torch.Tensor | Iterable[tor
     out = []
     with tqdm(total=len(images) if torch.is_tensor(images) else None, disable=not progress, unit="img", desc="inception") as bar:
         for b in batches:
-            if not (torch.is_tensor(b) and b.dtype == torch.uint8 and b.dim() == 4 and b.shape[1] == 3):
-                got = f"{b.dtype} {tuple(b.shape)}" if torch.is_tensor(b) else type(b).__name__
-                raise ValueError(f"expected uint8 images (B,3,H,W), got {got}")
+            check_uint8_images(b)
             for c in b.split(batch_size):
                 out.append(extractor(c.to(dev))[idx].double().cpu().numpy())
                 bar.update(len(c))
@@ -283,9 +288,7 @@ def feature_batches(extractor: nn.Module, batches: Iterable[torch.Tensor], batch
     logits_idx = extractor.features_list.index("logits_unbiased") if getattr(extractor, "has_logits", False) else None
     with tqdm(total=total, disable=not progress, unit="img", desc=desc) as bar:
         for b in batches:
-            if not (torch.is_tensor(b) and b.dtype == torch.uint8 and b.dim() == 4 and b.shape[1] == 3):
-                got = f"{b.dtype} {tuple(b.shape)}" if torch.is_tensor(b) else type(b).__name__
-                raise ValueError(f"expected uint8 images (B,3,H,W), got {got}")
+            check_uint8_images(b)
             for c in b.split(batch_size):
                 out = extractor(c.to(dev))
                 yield out[idx].double().cpu().numpy(), (out[logits_idx].cpu() if logits_idx is not None else None)

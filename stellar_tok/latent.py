@@ -130,6 +130,15 @@ class LatentStatsBuffers:
 LATENT_STATS_BUFFERS = ("latent_token_mean", "latent_token_std", "latent_loc_mean", "latent_loc_std")
 
 
+def hash_state_dict(h, state: dict) -> None:
+    """Feed a state dict into the hash `h`, in name order: each name, dtype, shape and the tensor's bytes."""
+    for name, t in sorted(state.items()):
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
 def latent_fingerprint(tokenizer: torch.nn.Module) -> str:
     """sha256 (16 hex digits) of what makes a tokenizer's latent: its weights and buffers outside the pixel decoder
     (`DECODER_PREFIXES`), i.e. the encoder, the localization head, the bottleneck to_latent and the input
@@ -146,13 +155,7 @@ def latent_fingerprint(tokenizer: torch.nn.Module) -> str:
 
     skip = tuple(getattr(tokenizer, "DECODER_PREFIXES", ()))
     h = hashlib.sha256(b"stellar latent v1")
-    for name, t in sorted(tokenizer.state_dict().items()):
-        if name.startswith(skip) or name in LATENT_STATS_BUFFERS:
-            continue
-        h.update(name.encode())
-        t = t.detach().cpu().contiguous()
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    hash_state_dict(h, {k: t for k, t in tokenizer.state_dict().items() if not (k.startswith(skip) or k in LATENT_STATS_BUFFERS)})
     config = dict(getattr(tokenizer, "config", None) or {})
     try:
         defaults = {k: p.default for k, p in inspect.signature(type(tokenizer).__init__).parameters.items()}

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from .errors import UserError
 from .files import atomic_path
-from .latent import Latent, LatentStats
+from .latent import Latent, LatentStats, hash_state_dict
 
 FORMAT = "stellar-latents/1"
 SHARD_DIR = "shards"
@@ -47,11 +47,7 @@ __all__ = ["FORMAT", "LatentDataset", "StatsAccumulator", "tokenizer_fingerprint
 def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
     """sha256 (16 hex digits) of a tokenizer's state dict, names and bytes: the same weights, the same hash."""
     h = hashlib.sha256()
-    for name, t in sorted(tokenizer.state_dict().items()):
-        h.update(name.encode())
-        t = t.detach().cpu().contiguous()
-        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    hash_state_dict(h, tokenizer.state_dict())
     return h.hexdigest()[:16]
 
 

@@ -104,11 +104,9 @@ def _collate_keyed(batch):
 
 def _describe(exn: Exception) -> str:
     """One line for a read error (webdataset appends the stream and URL to the arguments; keep the message)."""
-    if isinstance(exn, OSError) and exn.strerror:
-        message = exn.strerror
-    else:
-        message = str(exn.args[0]) if exn.args else ""
-    message = next((l.strip() for l in message.split(" @ ")[0].splitlines() if l.strip()), "")
+    from .data.shards import read_error_message
+
+    message = next((l.strip() for l in read_error_message(exn).split(" @ ")[0].splitlines() if l.strip()), "")
     return f"{type(exn).__name__}: {message}" if message else type(exn).__name__
 
 

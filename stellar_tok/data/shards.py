@@ -48,6 +48,14 @@ class ShardPipeline(wds.DataPipeline):
         return self.size
 
 
+def read_error_message(exn: Exception) -> str:
+    """The message of a read error: an OSError's strerror, else its first argument (webdataset appends the
+    stream and URL to the arguments after it)."""
+    if isinstance(exn, OSError) and exn.strerror:
+        return exn.strerror
+    return str(exn.args[0]) if exn.args else ""
+
+
 class _ShardErrorHandler:
     """webdataset exception handler: skip a shard (or the rest of it) that cannot be read, with a warning."""
 
@@ -58,12 +66,8 @@ class _ShardErrorHandler:
     def __call__(self, exn: Exception) -> bool:
         # a shard that cannot be opened: webdataset appends its URL to exn.args
         where = self.url or next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
-        if isinstance(exn, OSError) and exn.strerror:
-            message = exn.strerror
-        else:
-            message = str(exn.args[0]) if exn.args else ""
         self.skips.add("bad_shard", warn=False)
-        warnings.warn(f"skipping unreadable shard {where} (or the rest of it): {type(exn).__name__}: {message}")
+        warnings.warn(f"skipping unreadable shard {where} (or the rest of it): {type(exn).__name__}: {read_error_message(exn)}")
         return True
 
 
