@@ -86,7 +86,7 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     from torch.utils.flop_counter import FlopCounterMode
 
     from stellar_tok.config import load_config, tokenizer_kwargs
-    from stellar_tok.objective import StellarObjective
+    from stellar_tok.objective import TokenizerWithHeads
     from stellar_tok.reconstruction import PatchDiscriminator, ReconstructionLoss
     from stellar_tok.tokenizer import StellarTokenizer
     from stellar_tok.engine import param_groups
@@ -99,7 +99,7 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "recon.lpips_random_backbone=true", f"optim.batch_size={batch}", *overrides])
     torch.manual_seed(0)
     tok = StellarTokenizer(**tokenizer_kwargs(cfg.model))
-    objective = StellarObjective(tok, cfg.align).train().to(device)
+    objective = TokenizerWithHeads(tok, cfg.align).train().to(device)
     recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
     disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers).to(device) if cfg.recon.enabled and cfg.recon.gan_weight > 0 else None
     opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))

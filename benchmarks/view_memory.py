@@ -22,7 +22,7 @@ DEFAULTS = {"config": "vit_b16", "views": "4+6,8+8", "batch": "2", "threads": "2
 
 def saved_bytes_per_image(config: str, global_crops: int, local_crops: int, batch: int) -> float:
     from stellar_tok.config import load_config, tokenizer_kwargs
-    from stellar_tok.objective import StellarObjective
+    from stellar_tok.objective import TokenizerWithHeads
     from stellar_tok.reconstruction import ReconstructionLoss
     from stellar_tok.tokenizer import StellarTokenizer
     from stellar_tok.views import make_views
@@ -30,7 +30,7 @@ def saved_bytes_per_image(config: str, global_crops: int, local_crops: int, batc
     cfg = load_config([f"config=configs/tokenizer/{config}.yaml", f"views.global_crops={global_crops}",
                        f"views.local_crops={local_crops}", "recon.lpips_random_backbone=true"])
     torch.manual_seed(0)
-    objective = StellarObjective(StellarTokenizer(**tokenizer_kwargs(cfg.model)), cfg.align)
+    objective = TokenizerWithHeads(StellarTokenizer(**tokenizer_kwargs(cfg.model)), cfg.align)
     recon = ReconstructionLoss(cfg.recon)
     size = cfg.model.image_size
     views = make_views(torch.rand(batch, 3, size, size) * 2 - 1, cfg.views, torch.Generator().manual_seed(0), cfg.model.patch_size)

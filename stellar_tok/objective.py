@@ -14,7 +14,11 @@ from .alignment import AlignmentLoss
 from .tokenizer import StellarTokenizer
 
 
-class StellarObjective(nn.Module):
+class TokenizerWithHeads(nn.Module):
+    """What a tokenizer run trains: the tokenizer, the clustering heads of `AlignmentLoss` and, with
+    `align.teacher_momentum`, their EMA teacher. `forward` returns the tokenizer's outputs for the main view (the
+    reconstruction among them) with the summed alignment loss and its parts."""
+
     def __init__(self, tokenizer: StellarTokenizer, align_cfg):
         super().__init__()
         self.tokenizer = tokenizer

@@ -121,7 +121,7 @@ def train(cfg) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs
 
     from .data import build_loader, reset_skipped_samples, skipped_samples
-    from .objective import StellarObjective
+    from .objective import TokenizerWithHeads
     from .reconstruction import PatchDiscriminator, ReconstructionLoss
 
     reset_skipped_samples()  # count this run's bad samples only
@@ -132,7 +132,7 @@ def train(cfg) -> dict:
 
     # --- model, losses, optimisers, data --------------------------------------------------------
     tokenizer = build_tokenizer(cfg, accelerator)
-    objective = StellarObjective(tokenizer, cfg.align)
+    objective = TokenizerWithHeads(tokenizer, cfg.align)
     if cfg.train.compile:  # after the objective: a deep-copied EMA teacher stays eager
         tokenizer.compile_blocks()
     recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None

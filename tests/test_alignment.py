@@ -179,10 +179,10 @@ def test_slot_balance_defeats_token_identity():
 
 
 def test_ema_teacher_is_frozen_and_follows_student(tiny_tokenizer):
-    from stellar_tok.objective import StellarObjective
+    from stellar_tok.objective import TokenizerWithHeads
 
     cfg = tiny_align_config(teacher_momentum=0.5)
-    obj = StellarObjective(tiny_tokenizer, cfg).train()
+    obj = TokenizerWithHeads(tiny_tokenizer, cfg).train()
     assert not obj.teacher.training and obj.tokenizer.training
     assert not any(p.requires_grad for p in obj.teacher.parameters())
     with torch.no_grad():
@@ -206,14 +206,14 @@ def test_contrastive_image_loss_on_mean_tokens_trains():
     """align.image_loss=contrastive with image_feature=tokens: the terms exist, are finite and have gradients."""
     from stellar_tok import StellarTokenizer
     from stellar_tok.config import Config
-    from stellar_tok.objective import StellarObjective
+    from stellar_tok.objective import TokenizerWithHeads
 
     cfg = OmegaConf.structured(Config)
     cfg.align.merge_with({**TINY_ALIGN, "image_loss": "contrastive", "image_feature": "tokens", "token_prototypes": 8})
     cfg.views.merge_with({"global_crops": 2, "local_crops": 1})
     torch.manual_seed(0)
     tok = StellarTokenizer(**TINY_MODEL)
-    obj = StellarObjective(tok, cfg.align)
+    obj = TokenizerWithHeads(tok, cfg.align)
     views = make_views(torch.rand(8, 3, 32, 32) * 2 - 1, cfg.views, torch.Generator().manual_seed(0), 4)
     out = obj(views)
     logs = out["align_logs"]

@@ -263,9 +263,9 @@ def test_checkpoint_files_are_loaded_weights_only(short_run, tmp_path, monkeypat
 
 def _nan_at(monkeypatch, calls_to_poison):
     """Make the alignment loss NaN on the given forward calls (0-based)."""
-    from stellar_tok.objective import StellarObjective
+    from stellar_tok.objective import TokenizerWithHeads
 
-    real = StellarObjective.forward
+    real = TokenizerWithHeads.forward
     count = {"n": 0}
 
     def forward(self, views):
@@ -275,7 +275,7 @@ def _nan_at(monkeypatch, calls_to_poison):
         count["n"] += 1
         return out
 
-    monkeypatch.setattr(StellarObjective, "forward", forward)
+    monkeypatch.setattr(TokenizerWithHeads, "forward", forward)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):

@@ -195,14 +195,14 @@ def test_dense_decoder_trains_through_the_trainer_objective(images):
     from omegaconf import OmegaConf
 
     from stellar_tok.config import Config
-    from stellar_tok.objective import StellarObjective
+    from stellar_tok.objective import TokenizerWithHeads
     from stellar_tok.views import make_views
 
     torch.manual_seed(0)
     cfg = OmegaConf.structured(Config)
     cfg.align.merge_with({**TINY_ALIGN, "token_prototypes": 8})
     tok = StellarTokenizer(**{**TINY_MODEL, "decoder_input": "dense"})
-    obj = StellarObjective(tok, cfg.align).train()
+    obj = TokenizerWithHeads(tok, cfg.align).train()
     views = make_views(images, cfg.views, torch.Generator().manual_seed(0), TINY_MODEL["patch_size"])
     out = obj(views)
     (out["align_loss"] + (out["recon"] - views["main"]).abs().mean()).backward()
