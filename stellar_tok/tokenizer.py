@@ -189,17 +189,26 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         return self.config.decoder_input == "dense"
 
     def localize(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """log L (B,N,r): log-softmax over the r tokens of the cosine similarity / tau.
-
-        Dense decoder: log of the identity (B,N,N), each patch reads only its own feature."""
-        if self.dense_decoder:
-            b, n = dense.shape[:2]
-            eye = torch.eye(n, device=dense.device).expand(b, n, n)  # (B, N, N)
-            return eye.log()  # 0 on the diagonal, -inf elsewhere (clamp_loc puts the floor there)
+        """log L (B,N,r): log-softmax over the r tokens of the cosine similarity / tau."""
         d = F.normalize(self.loc_dense(dense), dim=-1)  # (B, N, d)
         s = F.normalize(self.loc_sparse(sparse), dim=-1)  # (B, r, d)
         logits = torch.einsum("bnd,brd->bnr", d, s) / self.config.tau  # (B, N, r)
         return logits.float().log_softmax(dim=-1)
+
+    # --- the one place where the dense-decoder ablation differs: what the decoder reads --------
+    def factorize(self, dense: torch.Tensor, sparse: torch.Tensor, log_loc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's source tokens and log L, from which F = L·source; log_loc: localize()'s, if computed.
+
+        lowrank (STELLAR): S (B,r,d) and log L (B,N,r).  dense (ablation): every patch feature (B,N,d) and the log
+        of the identity (B,N,N), 0 on the diagonal and -inf elsewhere (clamp_loc puts the floor there): r = N."""
+        if self.dense_decoder:
+            b, n = dense.shape[:2]
+            return dense, torch.eye(n, device=dense.device).expand(b, n, n).log()
+        return sparse, self.localize(dense, sparse) if log_loc is None else log_loc
+
+    def latent_tokens(self, n_patches: int) -> int:
+        """How many token rows the latent has: r; the dense decoder: one per patch, N."""
+        return n_patches if self.dense_decoder else self.config.num_tokens
 
     def bottleneck(self, sparse: torch.Tensor) -> torch.Tensor:
         return self.to_latent(sparse)  # (B, r, d) -> (B, r, c)
@@ -208,14 +217,13 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         """What the decoder reads: tokens (B,r,c) and log L clamped at the floor (B,N,r); log_loc: localize()'s, if computed.
 
         lowrank (STELLAR): bottleneck(S) and log L.  dense: bottleneck(dense) (B,N,c) and log I (B,N,N), r = N."""
-        tokens = self.bottleneck(dense if self.dense_decoder else sparse)  # (B, r, c); dense: (B, N, c)
-        log_loc = self.localize(dense, sparse) if log_loc is None else log_loc
-        return tokens, self.clamp_loc(log_loc)  # (B, N, r); dense: (B, N, N)
+        source, log_loc = self.factorize(dense, sparse, log_loc)  # (B, r, d) (B, N, r); dense: (B, N, d) (B, N, N)
+        return self.bottleneck(source), self.clamp_loc(log_loc)  # (B, r, c) (B, N, r)
 
     def latent_values(self, n_patches: int) -> int:
         """Numbers per image in the latent that depend on the image: r*c + N*r; dense: N*c (L is the fixed identity)."""
-        c = self.config.latent_channels
-        return n_patches * c if self.dense_decoder else self.config.num_tokens * (c + n_patches)
+        r = self.latent_tokens(n_patches)
+        return r * self.config.latent_channels + (0 if self.dense_decoder else n_patches * r)
 
     # ------------------------------------------------------------------------------------------
     # decoder
@@ -277,12 +285,10 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
             raise TypeError(f"decode expects a stellar_tok.Latent, got {type(latent).__name__}")
         if latent.normalized:
             latent = latent.denormalize(latent.stats if latent.stats is not None else self.latent_stats)
-        r = latent.num_patches if self.dense_decoder else self.config.num_tokens  # dense: one token per patch
+        r = self.latent_tokens(latent.num_patches)
         if latent.num_tokens != r or latent.tokens.shape[-1] != self.config.latent_channels:
-            raise ValueError(
-                f"latent has r={latent.num_tokens}, c={latent.tokens.shape[-1]}; this tokenizer expects "
-                f"r={'N (dense decoder)' if self.dense_decoder else r}, c={self.config.latent_channels}"
-            )
+            raise ValueError(f"latent has r={latent.num_tokens}, c={latent.tokens.shape[-1]}; this tokenizer expects "
+                             f"r={r}, c={self.config.latent_channels} ({self.config.decoder_input} decoder)")
         dtype = self.dtype
         return self.decode_pixels(latent.tokens.to(dtype), latent.loc.to(dtype)).clamp(-1, 1)
 
@@ -294,9 +300,9 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         with_latent: also "latent", what `encode(images)` returns, from the same encoder pass."""
         self._check_images(images)
         cls, dense, sparse = self.encode_features(images)
-        log_loc = self.localize(dense, sparse)  # (B, N, r)
+        source, log_loc = self.factorize(dense, sparse)  # (B, r, d) (B, N, r)
         L = log_loc.exp()
-        lowrank = dense if self.dense_decoder else torch.einsum("bnr,brd->bnd", L.to(sparse.dtype), sparse)
+        lowrank = torch.einsum("bnr,brd->bnd", L.to(source.dtype), source)  # F = L·S; dense: I·dense = dense
         out = {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": lowrank}
         if with_latent:
             tokens, log_loc = self.to_decoder_latent(dense, sparse, log_loc)
