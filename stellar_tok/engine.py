@@ -213,31 +213,36 @@ class TrainingRun:
         batches = epoch_batches(loader, state, acc, skip=skip)
         model.train()
         stopping = state.step >= self.total
-        while not stopping:
-            taken = step(next(batches))
-            if taken is None:
-                continue
-            logs, n = taken
-            state.step += 1
-            state.images_seen += n * acc.num_processes
-            img_window += n * acc.num_processes
-            self.budget.tick()
-            self.sched.step()  # the LR of the next step: its step count and the time spent so far
-            logs.update(lr=opt.param_groups[0]["lr"], nonfinite_skipped=float(state.nonfinite_total))
-            self.last_logs = logs
-            if state.step % cfg.log_every == 0 or state.step == self.total:
-                logs["images_per_s"] = img_window / max(1e-9, time.time() - t_window)
-                t_window, img_window = time.time(), 0
-                self._log(logs, pbar, log_extras, show)
-            pbar.update(state.step)
-            # every process must agree to stop at the same step: a signal, the time budget, stop_after or the end
-            done = state.step >= self.total or bool(stop_after and state.step - self.start_step >= stop_after)
-            stopping = self.stop.should_stop(acc, late=self.budget.exhausted(), done=done)
-            if after_step is not None:
-                after_step(stopping)
-            if state.step % cfg.ckpt_every == 0 and not stopping:
-                self.save()
-        pbar.close()
+        try:
+            while not stopping:
+                taken = step(next(batches))
+                if taken is None:
+                    continue
+                logs, n = taken
+                state.step += 1
+                state.images_seen += n * acc.num_processes
+                img_window += n * acc.num_processes
+                self.budget.tick()
+                self.sched.step()  # the LR of the next step: its step count and the time spent so far
+                logs.update(lr=opt.param_groups[0]["lr"], nonfinite_skipped=float(state.nonfinite_total))
+                self.last_logs = logs
+                if state.step % cfg.log_every == 0 or state.step == self.total:
+                    logs["images_per_s"] = img_window / max(1e-9, time.time() - t_window)
+                    t_window, img_window = time.time(), 0
+                    self._log(logs, pbar, log_extras, show)
+                pbar.update(state.step)
+                # every process must agree to stop at the same step: a signal, the time budget, stop_after or the end
+                done = state.step >= self.total or bool(stop_after and state.step - self.start_step >= stop_after)
+                stopping = self.stop.should_stop(acc, late=self.budget.exhausted(), done=done)
+                if after_step is not None:
+                    after_step(stopping)
+                if state.step % cfg.ckpt_every == 0 and not stopping:
+                    self.save()
+        except BaseException:
+            self.stop.restore()  # on the normal path finish() restores the signal handlers
+            raise
+        finally:
+            pbar.close()
 
     def _log(self, logs: dict, pbar, log_extras, show) -> None:
         if log_extras is not None:

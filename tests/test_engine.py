@@ -98,3 +98,29 @@ def test_cpu_budget_and_the_further_along_of_steps_and_time(clock):
     clock["cpu"] += 450.0
     budget.tick()
     assert budget.exhausted() and factor(12) == pytest.approx(MIN_RATIO)
+
+
+def test_a_step_that_raises_leaves_the_signal_handlers_as_they_were(tmp_path):
+    """fit installs SIGTERM/SIGINT handlers (finish the step, checkpoint); an error inside the loop restores them."""
+    import signal
+
+    train_cfg = OmegaConf.create({"output_dir": str(tmp_path / "run"), "mixed_precision": "no", "seed": 0, "resume": None,
+                                  "max_minutes": 0.0, "max_cpu_minutes": 0.0, "max_nonfinite": 3, "keep_ckpts": 1,
+                                  "log_every": 1, "ckpt_every": 1000, "progress": False})
+    optim_cfg = OmegaConf.create({"warmup_steps": WARMUP, "min_lr_ratio": MIN_RATIO, "grad_clip": 1.0})
+    accelerator = make_accelerator(train_cfg, OmegaConf.create({"train": train_cfg}))
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=BASE_LR)
+    run = TrainingRun(accelerator, train_cfg, optim_cfg, 5, "toy")
+    sched = run.lr_scheduler(opt)
+    run.checkpoints(scheduler=sched)
+    run.begin("toy", {})
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def step(x):
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]  # fit's own handler is in place
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run.fit(step, [torch.randn(4, 3)], model, opt, skip=False)
+    assert {s: signal.getsignal(s) for s in before} == before
