@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 from omegaconf import OmegaConf
 
-from stellar_tok.config import parse_command
+from stellar_tok.config import parse_command, require_tokenizer_dir
 from stellar_tok.errors import UserError, cli_entry
 from stellar_tok.files import atomic_write_json
 
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_command("python -m generators.class_accuracy", __doc__, ClassAccuracyConfig, argv,
                         "samples=NPZ data.name=shapes | tokenizer=DIR data.name=digits n=400")
     if cfg.tokenizer is not None:
-        if not os.path.isfile(os.path.join(cfg.tokenizer, "config.json")):
-            raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {cfg.tokenizer!r})")
+        require_tokenizer_dir(cfg.tokenizer)
     elif cfg.samples is None or not os.path.isfile(cfg.samples):
         raise UserError(f"samples=PATH must name a samples.npz (from python -m generators.sample); got {cfg.samples!r}")
     data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data).items() if v is not None}  # unset keys: the data set's defaults

@@ -224,13 +224,19 @@ def load_config(args: list[str], schema=Config):
     return cfg
 
 
+def require_tokenizer_dir(path: str | None) -> str:
+    """The config.json of the exported tokenizer folder `path` (`tokenizer=DIR` of a command); a UserError if it is not one."""
+    config_json = os.path.join(path or "", "config.json")
+    if not path or not os.path.isfile(config_json):
+        raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {path!r})")
+    return config_json
+
+
 def load_tokenizer_command_config(overrides: list[str], schema):
     """`load_config` for a command that reads an exported tokenizer (`tokenizer=DIR`): the folder must hold a
     config.json, and `data.resolution` defaults to the tokenizer's image_size unless given."""
     cfg = load_config(overrides, schema=schema)
-    config_json = os.path.join(cfg.tokenizer or "", "config.json")
-    if not cfg.tokenizer or not os.path.isfile(config_json):
-        raise UserError(f"tokenizer=DIR must name an exported tokenizer folder with config.json (got {cfg.tokenizer!r})")
+    config_json = require_tokenizer_dir(cfg.tokenizer)
     if not any(a.startswith("data.resolution=") for a in overrides):
         with open(config_json) as f:
             cfg.data.resolution = int(json.load(f)["image_size"])

@@ -45,6 +45,15 @@ def fsync_dir(path: str) -> None:
 
 
 def _umask() -> int:
+    """The process's umask. Read from /proc where it can be (Linux): setting it to read it back, the fallback,
+    briefly changes it for every thread of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -65,6 +65,10 @@ def check_name_split(data: DataConfig, split: str) -> tuple[str, int]:
     return data.name, positive_int(data.resolution, "data.resolution", minimum=MIN_IMAGE_SIDE)
 
 
+def _unset(path: Any) -> bool:
+    return path is None or (isinstance(path, str) and not path.strip())
+
+
 def _expand(path: Any) -> Any:
     if hasattr(path, "__iter__") and not isinstance(path, (str, os.PathLike)):
         return [os.path.expanduser(str(p)) for p in path]  # a list of shards
@@ -75,7 +79,7 @@ def require_path(data: DataConfig, what: str) -> Any:
     """``data.path``, user-expanded (a list of shards: each of them); a `DataError` when it is unset, ``what`` saying
     what it should name."""
     path = data.path
-    if path is None or (isinstance(path, str) and not path.strip()):
+    if _unset(path):
         raise DataError(f"data.path is required for data.name='{data.name}': {what}")
     return _expand(path)
 
@@ -84,6 +88,6 @@ def held_out_path(data: DataConfig, split: str) -> Any:
     """``data.val_path`` (expanded) for the held-out split; None for train or when unset (then ``data.path``'s
     own split logic applies)."""
     path = data.val_path if split == "val" else None
-    if path is None or (isinstance(path, str) and not path.strip()):
+    if _unset(path):
         return None
     return _expand(path)
