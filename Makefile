@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test emoji clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The emoji image set (real drawings, 64 px, 9 classes) for configs/tokenizer/emoji64_*.yaml and benchmarks/real_images.py;
+# needs the Debian packages fonts-noto-color-emoji, unicode-data and libfribidi0 (the command names them when missing).
+emoji: $(STAMP)
+	$(BIN)/python -m stellar_tok.make_emoji out=data/emoji64 overwrite=true
 
 clean:
 	rm -rf runs .pytest_cache

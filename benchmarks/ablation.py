@@ -25,13 +25,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.common import machine, parse_kv, write_section
+from benchmarks.common import machine, parse_kv, run_logged, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "RESULTS.md")  # the verdict block lives in the results page
@@ -59,26 +58,6 @@ def parse_args(argv: list[str]) -> dict:
         if bad:
             sys.exit(f"{key}: unknown {bad}; choose from {', '.join(allowed)}")
     return args
-
-
-def child_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def run_logged(cmd: list[str], log: str) -> dict:
-    """Run cmd with its output appended to `log`; returns wall and CPU seconds (user + system) of the child."""
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        t = time.time()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env())
-        _, status, usage = os.wait4(p.pid, 0)  # this child's own resource usage (others may run beside it)
-        p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError(f"{cmd[2]} failed (exit {p.returncode}); see {log}")
-    return {"wall_s": round(time.time() - t, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
 def train_overrides(data: str, variant: str, args: dict, run_dir: str) -> list[str]:

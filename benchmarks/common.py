@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: machine description and writing a section of docs/BENCHMARKS.md."""
+"""Shared helpers for the benchmarks: machine description, `key=value` arguments, running a command as a logged
+child process, and writing a section of a page under docs/."""
 from __future__ import annotations
 
 import contextlib
@@ -6,12 +7,14 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 
 import torch
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "BENCHMARKS.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
 HEADER = "# Benchmarks\n\nEvery table is written by the command above it; times are medians of alternating runs in one process.\n"
 
 
@@ -46,14 +49,14 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section `## name` of docs/BENCHMARKS.md with `body`."""
-    os.makedirs(os.path.dirname(DOC), exist_ok=True)
-    text = open(DOC).read() if os.path.exists(DOC) else HEADER
+def write_section(name: str, body: str, doc: str = DOC) -> None:
+    """Replace (or append) the section `## name` of `doc` (docs/BENCHMARKS.md) with `body`."""
+    os.makedirs(os.path.dirname(doc), exist_ok=True)
+    text = open(doc).read() if os.path.exists(doc) else HEADER
     section = f"## {name}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    with open(DOC, "w") as f:
+    with open(doc, "w") as f:
         f.write(text.rstrip() + "\n")
 
 
@@ -87,3 +90,28 @@ def _text(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return "" if value is None else str(value)
+
+
+def child_env(threads: int | None = 1) -> dict:
+    """The environment of a benchmark's child process: this checkout importable, unbuffered output, `threads` threads
+    (None: as this process)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_logged(cmd: list[str], log: str, threads: int | None = 1) -> dict:
+    """Run cmd (`child_env(threads)`) with its output appended to `log`; returns wall and CPU seconds (user + system)
+    of the child; a failure raises RuntimeError naming the log."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        t = time.time()
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env(threads))
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own resource usage (others may run beside it)
+        p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[2]} failed (exit {p.returncode}); see {log}")
+    return {"wall_s": round(time.time() - t, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}

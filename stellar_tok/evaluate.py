@@ -187,7 +187,8 @@ def train_features(tok, cfg, kinds, k_down: int, fingerprint: str, device, image
     (cached in out/cache)."""
     from tqdm.auto import tqdm
 
-    images = images or ReferenceImages(cfg.data, "train", cfg.n_train, cfg.seed)
+    if images is None:
+        images = ReferenceImages(cfg.data, "train", cfg.n_train, cfg.seed)
     key = {"tokenizer": fingerprint, "data": images.identity, "kinds": list(kinds),
            "baselines": bool(cfg.baselines), "k_down": k_down}
     path = os.path.join(cfg.out, "cache", "features-train.safetensors")

@@ -210,6 +210,9 @@ class ReferenceImages:
         return wds.DataPipeline(*stages)
 
     # -- common --------------------------------------------------------------------------------
+    def __bool__(self) -> bool:  # a set of images is never "false", even when its length is not known yet
+        return True
+
     def __len__(self) -> int:
         """Images to read (for wds without n: unknown until read, TypeError)."""
         if self._urls is not None:

@@ -1,0 +1,199 @@
+"""The paper's claim on real drawings at 10x compression: STELLAR against the reconstruction-only run of equal time.
+
+    python -m benchmarks.real_images                       # CPU: configs/tokenizer/emoji64_cpu.yaml, 20 CPU-minutes each
+    python -m benchmarks.real_images device=cuda minutes=5 # one GPU: configs/tokenizer/emoji64_gpu.yaml, 5 minutes each
+
+    keys: device=cpu|cuda  minutes=20 (cpu) | 5 (cuda)  data=data/emoji64  seed=0  n_eval=0 (all val)  jobs=2 (cpu)
+          out=runs/real_images/<device>  write=true (docs/RESULTS.md and docs/images/)
+
+Data: the emoji set (`python -m stellar_tok.make_emoji out=data/emoji64`, built here when `data` has no shards).
+Both runs use the same config, seed and time: on the CPU `train.max_cpu_minutes` (process CPU time, one thread per
+run, `jobs` runs at once, so a shared machine does not favour either), on a GPU `train.max_minutes` (wall time, one
+run after the other). `recon_only` is the same model with `align.enabled=false`. Each is evaluated with
+`stellar_tok.evaluate` (every val image, probes trained on every train image; PSNR, SSIM, rFID, linear and kNN
+probes on the mean of S; the raw-pixel and downsampled-pixel baselines; no LPIPS: its VGG weights are a
+download) and drawn with `stellar_tok.visualize` (reconstructions, token swap, localization heat maps).
+
+The table, the verdict against the claim (STELLAR's rFID at or below the downsampled pixels of equal size, PSNR
+within 1 dB of reconstruction-only, linear probe above raw pixels and above reconstruction-only) and the pictures
+go to the section "Real images at 10x compression (<device>)" of docs/RESULTS.md and to
+docs/images/real_<device>_*.png. A finished training or evaluation is reused when the command runs again with
+the same settings. Set STELLAR_TOK_CACHE to reuse the converted FID weights.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from benchmarks.common import ROOT, machine, parse_kv, run_logged, write_section
+
+RESULTS = os.path.join(ROOT, "docs", "RESULTS.md")
+IMAGES = os.path.join(ROOT, "docs", "images")
+CONFIGS = {"cpu": "configs/tokenizer/emoji64_cpu.yaml", "cuda": "configs/tokenizer/emoji64_gpu.yaml"}
+VARIANTS = {"stellar": ("STELLAR", []), "recon_only": ("reconstruction only", ["align.enabled=false"])}
+PICTURES = ("reconstructions.png", "token_swap.png", "token_heatmaps.png")
+DEFAULTS = {"device": "cpu", "minutes": "", "data": "data/emoji64", "seed": "0", "n_eval": "0", "jobs": "2", "out": "",
+            "write": "true"}
+
+
+def parse_args(argv: list[str]) -> dict:
+    args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.real_images")
+    if args["device"] not in CONFIGS:
+        sys.exit(f"device must be one of {', '.join(CONFIGS)} (got {args['device']!r})")
+    args["minutes"] = args["minutes"] or ("20" if args["device"] == "cpu" else "5")
+    args["out"] = os.path.abspath(args["out"] or os.path.join("runs", "real_images", args["device"]))
+    args["data"] = os.path.abspath(args["data"])
+    if args["device"] == "cuda":
+        args["jobs"] = "1"  # one GPU: one run at a time
+    return args
+
+
+def ensure_data(path: str) -> None:
+    if not glob.glob(os.path.join(glob.escape(path), "train-*.tar")):
+        print(f"[{time.strftime('%H:%M:%S')}] building the emoji set in {path}", flush=True)
+        run_logged([sys.executable, "-m", "stellar_tok.make_emoji", f"out={path}"], os.path.join(os.path.dirname(path) or ".", "make_emoji.log"))
+
+
+def data_overrides(args: dict) -> list[str]:
+    return ["data.name=wds", f"data.path={args['data']}"]
+
+
+def train_cmd(variant: str, args: dict, run_dir: str) -> list[str]:
+    budget = "train.max_cpu_minutes" if args["device"] == "cpu" else "train.max_minutes"
+    return [sys.executable, "-m", "stellar_tok.train", f"config={CONFIGS[args['device']]}", *data_overrides(args), *VARIANTS[variant][1],
+            "train.steps=100000", f"{budget}={args['minutes']}", f"train.seed={args['seed']}", f"train.output_dir={run_dir}",
+            "train.resume=auto", "train.progress=false"]
+
+
+def eval_cmd(args: dict, run_dir: str) -> list[str]:
+    return [sys.executable, "-m", "stellar_tok.evaluate", f"tokenizer={run_dir}/tokenizer", *data_overrides(args), "tasks=recon,linear,knn",
+            "lpips=none", "baselines=true", f"n_eval={args['n_eval']}", "n_train=0", f"seed={args['seed']}", f"out={run_dir}/eval",
+            f"device={args['device']}", "progress=false"]
+
+
+def visualize_cmd(args: dict, run_dir: str) -> list[str]:
+    return [sys.executable, "-m", "stellar_tok.visualize", f"tokenizer={run_dir}/tokenizer", *data_overrides(args), f"out={run_dir}/pictures",
+            f"device={args['device']}"]
+
+
+def run_one(variant: str, args: dict) -> dict:
+    """Train, evaluate and draw one variant (each step reused when already done with the same command)."""
+    run_dir = os.path.join(args["out"], variant)
+    os.makedirs(run_dir, exist_ok=True)
+    record_path = os.path.join(run_dir, "run.json")
+    record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+    threads = 1 if args["device"] == "cpu" else None
+    for name, cmd in (("train", train_cmd(variant, args, run_dir)), ("eval", eval_cmd(args, run_dir)), ("pictures", visualize_cmd(args, run_dir))):
+        if record.get(name, {}).get("cmd") == cmd[1:]:
+            continue
+        if name == "train" and "train" in record:
+            raise RuntimeError(f"{run_dir} was trained with another command ({record['train']['cmd']}); use another out=")
+        print(f"[{time.strftime('%H:%M:%S')}] {name} {variant}", flush=True)
+        record[name] = {"cmd": cmd[1:], **run_logged(cmd, os.path.join(run_dir, f"{name}.log"), threads=threads)}
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=1)
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    report = json.load(open(os.path.join(run_dir, "eval", "metrics.json")))
+    return {"record": record, "summary": summary, "report": report, "run_dir": run_dir}
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+
+
+def fmt(x, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def verdict(runs: dict) -> list[tuple[str, bool, str]]:
+    """The claim's three parts: (what, holds, the numbers)."""
+    st, ro = runs["stellar"]["report"]["results"], runs["recon_only"]["report"]["results"]
+    s, r, down, pix = st["stellar"], ro["stellar"], st["pixels_down"], st["pixels"]
+    return [
+        ("rFID at or below the downsampled pixels of equal size", s["rfid"] <= down["rfid"], f"{s['rfid']:.2f} against {down['rfid']:.2f}"),
+        ("PSNR within 1 dB of reconstruction only", s["psnr"] >= r["psnr"] - 1.0, f"{s['psnr']:.2f} dB against {r['psnr']:.2f} dB ({s['psnr'] - r['psnr']:+.2f})"),
+        ("linear probe (mean of S) above raw pixels", s["linear_tokens"] > pix["linear_pixels"], f"{s['linear_tokens']:.2f}% against {pix['linear_pixels']:.2f}%"),
+        ("linear probe (mean of S) above reconstruction only", s["linear_tokens"] > r["linear_tokens"], f"{s['linear_tokens']:.2f}% against {r['linear_tokens']:.2f}%"),
+    ]
+
+
+def table(runs: dict, args: dict) -> str:
+    budget = "CPU min (process)" if args["device"] == "cpu" else "GPU min (wall)"
+    lines = [f"| | steps × batch | {budget} | PSNR (dB) | SSIM | rFID | linear, mean of S | kNN, mean of S | linear, CLS |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, (label, _) in VARIANTS.items():
+        run = runs[variant]
+        m, t = run["report"]["results"]["stellar"], run["record"]["train"]
+        minutes = t["cpu_s"] / 60 if args["device"] == "cpu" else t["wall_s"] / 60
+        lines.append(f"| {label} | {run['summary']['step']:,} × {run['summary']['images_seen'] // max(1, run['summary']['step'])} | {minutes:.1f} | {fmt(m.get('psnr'))} | "
+                     f"{fmt(m.get('ssim'), 3)} | {fmt(m.get('rfid'))} | {fmt(m.get('linear_tokens'))} | {fmt(m.get('knn_tokens'))} | {fmt(m.get('linear_cls'))} |")
+    res = runs["stellar"]["report"]["results"]
+    down, pix = res["pixels_down"], res["pixels"]
+    lines.append(f"| pixels, downsampled to the latent's size | | | {fmt(down.get('psnr'))} | {fmt(down.get('ssim'), 3)} | {fmt(down.get('rfid'))} | – | – | – |")
+    lines.append(f"| raw pixels (12,288 values) | | | | | | {fmt(pix.get('linear_pixels'))} | {fmt(pix.get('knn_pixels'))} | |")
+    return "\n".join(lines)
+
+
+def pictures(runs: dict, args: dict) -> list[str]:
+    """docs/images/real_<device>_<variant>_<picture>.png, copied from each run's visualize output."""
+    os.makedirs(IMAGES, exist_ok=True)
+    copied = []
+    for variant in VARIANTS:
+        for name in PICTURES:
+            src = os.path.join(runs[variant]["run_dir"], "pictures", name)
+            if os.path.exists(src):
+                dst = os.path.join(IMAGES, f"real_{args['device']}_{variant}_{name}")
+                shutil.copyfile(src, dst)
+                copied.append(os.path.relpath(dst, ROOT))
+    return copied
+
+
+def command_line(args: dict) -> str:
+    extra = [f"{k}={args[k]}" for k in ("device", "minutes", "seed", "n_eval") if args[k] != DEFAULTS[k] and not (k == "minutes" and args[k] == ("20" if args["device"] == "cpu" else "5"))]
+    return "STELLAR_TOK_CACHE=runs/eval/cache python -m benchmarks.real_images" + "".join(f" {e}" for e in extra)
+
+
+def report_body(runs: dict, args: dict, copied: list[str]) -> str:
+    st = runs["stellar"]["report"]
+    n_eval, n_train = st["data"]["n_eval"], st["data"]["n_train"]
+    budget = (f"{args['minutes']} minutes of process CPU time each, one thread per run, {args['jobs']} at once" if args["device"] == "cpu"
+              else f"{args['minutes']} minutes of wall time each, one after the other")
+    checks = verdict(runs)
+    lines = [f"```bash\n{command_line(args)}\n```", "",
+             f"{machine()}. `{CONFIGS[args['device']]}` on the emoji set (`python -m stellar_tok.make_emoji`: Noto Color Emoji "
+             f"drawings, 64 px, 9 classes), seed {args['seed']}, {budget}. The latent holds {st['tokenizer']['latent_values']:,} numbers "
+             f"(r·c + N·r) for 12,288 pixel values ({12288 / st['tokenizer']['latent_values']:.1f}x). Evaluation: every one of the "
+             f"{n_eval} val images; probes trained on the {n_train} train images; no LPIPS (its VGG weights are a download); "
+             f"{st['protocol']['pixels_down']}.", "", table(runs, args), "",
+             "The claim at this scale, part by part:", ""]
+    lines += [f"- {what}: **{'yes' if ok else 'no'}** ({numbers})" for what, ok, numbers in checks]
+    if copied:
+        lines += ["", "Pictures (visualize: rows input / reconstruction / arg-max token map; token swap: S of one image with L of another; "
+                      "heat maps: the columns of L): " + ", ".join(f"`{p}`" for p in copied)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    ensure_data(args["data"])
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=int(args["jobs"])) as pool:
+        futures = {v: pool.submit(run_one, v, args) for v in VARIANTS}
+        runs = {v: f.result() for v, f in futures.items()}
+    print(f"all runs done in {(time.time() - start) / 60:.1f} min", flush=True)
+    copied = pictures(runs, args) if args["write"] == "true" else []
+    body = report_body(runs, args, copied)
+    if args["write"] == "true":
+        write_section(f"Real images at 10x compression ({args['device']})", body, doc=RESULTS)
+    print(body)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
