@@ -1,10 +1,10 @@
 """The paper's claim on real drawings at 10x compression: STELLAR against the reconstruction-only run of equal time.
 
     python -m benchmarks.real_images                       # CPU: configs/tokenizer/emoji64_cpu.yaml, 20 CPU-minutes each
-    python -m benchmarks.real_images device=cuda minutes=5 # one GPU: configs/tokenizer/emoji64_gpu.yaml, 5 minutes each
+    python -m benchmarks.real_images device=cuda           # one GPU: configs/tokenizer/emoji64_gpu.yaml, 3 minutes each
 
-    keys: device=cpu|cuda  minutes=20 (cpu) | 5 (cuda)  data=data/emoji64  seed=0  n_eval=0 (all val)  jobs=2 (cpu)
-          out=runs/real_images/<device>  write=true (docs/RESULTS.md and docs/images/)
+    keys: device=cpu|cuda  minutes=20 (cpu) | 3 (cuda)  data=data/emoji64  seed=0  n_eval=0 (all val)  jobs=2 (cpu)
+          out=runs/real_images/<device>_<minutes>min  write=true (docs/RESULTS.md and docs/images/)
 
 Data: the emoji set (`python -m stellar_tok.make_emoji out=data/emoji64`, built here when `data` has no shards).
 Both runs use the same config, seed and time: on the CPU `train.max_cpu_minutes` (process CPU time, one thread per
@@ -16,8 +16,8 @@ download) and drawn with `stellar_tok.visualize` (reconstructions, token swap, l
 
 The table, the verdict against the claim (STELLAR's rFID at or below the downsampled pixels of equal size, PSNR
 within 1 dB of reconstruction-only, linear probe above raw pixels and above reconstruction-only) and the pictures
-go to the section "Real images at 10x compression (<device>)" of docs/RESULTS.md and to
-docs/images/real_<device>_*.png. A finished training or evaluation is reused when the command runs again with
+go to the section "Real images at 10x compression (<device>, <minutes> minutes per run)" of docs/RESULTS.md and to
+docs/images/real_<device>_<minutes>min_*.png. A finished training or evaluation is reused when the command runs again with
 the same settings. Set STELLAR_TOK_CACHE to reuse the converted FID weights.
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ IMAGES = os.path.join(ROOT, "docs", "images")
 CONFIGS = {"cpu": "configs/tokenizer/emoji64_cpu.yaml", "cuda": "configs/tokenizer/emoji64_gpu.yaml"}
 VARIANTS = {"stellar": ("STELLAR", []), "recon_only": ("reconstruction only", ["align.enabled=false"])}
 PICTURES = ("reconstructions.png", "token_swap.png", "token_heatmaps.png")
+DEFAULT_MINUTES = {"cpu": "20", "cuda": "3"}
 DEFAULTS = {"device": "cpu", "minutes": "", "data": "data/emoji64", "seed": "0", "n_eval": "0", "jobs": "2", "out": "",
             "write": "true"}
 
@@ -45,8 +46,8 @@ def parse_args(argv: list[str]) -> dict:
     args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.real_images")
     if args["device"] not in CONFIGS:
         sys.exit(f"device must be one of {', '.join(CONFIGS)} (got {args['device']!r})")
-    args["minutes"] = args["minutes"] or ("20" if args["device"] == "cpu" else "5")
-    args["out"] = os.path.abspath(args["out"] or os.path.join("runs", "real_images", args["device"]))
+    args["minutes"] = args["minutes"] or DEFAULT_MINUTES[args["device"]]
+    args["out"] = os.path.abspath(args["out"] or os.path.join("runs", "real_images", f"{args['device']}_{args['minutes']}min"))
     args["data"] = os.path.abspath(args["data"])
     if args["device"] == "cuda":
         args["jobs"] = "1"  # one GPU: one run at a time
@@ -148,14 +149,15 @@ def pictures(runs: dict, args: dict) -> list[str]:
         for name in PICTURES:
             src = os.path.join(runs[variant]["run_dir"], "pictures", name)
             if os.path.exists(src):
-                dst = os.path.join(IMAGES, f"real_{args['device']}_{variant}_{name}")
+                dst = os.path.join(IMAGES, f"real_{args['device']}_{args['minutes']}min_{variant}_{name}")
                 shutil.copyfile(src, dst)
                 copied.append(os.path.relpath(dst, ROOT))
     return copied
 
 
 def command_line(args: dict) -> str:
-    extra = [f"{k}={args[k]}" for k in ("device", "minutes", "seed", "n_eval") if args[k] != DEFAULTS[k] and not (k == "minutes" and args[k] == ("20" if args["device"] == "cpu" else "5"))]
+    extra = [f"{k}={args[k]}" for k in ("device", "minutes", "seed", "n_eval")
+             if args[k] != DEFAULTS[k] and not (k == "minutes" and args[k] == DEFAULT_MINUTES[args["device"]])]
     return "STELLAR_TOK_CACHE=runs/eval/cache python -m benchmarks.real_images" + "".join(f" {e}" for e in extra)
 
 
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     copied = pictures(runs, args) if args["write"] == "true" else []
     body = report_body(runs, args, copied)
     if args["write"] == "true":
-        write_section(f"Real images at 10x compression ({args['device']})", body, doc=RESULTS)
+        write_section(f"Real images at 10x compression ({args['device']}, {args['minutes']} minutes per run)", body, doc=RESULTS)
     print(body)
     return runs
 

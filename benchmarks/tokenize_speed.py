@@ -49,7 +49,7 @@ def main(argv):
         out = []
         for i in range(0, n, bs):
             lat = tok.encode(images[i : i + bs].float() / 127.5 - 1)
-            out.append((lat.tokens, lat.loc))
+            out.append((lat.z, lat.log_loc))
         return n / (time.perf_counter() - t)
 
     def tokenize_run(tok_dir: str):

@@ -1,15 +1,15 @@
 """A class-conditional diffusion transformer (DiT, adaLN-Zero) over the STELLAR latent.
 
-One image's latent is r sparse tokens (c channels each) and the localization matrix log L (N x r). The
-model sees one sequence:
+One image's latent is z, the r sparse tokens after the bottleneck (c channels each), and log L, the log of the
+localization matrix (N x r). The model sees one sequence:
 
-    tokens  (B, r, c)   -> Linear(c, D)         + a learned embedding per token slot   r positions
-    loc     (B, N, r)   -> r-channel map on the g x g patch grid, patchified p x p
+    z        (B, r, c)   -> Linear(c, D)         + a learned embedding per token slot   r positions
+    log_loc  (B, N, r)   -> r-channel map on the g x g patch grid, patchified p x p
                         -> Linear(p*p*r, D)     + fixed 2-D sin-cos positions          (g/p)^2 positions
     + a type embedding (0: token, 1: localization) on every position
 
 then `depth` DiT blocks conditioned on timestep + class through adaLN-Zero, and a final adaLN layer with one
-linear head per part, unpatchified back to (tokens, loc). The output is the velocity of both parts.
+linear head per part, unpatchified back to (z, log_loc). The output is the velocity of both parts.
 Class `num_classes` is the null class used for classifier-free guidance.
 
 Shapes: B batch, r tokens, c token channels, N = g*g patches, p loc patch, P = (g/p)^2 loc positions,
@@ -67,7 +67,7 @@ class DiTBlock(nn.Module):
 
 
 class LatentDiT(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuffers):
-    """DiT over (tokens, loc). Saves/loads like a `diffusers` model and ships the latent statistics it was
+    """DiT over (z, log_loc). Saves/loads like a `diffusers` model and ships the latent statistics it was
     trained with (`latent_stats`), so its samples can be denormalised without the data set."""
 
     config_name = "config.json"
@@ -137,30 +137,30 @@ class LatentDiT(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuffers):
     # ------------------------------------------------------------------------------------------
     # sequence packing
     # ------------------------------------------------------------------------------------------
-    def patchify_loc(self, loc: torch.Tensor) -> torch.Tensor:
+    def patchify_loc(self, log_loc: torch.Tensor) -> torch.Tensor:
         """(B, N, r) -> (B, P, p*p*r): the r-channel map on the patch grid, cut into p x p patches."""
         g, p = self.config.grid, self.config.loc_patch
-        return rearrange(loc, "b (h p w q) r -> b (h w) (p q r)", h=g // p, p=p, w=g // p, q=p)
+        return rearrange(log_loc, "b (h p w q) r -> b (h w) (p q r)", h=g // p, p=p, w=g // p, q=p)
 
     def unpatchify_loc(self, x: torch.Tensor) -> torch.Tensor:
         """(B, P, p*p*r) -> (B, N, r)."""
         g, p = self.config.grid, self.config.loc_patch
         return rearrange(x, "b (h w) (p q r) -> b (h p w q) r", h=g // p, p=p, q=p)
 
-    def embed(self, tokens: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
-        """tokens (B,r,c), loc (B,N,r) -> the input sequence (B, T, D)."""
-        t = self.token_in(tokens) + self.token_pos + self.type_embed[0]  # (B, r, D)
-        l = self.loc_in(self.patchify_loc(loc)) + self.loc_pos.to(tokens.dtype) + self.type_embed[1]  # (B, P, D)
+    def embed(self, z: torch.Tensor, log_loc: torch.Tensor) -> torch.Tensor:
+        """z (B,r,c), log_loc (B,N,r) -> the input sequence (B, T, D)."""
+        t = self.token_in(z) + self.token_pos + self.type_embed[0]  # (B, r, D)
+        l = self.loc_in(self.patchify_loc(log_loc)) + self.loc_pos.to(z.dtype) + self.type_embed[1]  # (B, P, D)
         return torch.cat([t, l], dim=1)
 
     # ------------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, loc: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B,r,c), loc (B,N,r) noisy normalised latent; t (B,) in [0,1]; y (B,) class or null_class.
+    def forward(self, z: torch.Tensor, log_loc: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B,r,c), log_loc (B,N,r) noisy normalised latent; t (B,) in [0,1]; y (B,) class or null_class.
 
-        Returns the predicted velocity (d tokens/dt, d loc/dt), same shapes as the inputs."""
-        x = self.embed(tokens, loc)  # (B, T, D)
+        Returns the predicted velocity (d z/dt, d log_loc/dt), same shapes as the inputs."""
+        x = self.embed(z, log_loc)  # (B, T, D)
         c = self.t_embed(t) + self.y_embed(y)  # (B, D)
         for blk in self.blocks:
             x = blk(x, c)
@@ -169,11 +169,11 @@ class LatentDiT(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuffers):
         r = self.config.num_tokens
         return self.token_out(x[:, :r]), self.unpatchify_loc(self.loc_out(x[:, r:]))
 
-    def forward_with_cfg(self, tokens, loc, t, y, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_with_cfg(self, z, log_loc, t, y, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Classifier-free guidance on every channel of both parts: v_u + scale (v_c - v_u)."""
         if scale == 1.0:
-            return self(tokens, loc, t, y)
+            return self(z, log_loc, t, y)
         null = torch.full_like(y, self.null_class)
-        vt, vl = self(torch.cat([tokens, tokens]), torch.cat([loc, loc]), torch.cat([t, t]), torch.cat([y, null]))
+        vt, vl = self(torch.cat([z, z]), torch.cat([log_loc, log_loc]), torch.cat([t, t]), torch.cat([y, null]))
         (ct, ut), (cl, ul) = vt.chunk(2), vl.chunk(2)
         return ut + scale * (ct - ut), ul + scale * (cl - ul)

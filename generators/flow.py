@@ -57,22 +57,22 @@ def sample_t(b: int, kind: str, g: torch.Generator | None, device, mean: float =
     raise ValueError(f"flow.t_sampling must be uniform or logit_normal (got {kind!r})")
 
 
-def flow_loss(model, tokens: torch.Tensor, loc: torch.Tensor, y: torch.Tensor, t: torch.Tensor, g: torch.Generator | None = None):
-    """tokens (B,r,c), loc (B,N,r) normalised clean latents; y (B,) labels (null class already applied);
+def flow_loss(model, z: torch.Tensor, log_loc: torch.Tensor, y: torch.Tensor, t: torch.Tensor, g: torch.Generator | None = None):
+    """z (B,r,c), log_loc (B,N,r) normalised clean latents; y (B,) labels (null class already applied);
     t (B,). Returns (loss, dict of the per-part losses)."""
-    e_tok = torch.randn(tokens.shape, generator=g, device=tokens.device, dtype=tokens.dtype)
-    e_loc = torch.randn(loc.shape, generator=g, device=loc.device, dtype=loc.dtype)
+    e_tok = torch.randn(z.shape, generator=g, device=z.device, dtype=z.dtype)
+    e_loc = torch.randn(log_loc.shape, generator=g, device=log_loc.device, dtype=log_loc.dtype)
     tt = t[:, None, None]
-    v_tok, v_loc = model((1 - tt) * tokens + tt * e_tok, (1 - tt) * loc + tt * e_loc, t, y)
-    se_tok = (v_tok.float() - (e_tok - tokens).float()).pow(2)
-    se_loc = (v_loc.float() - (e_loc - loc).float()).pow(2)
+    v_tok, v_loc = model((1 - tt) * z + tt * e_tok, (1 - tt) * log_loc + tt * e_loc, t, y)
+    se_tok = (v_tok.float() - (e_tok - z).float()).pow(2)
+    se_loc = (v_loc.float() - (e_loc - log_loc).float()).pow(2)
     loss = (se_tok.sum() + se_loc.sum()) / (se_tok.numel() + se_loc.numel())
     return loss, {"loss_tokens": float(se_tok.mean().detach()), "loss_loc": float(se_loc.mean().detach())}
 
 
-def flatten_latent(tokens: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+def flatten_latent(z: torch.Tensor, log_loc: torch.Tensor) -> torch.Tensor:
     """(B,r,c), (B,N,r) -> (B, r*c + N*r): one tensor for a scheduler."""
-    return torch.cat([tokens.flatten(1), loc.flatten(1)], dim=1)
+    return torch.cat([z.flatten(1), log_loc.flatten(1)], dim=1)
 
 
 def split_latent(x: torch.Tensor, r: int, c: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ def sample_latents(model, labels: torch.Tensor, steps: int = 50, cfg_scale: floa
     shift). Guidance `cfg_scale` is applied to every channel of both parts while t lies in `interval` (conditional
     model elsewhere). Deterministic given `generator`.
 
-    Returns normalised (tokens (B,r,c), loc (B,N,r)) in float32."""
+    Returns normalised (z (B,r,c), log_loc (B,N,r)) in float32."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     cfg = model.config
@@ -102,8 +102,8 @@ def sample_latents(model, labels: torch.Tensor, steps: int = 50, cfg_scale: floa
     for t in scheduler.timesteps:
         sigma = float(t) / scheduler.config.num_train_timesteps
         scale = cfg_scale if lo <= sigma <= hi else 1.0
-        tok, loc = split_latent(x, r, c, n)
+        tok, log_loc = split_latent(x, r, c, n)
         tt = torch.full((b,), sigma, device=device)
-        vt, vl = model.forward_with_cfg(tok.to(dtype), loc.to(dtype), tt, labels, scale)
+        vt, vl = model.forward_with_cfg(tok.to(dtype), log_loc.to(dtype), tt, labels, scale)
         x = scheduler.step(flatten_latent(vt.float(), vl.float()), t, x).prev_sample
     return split_latent(x, r, c, n)

@@ -140,8 +140,8 @@ def ceiling(tokenizer_dir: str, data_cfg: dict, model: nn.Module, classes: list[
     def acc(x: torch.Tensor, y: np.ndarray) -> float:
         return class_accuracy(to_uint8(x).permute(0, 2, 3, 1).numpy(), y, model, classes)["accuracy"]
 
-    own_l = tok.decode(Latent(lat.tokens[other], lat.loc))  # S of another image, L of this one
-    own_s = tok.decode(Latent(lat.tokens, lat.loc[other]))  # S of this image, L of another
+    own_l = tok.decode(Latent(lat.z[other], lat.log_loc))  # S of another image, L of this one
+    own_s = tok.decode(Latent(lat.z, lat.log_loc[other]))  # S of this image, L of another
     return {"n": n, "real": class_accuracy(images, labels, model, classes)["accuracy"], "reconstruction": acc(tok.decode(lat), labels),
             "own_L_other_S": {"label_of_L": acc(own_l, labels), "label_of_S": acc(own_l, lab_other)},
             "own_S_other_L": {"label_of_S": acc(own_s, labels), "label_of_L": acc(own_s, lab_other)}}

@@ -71,9 +71,9 @@ class StellarDiTPipeline(DiffusionPipeline):
             cfg = self.transformer.config
             noise = torch.randn(len(labels), cfg.num_tokens * cfg.token_channels + cfg.grid**2 * cfg.num_tokens, generator=generator).to(device)
         with torch.autocast(torch.device(device).type, dtype=amp, enabled=amp is not None):
-            tokens, loc = sample_latents(self.transformer, labels, num_inference_steps, guidance_scale, tuple(guidance_interval),
+            z, log_loc = sample_latents(self.transformer, labels, num_inference_steps, guidance_scale, tuple(guidance_interval),
                                          generator=generator, scheduler=self.scheduler, noise=noise)
-            latent = Latent(tokens, loc, normalized=True, stats=self.transformer.latent_stats)
+            latent = Latent(z, log_loc, normalized=True, stats=self.transformer.latent_stats)
             images = (self.tokenizer.decode(latent).float() / 2 + 0.5).clamp(0, 1)  # (B,3,H,W)
         if output_type == "pt":
             out = images

@@ -163,9 +163,9 @@ def sample(cfg) -> dict:
         idx = mine[i : i + cfg.batch_size]
         noise = sample_noise(cfg.seed, idx, dim).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            tokens, loc = sample_latents(model, labels_all[idx].to(device), cfg.steps, cfg.cfg, (lo, hi),
+            z, log_loc = sample_latents(model, labels_all[idx].to(device), cfg.steps, cfg.cfg, (lo, hi),
                                          scheduler=make_scheduler(cfg.scheduler, cfg.shift), noise=noise)
-            x = tok.decode(Latent(tokens, loc, True, model.latent_stats))
+            x = tok.decode(Latent(z, log_loc, True, model.latent_stats))
         batch = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B,H,W,3)
         if part is None:
             part = np.lib.format.open_memmap(os.path.join(parts_dir, f"{state.process_index:05d}.npy"), mode="w+", dtype=np.uint8,

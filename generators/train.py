@@ -41,8 +41,8 @@ def save_sample_grid(model, tokenizer, labels, path: str, steps: int, cfg_scale:
     from .flow import sample_latents
 
     g = torch.Generator(device=labels.device).manual_seed(seed)
-    tokens, loc = sample_latents(model, labels, steps, cfg_scale, generator=g)
-    images = tokenizer.decode(Latent(tokens, loc, True, model.latent_stats)).float().cpu()
+    z, log_loc = sample_latents(model, labels, steps, cfg_scale, generator=g)
+    images = tokenizer.decode(Latent(z, log_loc, True, model.latent_stats)).float().cpu()
     return enlarged_grid((images + 1) / 2, nrow=int((labels == labels[0]).sum()), path=path)
 
 
@@ -102,12 +102,12 @@ class GeneratorStep:
         from .flow import flow_loss, sample_t
 
         cfg, acc, gen, device = self.cfg, self.run.accelerator, self.gen, self.run.accelerator.device
-        tokens, loc, y = batch["tokens"].to(device), batch["loc"].to(device), batch["label"].to(device)
+        z, log_loc, y = batch["z"].to(device), batch["log_loc"].to(device), batch["label"].to(device)
         drop = torch.rand(y.shape, generator=gen, device=device) < cfg.flow.class_dropout
         y = torch.where(drop, torch.full_like(y, self.num_classes), y)  # the null class
         t = sample_t(y.shape[0], cfg.flow.t_sampling, gen, device, cfg.flow.logit_mean, cfg.flow.logit_std)
         with acc.autocast():
-            loss, logs = flow_loss(self.model, tokens, loc, y, t, gen)
+            loss, logs = flow_loss(self.model, z, log_loc, y, t, gen)
         if not self.run.update(loss, logs):  # NaN/inf on any process: no update, counted; too many in a row stop the run
             return None
         self.ema.step(self.net.parameters())
@@ -189,11 +189,12 @@ def train(cfg) -> dict:
 
 def build_model(cfg, ds):
     """The `LatentDiT` for the latents of `ds` (their token and localization shapes, classes and statistics)."""
+    from stellar_tok.latent_data import latent_shapes
+
     from .dit import LatentDiT
 
     man, m = ds.manifest, cfg.model
-    r, c = man["shapes"]["tokens"]
-    n, _ = man["shapes"]["loc"]
+    r, c, n = latent_shapes(man)
     model = LatentDiT(num_tokens=r, token_channels=c, grid=int(round(n**0.5)), loc_patch=m.loc_patch, width=m.width, depth=m.depth,
                       heads=m.heads, mlp_ratio=m.mlp_ratio, num_classes=ds.num_classes, class_names=list(ds.classes) or None,
                       tokenizer_hash=man["tokenizer_hash"])

@@ -154,7 +154,7 @@ def probe_features(tok, x: torch.Tensor, labels: torch.Tensor, kinds, baselines:
     S, cls, lowrank: mean of L·S), with baselines raw `pixels` and `pixels_down`, and `labels`.
     f: `tok.features(x)` when the caller already has it."""
     f = tok.features(x) if f is None else f
-    pooled = {"tokens": lambda: f["tokens"].mean(1), "cls": lambda: f["cls"], "lowrank": lambda: f["lowrank"].mean(1)}
+    pooled = {"tokens": lambda: f["sparse"].mean(1), "cls": lambda: f["cls"], "lowrank": lambda: f["lowrank"].mean(1)}
     out = {k: pooled[k]().float().cpu() for k in kinds}
     if baselines:
         out["pixels"] = x.flatten(1).cpu()

@@ -1,15 +1,20 @@
 """The generative latent of one image: sparse tokens (what) and a localization matrix (where).
 
-    tokens: (B, r, c)  the r sparse semantic tokens after the bottleneck, c channels each
-    loc:    (B, N, r)  log L, the log-probabilities of the localization matrix, clamped at log(loc_floor);
-                       softmax over the last axis gives back L (rows sum to 1)
+    z:       (B, r, c)  the r sparse semantic tokens S after the bottleneck (`to_latent`), c channels each
+    log_loc: (B, N, r)  log L, the log-probabilities of the localization matrix, clamped at log(loc_floor);
+                        softmax over the last axis gives back L (rows sum to 1); `probs()` does that
 
 `normalize(stats)` / `denormalize()` are the one pair that maps a latent to and from zero-mean
-unit-variance form, with per-channel statistics of the tokens and the scalar mean/std of log L
-(`LatentStats`). A normalised latent remembers the statistics it was normalised with (`latent.stats`), so
-`denormalize()` and `StellarTokenizer.decode` undo exactly that normalisation, whether the statistics are
-the ones the tokenizer ships or those of a latent data set (`stellar_tok.latent_data`). Generators model the
-normalised form.
+unit-variance form, with per-channel statistics of z and the scalar mean/std of log L (`LatentStats`). A
+normalised latent remembers the statistics it was normalised with (`latent.stats`), so `denormalize()` and
+`StellarTokenizer.decode` undo exactly that normalisation, whether the statistics are the ones the tokenizer
+ships or those of a latent data set (`stellar_tok.latent_data`). Generators model the normalised form.
+
+Names used across the package: S = ``sparse`` (B,r,d), z = ``z`` (B,r,c), L = ``loc`` (B,N,r), log L =
+``log_loc``, F = L·S = ``lowrank`` (B,N,d). The names ``tokens`` and ``loc`` of older versions for z and log L
+still read (`Latent.tokens`, `Latent.loc` with a warning; old latent sets and statistics files as they are);
+the statistics buffers keep their saved names (``latent_token_mean`` ... ``latent_loc_std``) so that every
+exported model loads.
 """
 from __future__ import annotations
 
@@ -18,73 +23,89 @@ import inspect
 import json
 from dataclasses import dataclass, replace
 
+import warnings
+
 import torch
 
 
 @dataclass
 class LatentStats:
-    token_mean: torch.Tensor  # (c,)
-    token_std: torch.Tensor  # (c,)
-    loc_mean: torch.Tensor  # () scalar over all entries of log L
-    loc_std: torch.Tensor  # ()
+    z_mean: torch.Tensor  # (c,) per channel of z
+    z_std: torch.Tensor  # (c,)
+    log_loc_mean: torch.Tensor  # () scalar over all entries of log L
+    log_loc_std: torch.Tensor  # ()
 
     def to(self, *args, **kwargs) -> "LatentStats":
-        return LatentStats(*(t.to(*args, **kwargs) for t in (self.token_mean, self.token_std, self.loc_mean, self.loc_std)))
+        return LatentStats(*(t.to(*args, **kwargs) for t in (self.z_mean, self.z_std, self.log_loc_mean, self.log_loc_std)))
 
     def to_dict(self) -> dict:
         """JSON-ready: lists of floats."""
-        return {"token_mean": self.token_mean.tolist(), "token_std": self.token_std.tolist(),
-                "loc_mean": float(self.loc_mean), "loc_std": float(self.loc_std)}
+        return {"z_mean": self.z_mean.tolist(), "z_std": self.z_std.tolist(),
+                "log_loc_mean": float(self.log_loc_mean), "log_loc_std": float(self.log_loc_std)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LatentStats":
+        """From `to_dict`'s keys, or the older ones (token_mean, token_std, loc_mean, loc_std)."""
         t = lambda v: torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
-        return cls(t(d["token_mean"]), t(d["token_std"]), t(d["loc_mean"]), t(d["loc_std"]))
+        get = lambda new, old: t(d[new] if new in d else d[old])  # noqa: E731
+        return cls(get("z_mean", "token_mean"), get("z_std", "token_std"), get("log_loc_mean", "loc_mean"), get("log_loc_std", "loc_std"))
 
 
 @dataclass
 class Latent:
-    tokens: torch.Tensor  # (B, r, c)
-    loc: torch.Tensor  # (B, N, r) log-probabilities
+    z: torch.Tensor  # (B, r, c)
+    log_loc: torch.Tensor  # (B, N, r) log-probabilities
     normalized: bool = False
     stats: LatentStats | None = None  # the statistics a normalised latent was normalised with
 
     def __post_init__(self):
-        if self.tokens.dim() != 3 or self.loc.dim() != 3 or self.tokens.shape[0] != self.loc.shape[0]:
-            raise ValueError(f"Latent expects tokens (B,r,c) and loc (B,N,r), got {tuple(self.tokens.shape)} and {tuple(self.loc.shape)}")
-        if self.tokens.shape[1] != self.loc.shape[2]:
-            raise ValueError(f"Latent tokens have r={self.tokens.shape[1]} but loc has {self.loc.shape[2]} columns")
+        if self.z.dim() != 3 or self.log_loc.dim() != 3 or self.z.shape[0] != self.log_loc.shape[0]:
+            raise ValueError(f"Latent expects z (B,r,c) and log_loc (B,N,r), got {tuple(self.z.shape)} and {tuple(self.log_loc.shape)}")
+        if self.z.shape[1] != self.log_loc.shape[2]:
+            raise ValueError(f"Latent z has r={self.z.shape[1]} rows but log_loc has {self.log_loc.shape[2]} columns")
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The older name of `z`."""
+        warnings.warn("Latent.tokens is now Latent.z", FutureWarning, stacklevel=2)
+        return self.z
+
+    @property
+    def loc(self) -> torch.Tensor:
+        """The older name of `log_loc` (log L, not L: `probs()` gives L)."""
+        warnings.warn("Latent.loc is now Latent.log_loc", FutureWarning, stacklevel=2)
+        return self.log_loc
 
     def __len__(self) -> int:
-        return self.tokens.shape[0]
+        return self.z.shape[0]
 
     def __getitem__(self, idx) -> "Latent":
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)
-        return replace(self, tokens=self.tokens[idx], loc=self.loc[idx])
+        return replace(self, z=self.z[idx], log_loc=self.log_loc[idx])
 
     @property
     def num_tokens(self) -> int:
-        return self.tokens.shape[1]
+        return self.z.shape[1]
 
     @property
     def num_patches(self) -> int:
-        return self.loc.shape[1]
+        return self.log_loc.shape[1]
 
     def to(self, *args, **kwargs) -> "Latent":
-        return replace(self, tokens=self.tokens.to(*args, **kwargs), loc=self.loc.to(*args, **kwargs))
+        return replace(self, z=self.z.to(*args, **kwargs), log_loc=self.log_loc.to(*args, **kwargs))
 
     def probs(self) -> torch.Tensor:
         """L itself, (B, N, r), rows summing to 1 (defined for the raw, not the normalised, latent)."""
         if self.normalized:
             raise ValueError("probs() needs a raw latent: call denormalize(stats) first")
-        return self.loc.float().softmax(-1)
+        return self.log_loc.float().softmax(-1)
 
     def normalize(self, stats: LatentStats) -> "Latent":
         if self.normalized:
             raise ValueError("latent is already normalised")
-        s = stats.to(self.tokens.device)
-        return Latent((self.tokens - s.token_mean) / s.token_std, (self.loc - s.loc_mean) / s.loc_std, True, stats)
+        s = stats.to(self.z.device)
+        return Latent((self.z - s.z_mean) / s.z_std, (self.log_loc - s.log_loc_mean) / s.log_loc_std, True, stats)
 
     def denormalize(self, stats: LatentStats | None = None) -> "Latent":
         """Undo `normalize`: with the statistics the latent carries, or with `stats` when given."""
@@ -93,8 +114,8 @@ class Latent:
         stats = stats if stats is not None else self.stats
         if stats is None:
             raise ValueError("this normalised latent carries no statistics: pass denormalize(stats)")
-        s = stats.to(self.tokens.device)
-        return Latent(self.tokens * s.token_std + s.token_mean, self.loc * s.loc_std + s.loc_mean, False)
+        s = stats.to(self.z.device)
+        return Latent(self.z * s.z_std + s.z_mean, self.log_loc * s.log_loc_std + s.log_loc_mean, False)
 
     @staticmethod
     def cat(latents: list["Latent"]) -> "Latent":
@@ -104,11 +125,12 @@ class Latent:
         stats = latents[0].stats
         if any(l.stats is not stats for l in latents[1:]) and flags == {True}:
             raise ValueError("cannot concatenate latents normalised with different statistics")
-        return Latent(torch.cat([l.tokens for l in latents]), torch.cat([l.loc for l in latents]), flags.pop(), stats)
+        return Latent(torch.cat([l.z for l in latents]), torch.cat([l.log_loc for l in latents]), flags.pop(), stats)
 
 
 class LatentStatsBuffers:
-    """Mixin for a torch module that ships the latent statistics with its weights (as buffers)."""
+    """Mixin for a torch module that ships the latent statistics with its weights (as buffers; their names, kept from
+    older versions, say token for z and loc for log L)."""
 
     def register_latent_stats(self, channels: int) -> None:
         self.register_buffer("latent_token_mean", torch.zeros(channels))
@@ -121,10 +143,10 @@ class LatentStatsBuffers:
         return LatentStats(self.latent_token_mean, self.latent_token_std, self.latent_loc_mean, self.latent_loc_std)
 
     def set_latent_stats(self, stats: LatentStats) -> None:
-        self.latent_token_mean.copy_(stats.token_mean)
-        self.latent_token_std.copy_(stats.token_std.clamp(min=1e-6))
-        self.latent_loc_mean.copy_(stats.loc_mean)
-        self.latent_loc_std.copy_(stats.loc_std.clamp(min=1e-6))
+        self.latent_token_mean.copy_(stats.z_mean)
+        self.latent_token_std.copy_(stats.z_std.clamp(min=1e-6))
+        self.latent_loc_mean.copy_(stats.log_loc_mean)
+        self.latent_loc_std.copy_(stats.log_loc_std.clamp(min=1e-6))
 
 
 LATENT_STATS_BUFFERS = ("latent_token_mean", "latent_token_std", "latent_loc_mean", "latent_loc_std")

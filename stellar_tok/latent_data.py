@@ -5,16 +5,17 @@ A latent data set is a folder:
     manifest.json         what made it (tokenizer fingerprint and config, data, split, flip, dtype), the shard
                           list with counts, the tensor shapes and dtypes, and whether it is complete
     stats.json            LatentStats over every stored latent (flipped copies included): per-channel
-                          mean/std of the tokens, scalar mean/std of log L, and the image count
+                          mean/std of z, scalar mean/std of log L, and the image count
     shards/<split>-NNNNNN.safetensors
-        tokens       (n, r, c)   sparse tokens after the bottleneck
-        loc          (n, N, r)   log L, clamped at log(loc_floor): the representation the generator models
+        z            (n, r, c)   the sparse tokens after the bottleneck
+        log_loc      (n, N, r)   log L, clamped at log(loc_floor): the representation the generator models
         label        (n,)        int64 class (-1 when unlabelled)
-        tokens_flip, loc_flip    the same for the horizontally flipped image (when tokenized with flip=true)
+        z_flip, log_loc_flip     the same for the horizontally flipped image (when tokenized with flip=true)
         metadata: tokenizer fingerprint, source keys (JSON list), and the float64 sums the statistics are
                   aggregated from (so a resumed run never re-reads finished shards)
 
-Shards are written under a temporary name and renamed when complete, so a shard that exists is whole.
+Shards are written under a temporary name and renamed when complete, so a shard that exists is whole. Sets of
+the first format (``stellar-latents/1``) named z ``tokens`` and log L ``loc``; they are read as they are.
 
 Normalisation is one pair of functions, `Latent.normalize(stats)` / `Latent.denormalize()`: the reader
 applies the first (with this folder's stats.json), and a normalised `Latent` carries its statistics, so
@@ -36,12 +37,14 @@ from .errors import UserError
 from .files import atomic_path
 from .latent import Latent, LatentStats, hash_state_dict
 
-FORMAT = "stellar-latents/1"
+FORMAT = "stellar-latents/2"
+READABLE_FORMATS = ("stellar-latents/1", FORMAT)
+OLD_NAMES = {"stellar-latents/1": {"z": "tokens", "log_loc": "loc"}}  # what a format called z and log L on disk
 SHARD_DIR = "shards"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 __all__ = ["FORMAT", "LatentDataset", "StatsAccumulator", "tokenizer_fingerprint", "write_shard", "read_shard_meta",
-           "read_manifest", "collate_latents"]
+           "read_manifest", "collate_latents", "latent_shapes"]
 
 
 def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
@@ -52,7 +55,8 @@ def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
 
 
 class StatsAccumulator:
-    """Float64 running sums for `LatentStats`: per-channel over tokens, scalar over log L."""
+    """Float64 running sums for `LatentStats`: per-channel over z, scalar over log L (the sums' saved names say tok
+    for z and loc for log L)."""
 
     def __init__(self, channels: int):
         self.tok_sum = torch.zeros(channels, dtype=torch.float64)
@@ -61,12 +65,12 @@ class StatsAccumulator:
         self.loc_sum = self.loc_sq = 0.0
         self.n_loc = 0
 
-    def add(self, tokens: torch.Tensor, loc: torch.Tensor) -> None:
-        t = tokens.detach().double().reshape(-1, tokens.shape[-1]).cpu()
+    def add(self, z: torch.Tensor, log_loc: torch.Tensor) -> None:
+        t = z.detach().double().reshape(-1, z.shape[-1]).cpu()
         self.tok_sum += t.sum(0)
         self.tok_sq += (t * t).sum(0)
         self.n_tok += t.shape[0]
-        l = loc.detach().double().cpu()
+        l = log_loc.detach().double().cpu()
         self.loc_sum += float(l.sum())
         self.loc_sq += float((l * l).sum())
         self.n_loc += l.numel()
@@ -109,7 +113,7 @@ def read_shard_meta(path: str) -> dict | None:
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
-        if meta.get("format") != FORMAT:
+        if meta.get("format") not in READABLE_FORMATS:
             return None
         meta["count"] = int(meta["count"])
         return meta
@@ -124,8 +128,8 @@ def read_manifest(path: str) -> dict:
         raise UserError(f"{path} is not a latent folder (no manifest.json): write one with python -m stellar_tok.tokenize")
     with open(f) as fh:
         manifest = json.load(fh)
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{f} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{f} has format {manifest.get('format')!r}, expected one of {', '.join(READABLE_FORMATS)}")
     if not manifest.get("complete"):
         failed = manifest.get("failed") or []
         if failed:
@@ -136,14 +140,22 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+def latent_shapes(manifest: dict) -> tuple[int, int, int]:
+    """``(r, c, N)`` of the latents a manifest describes (either format)."""
+    names = {"z": "z", "log_loc": "log_loc", **OLD_NAMES.get(manifest.get("format"), {})}
+    r, c = manifest["shapes"][names["z"]]
+    n, _ = manifest["shapes"][names["log_loc"]]
+    return int(r), int(c), int(n)
+
+
 def collate_latents(batch: list[dict]) -> dict:
-    """DataLoader collate for `LatentDataset` items: stacks tokens, loc and label."""
-    return {"tokens": torch.stack([b["tokens"] for b in batch]), "loc": torch.stack([b["loc"] for b in batch]),
+    """DataLoader collate for `LatentDataset` items: stacks z, log_loc and label."""
+    return {"z": torch.stack([b["z"] for b in batch]), "log_loc": torch.stack([b["log_loc"] for b in batch]),
             "label": torch.tensor([b["label"] for b in batch], dtype=torch.int64)}
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Map-style reader of a latent folder. Items: dict(tokens (r,c), loc (N,r), label int), float32.
+    """Map-style reader of a latent folder. Items: dict(z (r,c), log_loc (N,r), label int), float32.
 
     normalize   apply `Latent.normalize` with this folder's stats.json (default), or return raw latents
     flip_p      probability of returning the flipped image's latent instead (default 0.5 when the folder
@@ -169,6 +181,7 @@ class LatentDataset(torch.utils.data.Dataset):
         counts = np.array([s["count"] for s in self.manifest["shards"]], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.classes = self.manifest.get("classes") or []
+        self._old_names = OLD_NAMES.get(self.manifest["format"], {})
         self._handles: dict[int, object] = {}
         self._memory: list[dict] | None = None
         if in_memory:
@@ -234,6 +247,8 @@ class LatentDataset(torch.utils.data.Dataset):
         return d
 
     def _get(self, shard: int, name: str, row: int) -> torch.Tensor:
+        base, flip, _ = name.partition("_flip")
+        name = self._old_names.get(base, base) + flip  # the name on disk (older sets: tokens, loc)
         if self._memory is not None:
             return self._memory[shard][name][row]
         h = self._handles.get(shard)
@@ -249,11 +264,11 @@ class LatentDataset(torch.utils.data.Dataset):
         shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
         row = index - int(self.offsets[shard])
         suffix = "_flip" if self.flip_p > 0 and torch.rand(()) < self.flip_p else ""
-        lat = Latent(self._get(shard, "tokens" + suffix, row)[None].float(), self._get(shard, "loc" + suffix, row)[None].float())
+        lat = Latent(self._get(shard, "z" + suffix, row)[None].float(), self._get(shard, "log_loc" + suffix, row)[None].float())
         if self.normalize:
             lat = lat.normalize(self.stats)
-        return {"tokens": lat.tokens[0], "loc": lat.loc[0], "label": int(self._get(shard, "label", row))}
+        return {"z": lat.z[0], "log_loc": lat.log_loc[0], "label": int(self._get(shard, "label", row))}
 
     def to_latent(self, batch: dict) -> Latent:
         """A collated batch -> `Latent` (normalised and carrying `stats`, or raw)."""
-        return Latent(batch["tokens"], batch["loc"], self.normalize, self.stats if self.normalize else None)
+        return Latent(batch["z"], batch["log_loc"], self.normalize, self.stats if self.normalize else None)

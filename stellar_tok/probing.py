@@ -43,7 +43,7 @@ def batch_features(tokenizer, x: torch.Tensor, kinds: Sequence[str]) -> dict:
     out = {}
     for k in kinds:
         if k == "tokens":
-            out[k] = f["tokens"].float().mean(1)
+            out[k] = f["sparse"].float().mean(1)
         elif k == "cls":
             out[k] = f["cls"].float()
         elif k == "lowrank":

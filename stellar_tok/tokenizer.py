@@ -7,17 +7,18 @@ feature map is their low-rank product F = L·S, from which a ViT decoder paints 
       -> ViT encoder over [CLS] + N patches + r learned sparse queries
       -> cls (B,d), dense (B,N,d), S (B,r,d)
       -> L = softmax_r( cos(W_d dense, W_s S) / tau )      (B,N,r), rows sum to 1
-      -> z = bottleneck(S)                                  (B,r,c)   the generative latent, with log L
-      -> F = L · up(z)                                      (B,N,d_dec)
+      -> z = to_latent(S)                                   (B,r,c)   the generative latent, with log L
+      -> F = L · from_latent(z)                             (B,N,e)
       -> ViT decoder + Fourier positions -> pixels          (B,3,H,W)
 
 `decoder_input="dense"` is the ablation without the factorisation: the decoder reads every patch feature
-through the same bottleneck, z = bottleneck(dense) (B,N,c) with L = identity (B,N,N): the degenerate case
+through the same bottleneck, z = to_latent(dense) (B,N,c) with L = identity (B,N,N): the degenerate case
 r = N of F = L·S. The r sparse tokens S are still computed (the alignment losses use them) but the decoder
 never sees them.
 
 Shapes in comments use B batch, N patches (grid*grid), r sparse tokens, d encoder width,
-c latent channels, e decoder width, K kept patches of a masked view.
+c latent channels, e decoder width, K kept patches of a masked view. One name per quantity, in code, dict keys
+and docs: S = ``sparse``, z = ``z``, L = ``loc``, log L = ``log_loc``, F = ``lowrank`` (`stellar_tok.latent`).
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
             self.loc_dense = nn.Linear(d, d)
             self.loc_sparse = nn.Linear(d, d)
 
-        # --- latent bottleneck on S (dense decoder: on every patch feature) ---------------------
+        # --- the bottleneck S -> z (dense decoder: every patch feature -> z) ---------------------
         self.to_latent = nn.Linear(d, latent_channels)
         self.from_latent = nn.Linear(latent_channels, e)
 
@@ -210,15 +211,12 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         """How many token rows the latent has: r; the dense decoder: one per patch, N."""
         return n_patches if self.dense_decoder else self.config.num_tokens
 
-    def bottleneck(self, sparse: torch.Tensor) -> torch.Tensor:
-        return self.to_latent(sparse)  # (B, r, d) -> (B, r, c)
-
     def to_decoder_latent(self, dense: torch.Tensor, sparse: torch.Tensor, log_loc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the decoder reads: tokens (B,r,c) and log L clamped at the floor (B,N,r); log_loc: localize()'s, if computed.
+        """What the decoder reads: z (B,r,c) and log L clamped at the floor (B,N,r); log_loc: localize()'s, if computed.
 
-        lowrank (STELLAR): bottleneck(S) and log L.  dense: bottleneck(dense) (B,N,c) and log I (B,N,N), r = N."""
+        lowrank (STELLAR): z = to_latent(S) and log L.  dense: to_latent(dense) (B,N,c) and log I (B,N,N), r = N."""
         source, log_loc = self.factorize(dense, sparse, log_loc)  # (B, r, d) (B, N, r); dense: (B, N, d) (B, N, N)
-        return self.bottleneck(source), self.clamp_loc(log_loc)  # (B, r, c) (B, N, r)
+        return self.to_latent(source), self.clamp_loc(log_loc)  # (B, r, c) (B, N, r)
 
     def latent_values(self, n_patches: int) -> int:
         """Numbers per image in the latent that depend on the image: r*c + N*r; dense: N*c (L is the fixed identity)."""
@@ -228,13 +226,13 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
     # ------------------------------------------------------------------------------------------
     # decoder
     # ------------------------------------------------------------------------------------------
-    def decode_pixels(self, tokens: torch.Tensor, log_loc: torch.Tensor) -> torch.Tensor:
-        """tokens (B,r,c), log_loc (B,N,r) -> images (B,3,H,W), unclamped (training output).
+    def decode_pixels(self, z: torch.Tensor, log_loc: torch.Tensor) -> torch.Tensor:
+        """z (B,r,c), log_loc (B,N,r) -> images (B,3,H,W), unclamped (training output).
 
         The dense decoder goes through the same product with r = N: softmax of the clamped log-identity
         keeps 1 / (1 + (N-1)·loc_floor) of each patch's own feature (0.994 at N = 64, floor 1e-4)."""
-        L = log_loc.softmax(dim=-1).to(tokens.dtype)  # (B, N, r), rows sum to 1
-        s = self.from_latent(tokens)  # (B, r, e)
+        L = log_loc.softmax(dim=-1).to(z.dtype)  # (B, N, r), rows sum to 1
+        s = self.from_latent(z)  # (B, r, e)
         f = torch.einsum("bnr,bre->bne", L, s)  # F = L·S  (B, N, e)
         grid = int(math.isqrt(f.shape[1]))
         f = f + self.decoder_pos(grid).to(f.dtype)  # (B, N, e)
@@ -254,9 +252,9 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
     # ------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict:
         cls, dense, sparse = self.encode_features(images)  # (B,d) (B,N,d) (B,r,d)
-        tokens, log_loc = self.to_decoder_latent(dense, sparse)  # (B,r,c) (B,N,r); dense decoder: r = N
-        recon = self.decode_pixels(tokens, log_loc)  # (B,3,H,W)
-        return {"cls": cls, "dense": dense, "sparse": sparse, "log_loc": log_loc, "tokens": tokens, "recon": recon}
+        z, log_loc = self.to_decoder_latent(dense, sparse)  # (B,r,c) (B,N,r); dense decoder: r = N
+        recon = self.decode_pixels(z, log_loc)  # (B,3,H,W)
+        return {"cls": cls, "dense": dense, "sparse": sparse, "log_loc": log_loc, "z": z, "recon": recon}
 
     def clamp_loc(self, log_loc: torch.Tensor) -> torch.Tensor:
         return log_loc.clamp(min=math.log(self.config.loc_floor))
@@ -266,13 +264,13 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor, normalize: bool = False) -> Latent:
-        """images (B,3,H,W) in [-1,1] -> Latent(tokens (B,r,c), loc = log L (B,N,r)), raw unless normalize.
+        """images (B,3,H,W) in [-1,1] -> Latent(z (B,r,c), log_loc = log L (B,N,r)), raw unless normalize.
 
-        Dense decoder: Latent(tokens (B,N,c), loc = log I clamped at the floor (B,N,N))."""
+        Dense decoder: Latent(z (B,N,c), log_loc = log I clamped at the floor (B,N,N))."""
         self._check_images(images)
         _, dense, sparse = self.encode_features(images)
-        tokens, log_loc = self.to_decoder_latent(dense, sparse)
-        latent = Latent(tokens.float(), log_loc.float())
+        z, log_loc = self.to_decoder_latent(dense, sparse)
+        latent = Latent(z.float(), log_loc.float())
         return latent.normalize(self.latent_stats) if normalize else latent
 
     @torch.no_grad()
@@ -286,15 +284,15 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         if latent.normalized:
             latent = latent.denormalize(latent.stats if latent.stats is not None else self.latent_stats)
         r = self.latent_tokens(latent.num_patches)
-        if latent.num_tokens != r or latent.tokens.shape[-1] != self.config.latent_channels:
-            raise ValueError(f"latent has r={latent.num_tokens}, c={latent.tokens.shape[-1]}; this tokenizer expects "
+        if latent.num_tokens != r or latent.z.shape[-1] != self.config.latent_channels:
+            raise ValueError(f"latent has r={latent.num_tokens}, c={latent.z.shape[-1]}; this tokenizer expects "
                              f"r={r}, c={self.config.latent_channels} ({self.config.decoder_input} decoder)")
         dtype = self.dtype
-        return self.decode_pixels(latent.tokens.to(dtype), latent.loc.to(dtype)).clamp(-1, 1)
+        return self.decode_pixels(latent.z.to(dtype), latent.log_loc.to(dtype)).clamp(-1, 1)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, with_latent: bool = False) -> dict:
-        """dict of cls (B,d), tokens = S (B,r,d), dense (B,N,d), loc = L (B,N,r), lowrank = L·S (B,N,d).
+        """dict of cls (B,d), sparse = S (B,r,d), dense (B,N,d), loc = L (B,N,r), lowrank = F = L·S (B,N,d).
 
         Dense decoder: loc = I (B,N,N) and lowrank = dense (what the decoder reads, before the bottleneck).
         with_latent: also "latent", what `encode(images)` returns, from the same encoder pass."""
@@ -303,10 +301,10 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         source, log_loc = self.factorize(dense, sparse)  # (B, r, d) (B, N, r)
         L = log_loc.exp()
         lowrank = torch.einsum("bnr,brd->bnd", L.to(source.dtype), source)  # F = L·S; dense: I·dense = dense
-        out = {"cls": cls, "tokens": sparse, "dense": dense, "loc": L, "lowrank": lowrank}
+        out = {"cls": cls, "sparse": sparse, "dense": dense, "loc": L, "lowrank": lowrank}
         if with_latent:
-            tokens, log_loc = self.to_decoder_latent(dense, sparse, log_loc)
-            out["latent"] = Latent(tokens.float(), log_loc.float())
+            z, log_loc = self.to_decoder_latent(dense, sparse, log_loc)
+            out["latent"] = Latent(z.float(), log_loc.float())
         return out
 
     def _check_images(self, images: torch.Tensor) -> None:

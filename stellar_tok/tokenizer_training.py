@@ -38,13 +38,13 @@ def compute_latent_stats(tokenizer, loader, device, batches: int):
         if i >= batches:
             break
         lat = tokenizer.encode(to_unit_range(images, device))
-        t = lat.tokens.flatten(0, 1).double()
+        t = lat.z.flatten(0, 1).double()
         tok_sum = t.sum(0) if tok_sum is None else tok_sum + t.sum(0)
         tok_sq = (t**2).sum(0) if tok_sq is None else tok_sq + (t**2).sum(0)
         n_tok += t.shape[0]
-        loc_sum += lat.loc.double().sum().item()
-        loc_sq += (lat.loc.double() ** 2).sum().item()
-        n_loc += lat.loc.numel()
+        loc_sum += lat.log_loc.double().sum().item()
+        loc_sq += (lat.log_loc.double() ** 2).sum().item()
+        n_loc += lat.log_loc.numel()
     mean = tok_sum / n_tok
     std = (tok_sq / n_tok - mean**2).clamp_min(0).sqrt()
     lm = loc_sum / n_loc

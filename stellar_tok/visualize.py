@@ -65,9 +65,9 @@ def _show(ax, img: torch.Tensor, title: str | None = None) -> None:
 
 def _drop_token(latent: Latent, j: int) -> Latent:
     """The latent without token j: its column of log L pushed to -inf, so softmax renormalises the rest."""
-    loc = latent.loc.clone()
+    loc = latent.log_loc.clone()
     loc[..., j] = -1e4
-    return Latent(latent.tokens, loc)
+    return Latent(latent.z, loc)
 
 
 @torch.no_grad()
@@ -104,8 +104,8 @@ def token_swap(tok, a: torch.Tensor, b: torch.Tensor, path: str) -> None:
     """a, b (P,3,H,W) in [-1,1]: per pair A, B, rec A, S_A+L_B, S_B+L_A, rec B."""
     plt = _plt()
     la, lb = tok.encode(a), tok.encode(b)
-    cols = [("A", a), ("B", b), ("decode(S_A, L_A)", tok.decode(la)), ("decode(S_A, L_B)", tok.decode(Latent(la.tokens, lb.loc))),
-            ("decode(S_B, L_A)", tok.decode(Latent(lb.tokens, la.loc))), ("decode(S_B, L_B)", tok.decode(lb))]
+    cols = [("A", a), ("B", b), ("decode(S_A, L_A)", tok.decode(la)), ("decode(S_A, L_B)", tok.decode(Latent(la.z, lb.log_loc))),
+            ("decode(S_B, L_A)", tok.decode(Latent(lb.z, la.log_loc))), ("decode(S_B, L_B)", tok.decode(lb))]
     p = a.shape[0]
     fig, axes = plt.subplots(p, len(cols), figsize=(1.35 * len(cols), 1.35 * p), squeeze=False)
     for i in range(p):

@@ -127,8 +127,8 @@ def test_token_swap_uses_the_other_images_layout(tok_dir):
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
     la, lb = tok.encode(a), tok.encode(b)
-    swapped = tok.decode(Latent(la.tokens, lb.loc))
-    assert torch.allclose(swapped, tok.decode_pixels(la.tokens, lb.loc).clamp(-1, 1))
+    swapped = tok.decode(Latent(la.z, lb.log_loc))
+    assert torch.allclose(swapped, tok.decode_pixels(la.z, lb.log_loc).clamp(-1, 1))
     assert not torch.allclose(swapped, tok.decode(la)) and not torch.allclose(swapped, tok.decode(lb))
 
 

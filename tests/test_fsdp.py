@@ -62,8 +62,8 @@ def test_fsdp2_trains_exports_and_resumes(tmp_path):
     cfg = load_config(ARGS)
     loader = build_loader(OmegaConf.merge(cfg.data, {"resolution": cfg.model.image_size}), cfg.optim.batch_size, "val")
     stats = compute_latent_stats(tok.eval(), loader, "cpu", cfg.train.stats_batches)
-    torch.testing.assert_close(tok.latent_token_mean, stats.token_mean)
-    torch.testing.assert_close(tok.latent_token_std, stats.token_std)
+    torch.testing.assert_close(tok.latent_token_mean, stats.z_mean)
+    torch.testing.assert_close(tok.latent_token_std, stats.z_std)
 
     second = launch_two_processes("stellar_tok.train", [*args, "train.steps=4", "train.resume=auto"], 29542,
                                   config_file=FSDP_CONFIG, timeout=150)

@@ -142,7 +142,7 @@ def test_training_loss_falls_and_exports(trained):
     gen = LatentDiT.from_pretrained(str(root / "run" / "generator"))
     assert gen.config.num_classes == 8 and gen.config.class_names[0] == "circle"
     stats = json.load(open(root / "lat" / "stats.json"))
-    torch.testing.assert_close(gen.latent_token_mean, torch.tensor(stats["token_mean"]))
+    torch.testing.assert_close(gen.latent_token_mean, torch.tensor(stats["z_mean"]))
     StellarDiTPipeline.from_pretrained(str(root / "run" / "pipeline"))
 
 

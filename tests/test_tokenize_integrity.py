@@ -11,10 +11,11 @@ from conftest import make_tiny_tokenizer
 from PIL import Image
 
 import stellar_tok.tokenize as tokmod
+import stellar_tok.tokenizing as tokenizing
 from stellar_tok.config import load_config
 from stellar_tok.errors import UserError
 from stellar_tok.latent_data import LatentDataset
-from stellar_tok.tokenize import TokenizeConfig, tokenize
+from stellar_tok.tokenizing import TokenizeConfig, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_a_folder_changed_between_runs_is_refused(tmp_path, tok_dir, monkeypatch
         return load_config([f"out={out}", "data.name=folder", f"data.path={folder}", "shard_size=2", "batch_size=2",
                             "progress=false", *extra], schema=TokenizeConfig)
 
-    real_write, calls = tokmod.write_shard, []
+    real_write, calls = tokenizing.write_shard, []
 
     def dying_write(path, tensors, meta):
         if len(calls) == 1:
@@ -117,10 +118,10 @@ def test_a_folder_changed_between_runs_is_refused(tmp_path, tok_dir, monkeypatch
         calls.append(path)
         real_write(path, tensors, meta)
 
-    monkeypatch.setattr(tokmod, "write_shard", dying_write)
+    monkeypatch.setattr(tokenizing, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         tokenize(cfg(), tokenizer=tok)
-    monkeypatch.setattr(tokmod, "write_shard", real_write)
+    monkeypatch.setattr(tokenizing, "write_shard", real_write)
 
     (folder / "cat" / "0.png").write_bytes(_png(99))  # sorts first: every index range of the listing moves by one
     with pytest.raises(UserError, match="6 files then, 7 now") as e:

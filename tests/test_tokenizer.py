@@ -16,13 +16,13 @@ def test_forward_shapes(tiny_tokenizer, images):
     assert out["dense"].shape == (b, n, d)
     assert out["sparse"].shape == (b, r, d)
     assert out["log_loc"].shape == (b, n, r)
-    assert out["tokens"].shape == (b, r, c)
+    assert out["z"].shape == (b, r, c)
     assert out["recon"].shape == images.shape
 
 
 def test_localization_rows_sum_to_one_and_lowrank_is_L_times_S(tiny_tokenizer, images):
     f = tiny_tokenizer.features(images)
-    L, S = f["loc"], f["tokens"]
+    L, S = f["loc"], f["sparse"]
     torch.testing.assert_close(L.sum(-1), torch.ones(4, 64), atol=1e-5, rtol=0)
     assert (L >= 0).all()
     torch.testing.assert_close(f["lowrank"], torch.einsum("bnr,brd->bnd", L, S))
@@ -30,7 +30,7 @@ def test_localization_rows_sum_to_one_and_lowrank_is_L_times_S(tiny_tokenizer, i
     assert torch.linalg.matrix_rank(f["lowrank"][0]) <= 16
     # with_latent: the latent of the same encoder pass is what encode() returns
     lat, ref = tiny_tokenizer.features(images, with_latent=True)["latent"], tiny_tokenizer.encode(images)
-    assert torch.equal(lat.tokens, ref.tokens) and torch.equal(lat.loc, ref.loc) and not lat.normalized
+    assert torch.equal(lat.z, ref.z) and torch.equal(lat.log_loc, ref.log_loc) and not lat.normalized
 
 
 def test_temperature_sharpens_localization(images):
@@ -63,15 +63,15 @@ def test_smaller_crop_interpolates_positions(tiny_tokenizer):
 def test_latent_round_trip(tiny_tokenizer, images):
     lat = tiny_tokenizer.encode(images)
     assert isinstance(lat, Latent) and not lat.normalized
-    assert lat.tokens.shape == (4, 16, 8) and lat.loc.shape == (4, 64, 16)
+    assert lat.z.shape == (4, 16, 8) and lat.log_loc.shape == (4, 64, 16)
     torch.testing.assert_close(lat.probs().sum(-1), torch.ones(4, 64), atol=1e-5, rtol=0)
     stats = LatentStats(torch.randn(8), torch.rand(8) + 0.5, torch.tensor(-3.0), torch.tensor(2.0))
     tiny_tokenizer.set_latent_stats(stats)
     norm = lat.normalize(tiny_tokenizer.latent_stats)
     assert norm.normalized
     back = norm.denormalize(tiny_tokenizer.latent_stats)
-    torch.testing.assert_close(back.tokens, lat.tokens)
-    torch.testing.assert_close(back.loc, lat.loc)
+    torch.testing.assert_close(back.z, lat.z)
+    torch.testing.assert_close(back.log_loc, lat.log_loc)
     # decode accepts both forms and gives the same image
     torch.testing.assert_close(tiny_tokenizer.decode(norm), tiny_tokenizer.decode(lat), atol=1e-5, rtol=0)
     img = tiny_tokenizer.decode(lat)
@@ -86,7 +86,7 @@ def test_latent_indexing_and_cat(tiny_tokenizer, images):
     lat = tiny_tokenizer.encode(images)
     assert len(lat[1:3]) == 2 and len(lat[0]) == 1
     both = Latent.cat([lat[:2], lat[2:]])
-    assert torch.equal(both.tokens, lat.tokens)
+    assert torch.equal(both.z, lat.z)
     with pytest.raises(ValueError):
         Latent(torch.zeros(2, 16, 8), torch.zeros(2, 64, 15))
 
@@ -111,7 +111,7 @@ def test_save_load_bit_exact(tiny_tokenizer, images, tmp_path):
     for k in sd0:
         assert torch.equal(sd0[k], sd1[k]), k  # includes the decoder's random Fourier features
     lat = tiny_tokenizer.encode(images)
-    assert torch.equal(loaded.encode(images).tokens, lat.tokens)
+    assert torch.equal(loaded.encode(images).z, lat.z)
     assert torch.equal(loaded.decode(lat), tiny_tokenizer.decode(lat))
 
 
@@ -134,7 +134,7 @@ def test_imagenet_configs_build_with_expected_shapes(name, grid):
     with torch.device("meta"):
         out = meta(torch.zeros(1, 3, size, size, device="meta"))
     assert out["log_loc"].shape == (1, grid * grid, 16)
-    assert out["tokens"].shape == (1, 16, cfg.model.latent_channels)
+    assert out["z"].shape == (1, 16, cfg.model.latent_channels)
     assert out["recon"].shape == (1, 3, size, size)
 
 
@@ -162,19 +162,19 @@ def test_dense_decoder_reads_every_patch_feature(tmp_path, images):
     out = tok(images)
     b, n, r, d, c = 4, 64, 16, 64, 8
     assert out["sparse"].shape == (b, r, d) and out["dense"].shape == (b, n, d)
-    assert out["tokens"].shape == (b, n, c) and out["log_loc"].shape == (b, n, n)
+    assert out["z"].shape == (b, n, c) and out["log_loc"].shape == (b, n, n)
     assert out["recon"].shape == images.shape
     eye = torch.eye(n, dtype=torch.bool).expand(b, n, n)
     assert (out["log_loc"][eye] == 0).all() and (out["log_loc"][~eye] == math.log(1e-4)).all()
-    torch.testing.assert_close(out["tokens"], tok.to_latent(out["dense"]))
+    torch.testing.assert_close(out["z"], tok.to_latent(out["dense"]))
     # the decoder depends on each patch's own feature, not on S
     f = tok.features(images, with_latent=True)
     torch.testing.assert_close(f["lowrank"], f["dense"])
-    assert torch.equal(f["latent"].tokens, tok.encode(images).tokens) and torch.equal(f["latent"].loc, tok.encode(images).loc)
+    assert torch.equal(f["latent"].z, tok.encode(images).z) and torch.equal(f["latent"].log_loc, tok.encode(images).log_loc)
     assert tok.latent_values(n) == n * c
     # encode -> decode equals the training forward, and the latent is (B,N,c) + (B,N,N)
     lat = tok.encode(images)
-    assert lat.tokens.shape == (b, n, c) and lat.loc.shape == (b, n, n)
+    assert lat.z.shape == (b, n, c) and lat.log_loc.shape == (b, n, n)
     torch.testing.assert_close(tok.decode(lat), out["recon"].clamp(-1, 1), atol=1e-5, rtol=0)
     stats = LatentStats(torch.randn(c), torch.rand(c) + 0.5, torch.tensor(-9.0), torch.tensor(1.0))
     tok.set_latent_stats(stats)

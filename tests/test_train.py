@@ -52,7 +52,7 @@ def test_decoder_from_trains_a_fresh_decoder_on_the_frozen_encoder(tmp_path, cap
     b = StellarTokenizer.from_pretrained(os.path.join(out, "tokenizer")).eval()
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     la, lb = a.encode(x), b.encode(x)
-    assert torch.equal(la.tokens, lb.tokens) and torch.equal(la.loc, lb.loc)  # the latent is untouched
+    assert torch.equal(la.z, lb.z) and torch.equal(la.log_loc, lb.log_loc)  # the latent is untouched
     assert b.config.decoder_depth == 2 and a.config.decoder_depth == 1  # the decoder's shape is the run's
     m = _metrics(out)
     assert m[-1]["pixel"] < 0.8 * m[0]["pixel"] and m[-1]["align"] == 0.0, (m[0], m[-1])
@@ -141,7 +141,7 @@ def test_latent_stats_at_the_model_size(tmp_path):
     tok = StellarTokenizer.from_pretrained(os.path.join(out, "tokenizer")).eval()
     val = build_loader({"name": "shapes", "resolution": 32, "val_size": 128, "seed": 0}, 32, "val")
     stats = compute_latent_stats(tok, val, "cpu", 2)  # SMALL: train.stats_batches=2, optim.batch_size=32
-    for name, value in (("token_mean", tok.latent_token_mean), ("token_std", tok.latent_token_std), ("loc_mean", tok.latent_loc_mean)):
+    for name, value in (("z_mean", tok.latent_token_mean), ("z_std", tok.latent_token_std), ("log_loc_mean", tok.latent_loc_mean)):
         torch.testing.assert_close(value, getattr(stats, name), msg=name)
 
 
@@ -172,8 +172,8 @@ def test_latent_stats_on_val_path_images(tmp_path):
     tok = StellarTokenizer.from_pretrained(str(tmp_path / "a" / "tokenizer")).eval()
     val = build_loader({"name": "folder", "path": str(tmp_path / "val"), "resolution": 32}, 8, "val")
     stats = compute_latent_stats(tok, val, "cpu", 2)
-    torch.testing.assert_close(tok.latent_token_mean, stats.token_mean)
-    torch.testing.assert_close(tok.latent_token_std, stats.token_std)
+    torch.testing.assert_close(tok.latent_token_mean, stats.z_mean)
+    torch.testing.assert_close(tok.latent_token_std, stats.z_std)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
