@@ -67,7 +67,7 @@ def flow_loss(model, z: torch.Tensor, log_loc: torch.Tensor, y: torch.Tensor, t:
     se_tok = (v_tok.float() - (e_tok - z).float()).pow(2)
     se_loc = (v_loc.float() - (e_loc - log_loc).float()).pow(2)
     loss = (se_tok.sum() + se_loc.sum()) / (se_tok.numel() + se_loc.numel())
-    return loss, {"loss_tokens": float(se_tok.mean().detach()), "loss_loc": float(se_loc.mean().detach())}
+    return loss, {"loss_tokens": se_tok.mean().detach(), "loss_loc": se_loc.mean().detach()}  # read at log steps only
 
 
 def flatten_latent(z: torch.Tensor, log_loc: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,7 @@ class GeneratorStep:
         if not self.run.update(loss, logs):  # NaN/inf on any process: no update, counted; too many in a row stop the run
             return None
         self.ema.step(self.net.parameters())
-        logs.update(loss=float(loss.detach()), ema_decay=self.ema.cur_decay_value or 0.0)
+        logs.update(loss=loss.detach(), ema_decay=self.ema.cur_decay_value or 0.0)
         return logs, y.shape[0]
 
     def after_step(self, stopping: bool) -> None:

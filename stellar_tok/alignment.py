@@ -197,9 +197,10 @@ class AlignmentLoss(nn.Module):
         with torch.no_grad():
             used = torch.zeros(q_tok.shape[-1], device=q_tok.device)
             used[tok0.argmax(-1).flatten()] = 1
-            logs["token_proto_used"] = _all_reduce(used).clamp(max=1).mean().item()
+            logs["token_proto_used"] = _all_reduce(used).clamp(max=1).mean()
             if not contrastive:
                 usedc = torch.zeros(q_cls.shape[-1], device=q_cls.device)
                 usedc[cls0.argmax(-1)] = 1
-                logs["cls_proto_used"] = _all_reduce(usedc).clamp(max=1).mean().item()
-        return total, {**{k: float(v.detach()) for k, v in terms.items()}, **{k: float(v) for k, v in logs.items()}}
+                logs["cls_proto_used"] = _all_reduce(usedc).clamp(max=1).mean()
+        # logs stay 0-d tensors on the device: the trainer reads them at its log steps only (stellar_tok.engine.as_floats)
+        return total, {**{k: v.detach() for k, v in terms.items()}, **logs}

@@ -133,6 +133,21 @@ def param_groups(module: torch.nn.Module, weight_decay: float):
 # the run
 # ----------------------------------------------------------------------------------------------
 
+def as_floats(logs: dict) -> dict:
+    """`logs` with its tensor values as floats. A training step leaves its scalars as 0-d tensors on the device, so
+    that it never waits for the GPU to read them (the non-finite guard is the step's one wait); they are read here,
+    at log steps, with one transfer per device."""
+    out = dict(logs)
+    by_device: dict = {}
+    for key, value in logs.items():
+        if torch.is_tensor(value):
+            by_device.setdefault(value.device, []).append(key)
+    for keys in by_device.values():
+        values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        out.update(zip(keys, values))
+    return out
+
+
 class TrainingRun:
     """One training run around a trainer's step: counters, time budget and LR, checkpoints, the loop, the summary.
 
@@ -187,7 +202,7 @@ class TrainingRun:
             return False
         self.accelerator.backward(loss)
         if self.optim_cfg.grad_clip > 0:
-            logs["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
+            logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return True
@@ -229,7 +244,7 @@ class TrainingRun:
                 if state.step % cfg.log_every == 0 or state.step == self.total:
                     logs["images_per_s"] = img_window / max(1e-9, time.time() - t_window)
                     t_window, img_window = time.time(), 0
-                    self._log(logs, pbar, log_extras, show)
+                    self._log(as_floats(logs), pbar, log_extras, show)
                 pbar.update(state.step)
                 # every process must agree to stop at the same step: a signal, the time budget, stop_after or the end
                 done = state.step >= self.total or bool(stop_after and state.step - self.start_step >= stop_after)
@@ -267,7 +282,7 @@ class TrainingRun:
         elapsed = time.time() - self.t_start
         summary = {"step": state.step, "images_seen": state.images_seen, "seconds": round(elapsed, 1), "checkpoint": checkpoint,
                    **outputs, "nonfinite_skipped": state.nonfinite_total, "stopped_by": stop.signal_name,
-                   "last": {k: round(v, 5) for k, v in self.last_logs.items()}}
+                   "last": {k: round(v, 5) for k, v in as_floats(self.last_logs).items()}}
         if self.accelerator.is_main_process:
             atomic_write_json(os.path.join(self.out_dir, "summary.json"), summary)
             why = f" (stopped by {stop.signal_name})" if stop.signal_name else ""

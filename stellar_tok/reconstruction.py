@@ -116,7 +116,7 @@ class ReconstructionLoss(nn.Module):
         return self.cfg.gan_weight > 0 and step >= self.cfg.gan_start
 
     def generator_loss(self, recon, target, step: int, disc: nn.Module | None = None, last_layer=None):
-        """recon, target (B,3,H,W) in [-1,1] -> (loss, logs).
+        """recon, target (B,3,H,W) in [-1,1] -> (loss, logs: 0-d tensors, read at log steps only).
 
         `disc`: the bare discriminator (not a DDP wrapper). Its adversarial term trains the decoder only: the
         discriminator's parameters get no gradient from it, so its own step follows the hinge loss alone."""
@@ -124,21 +124,21 @@ class ReconstructionLoss(nn.Module):
         recon, target = recon.float(), target.float()
         pix = (recon - target).abs().mean() if c.pixel == "l1" else F.mse_loss(recon, target)
         nll = c.pixel_weight * pix
-        logs = {"pixel": float(pix.detach()), "psnr": float(-10 * torch.log10(F.mse_loss(recon.detach().clamp(-1, 1), target) / 4 + 1e-12))}
+        logs = {"pixel": pix.detach(), "psnr": -10 * torch.log10(F.mse_loss(recon.detach().clamp(-1, 1), target) / 4 + 1e-12)}
         if self.lpips is not None:
             perc = self.lpips(recon, target).mean()
             nll = nll + c.lpips_weight * perc
-            logs["lpips"] = float(perc.detach())
+            logs["lpips"] = perc.detach()
         loss = nll
         if disc is not None and self.gan_active(step):
             with frozen(disc):
                 g = -disc(recon).mean()
             w = adaptive_weight(nll, g, last_layer, c.gan_max_adaptive) if torch.is_grad_enabled() else torch.tensor(1.0)
             loss = loss + c.gan_weight * w * g
-            logs.update(gan_g=float(g.detach()), gan_adaptive_weight=float(w))
+            logs.update(gan_g=g.detach(), gan_adaptive_weight=w.detach())
         return loss, logs
 
     def discriminator_loss(self, disc: nn.Module, recon, target):
         real, fake = disc(target.float()), disc(recon.detach().float())
         loss = hinge_d_loss(real, fake)
-        return loss, {"gan_d": float(loss.detach()), "d_real": float(real.mean().detach()), "d_fake": float(fake.mean().detach())}
+        return loss, {"gan_d": loss.detach(), "d_real": real.mean().detach(), "d_fake": fake.mean().detach()}

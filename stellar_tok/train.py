@@ -93,8 +93,8 @@ class TokenizerStep:
             logs.update(dlogs)
         self.model.update_teacher()
         with torch.no_grad():
-            logs["loc_max"] = float(out["log_loc"].exp().max(-1).values.mean())
-        logs.update(loss=float(loss.detach()), align=float(out["align_loss"].detach()))
+            logs["loc_max"] = out["log_loc"].exp().max(-1).values.mean()
+        logs.update(loss=loss.detach(), align=out["align_loss"].detach())  # tensors: no wait for the GPU here
         self.out, self.views = out, views
         return logs, labels.shape[0]
 

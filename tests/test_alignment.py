@@ -130,12 +130,12 @@ def test_hinge_loss_and_gan_start():
     # from step gan_start: loss = pixel + gan_weight * w * g, w the VQGAN balance of the two gradients at the last layer
     pix, g = out.abs().mean(), -disc(out).mean()
     w = adaptive_weight(pix, g, layer.weight, 1e4)
-    assert logs["gan_adaptive_weight"] == pytest.approx(w.item(), rel=1e-5) and w > 0
-    assert loss.item() == pytest.approx(logs["pixel"] + 0.5 * w.item() * logs["gan_g"], rel=1e-5, abs=1e-6)
+    assert logs["gan_adaptive_weight"].item() == pytest.approx(w.item(), rel=1e-5) and w > 0
+    assert loss.item() == pytest.approx(logs["pixel"].item() + 0.5 * w.item() * logs["gan_g"].item(), rel=1e-5, abs=1e-6)
     # the weight is clamped to gan_max_adaptive
     rl_capped = ReconstructionLoss(OmegaConf.merge(cfg, {"gan_max_adaptive": 0.5 * w.item()}))
     _, logs = rl_capped.generator_loss(out, torch.zeros(2, 3, 32, 32), step=10, disc=disc, last_layer=layer.weight)
-    assert logs["gan_adaptive_weight"] == pytest.approx(0.5 * w.item(), rel=1e-5)
+    assert logs["gan_adaptive_weight"].item() == pytest.approx(0.5 * w.item(), rel=1e-5)
 
 
 

@@ -131,6 +131,33 @@ def test_gan_step_sees_only_the_hinge_gradient(tmp_path, monkeypatch):
     assert len(seen) == 2 and all(all(step) for step in seen)
 
 
+def test_a_step_leaves_its_scalars_on_the_device_and_log_steps_read_them(tmp_path, monkeypatch):
+    """The step returns its losses and diagnostics as 0-d tensors (reading one would make the host wait for the GPU
+    at every step); the engine reads them at log steps (one transfer) and writes exactly their values."""
+    from stellar_tok.train import TokenizerStep
+
+    returned = []
+    real = TokenizerStep.__call__
+
+    def spy(self, batch):
+        taken = real(self, batch)
+        returned.append(dict(taken[0]))
+        return taken
+
+    monkeypatch.setattr(TokenizerStep, "__call__", spy)
+    out = tmp_path / "run"
+    main(SMALL + ["train.steps=2", "train.log_every=2", "recon.gan_weight=0.5", "recon.gan_start=1", "recon.disc_channels=8",
+                  "recon.disc_layers=2", f"train.output_dir={out}"])
+    assert len(returned) == 2
+    for key in ("loss", "align", "pixel", "psnr", "lpips", "token_self", "loc_max", "grad_norm", "gan_g", "gan_d"):
+        value = returned[-1][key]
+        assert torch.is_tensor(value) and value.dim() == 0, (key, value)
+    logged = _metrics(str(out))[-1]
+    assert logged["step"] == 2
+    for key, value in returned[-1].items():
+        assert logged[key] == pytest.approx(float(value), abs=1e-6), key
+
+
 def test_latent_stats_at_the_model_size(tmp_path):
     """The exported statistics are those of held-out images at model.image_size, though training loads 48 px images."""
     from stellar_tok.data import build_loader
