@@ -196,11 +196,12 @@ class TrainingRun:
     def update(self, loss: torch.Tensor, logs: dict) -> bool:
         """Backward, gradient clipping (optim.grad_clip > 0: logs grad_norm) and the optimizer step of `fit`'s model
         and optimizer. False, with nothing updated, when the loss is non-finite on any process (the guard counts it
-        and stops the run after train.max_nonfinite in a row)."""
+        and stops the run after train.max_nonfinite in a row). The guard reads the loss after the backward is queued,
+        so the device never idles while the host waits for that one read."""
+        self.accelerator.backward(loss)
         if not self.guard.ok(loss):
             self.opt.zero_grad(set_to_none=True)
             return False
-        self.accelerator.backward(loss)
         if self.optim_cfg.grad_clip > 0:
             logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
         self.opt.step()
