@@ -5,6 +5,7 @@
 
     keys: device=cpu|cuda  minutes=20 (cpu) | 3 (cuda)  data=data/emoji64  seed=0  n_eval=0 (all val)  jobs=2 (cpu)
           out=runs/real_images/<device>_<minutes>min  write=true (docs/RESULTS.md and docs/images/)
+          fid_weights= (an Inception-v3 weights file for rFID, as `stellar_tok.evaluate fid.weights=`; default: its own search)
 
 Data: the emoji set (`python -m stellar_tok.make_emoji out=data/emoji64`, built here when `data` has no shards).
 Both runs use the same config, seed and time: on the CPU `train.max_cpu_minutes` (process CPU time, one thread per
@@ -39,7 +40,7 @@ VARIANTS = {"stellar": ("STELLAR", []), "recon_only": ("reconstruction only", ["
 PICTURES = ("reconstructions.png", "token_swap.png", "token_heatmaps.png")
 DEFAULT_MINUTES = {"cpu": "20", "cuda": "3"}
 DEFAULTS = {"device": "cpu", "minutes": "", "data": "data/emoji64", "seed": "0", "n_eval": "0", "jobs": "2", "out": "",
-            "write": "true"}
+            "write": "true", "fid_weights": ""}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -74,7 +75,7 @@ def train_cmd(variant: str, args: dict, run_dir: str) -> list[str]:
 def eval_cmd(args: dict, run_dir: str) -> list[str]:
     return [sys.executable, "-m", "stellar_tok.evaluate", f"tokenizer={run_dir}/tokenizer", *data_overrides(args), "tasks=recon,linear,knn",
             "lpips=none", "baselines=true", f"n_eval={args['n_eval']}", "n_train=0", f"seed={args['seed']}", f"out={run_dir}/eval",
-            f"device={args['device']}", "progress=false"]
+            f"device={args['device']}", "progress=false", *([f"fid.weights={args['fid_weights']}"] if args["fid_weights"] else [])]
 
 
 def visualize_cmd(args: dict, run_dir: str) -> list[str]:

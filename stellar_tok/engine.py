@@ -203,7 +203,8 @@ class TrainingRun:
             self.opt.zero_grad(set_to_none=True)
             return False
         if self.optim_cfg.grad_clip > 0:
-            logs["grad_norm"] = self.accelerator.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+            logs["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor, gathered by every process here
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return True
