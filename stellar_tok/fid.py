@@ -194,7 +194,9 @@ def build_inception(weights: str | None = None, device: str | torch.device = "cp
     Attributes: `weights_source`, `has_logits` (False: FID/KID only, no Inception Score)."""
     file, source = resolve_inception_weights(weights)
     sd = _load_state_dict(file)
-    has_logits = "fc.weight" in sd and bool(torch.isfinite(sd["fc.weight"]).all())
+    if "fc.weight" not in sd and "fc.bias" not in sd:  # a file without the classifier (4 MB smaller): FID and KID only
+        sd = {**sd, "fc.weight": torch.full((1008, 2048), float("nan")), "fc.bias": torch.full((1008,), float("nan"))}
+    has_logits = bool(torch.isfinite(sd["fc.weight"]).all())
     try:
         m = new_extractor(sd, [FEATURES, "logits_unbiased"] if has_logits else [FEATURES])
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches

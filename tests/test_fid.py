@@ -79,6 +79,20 @@ def test_converted_file_as_explicit_path(inception):
         assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
 
 
+def test_a_half_precision_file_without_classifier_serves_fid(inception, feats, tmp_path):
+    """The carryable form of the weights (float16, no fc: 44 MB instead of 96) loads, and its features are those of
+    the full file to float16 rounding."""
+    from safetensors.torch import load_file, save_file
+
+    small = tmp_path / "inception_fp16.safetensors"
+    save_file({k: v.half() for k, v in load_file(inception.weights_file).items() if not k.startswith("fc.")}, str(small))
+    m = fid.build_inception(str(small))
+    assert not m.has_logits and m.features_list == ["2048"]
+    fa = fid.inception_features(m, smooth(8, 0), batch_size=4)
+    err = np.abs(fa - feats[0]).max() / np.abs(feats[0]).max()
+    assert 0 < err < 5e-3, err  # float16 weights: close, not equal
+
+
 def test_features_shape_and_fid(feats, inception):
     fa, fb = feats
     assert fa.shape == fb.shape == (8, 2048) and fa.dtype == np.float64 and np.isfinite(fa).all() and (fa >= 0).all()
