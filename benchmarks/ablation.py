@@ -30,7 +30,7 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.common import machine, parse_kv, run_logged, write_section
+from benchmarks.common import fmt, machine, parse_kv, run_logged, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "RESULTS.md")  # the verdict block lives in the results page
@@ -103,10 +103,6 @@ def run_one(data: str, variant: str, args: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------
-
-
-def fmt(x, digits: int = 2) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
 
 
 def verdict(runs: dict, data: str) -> dict | None:

@@ -49,6 +49,11 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
+def fmt(x, digits: int = 2) -> str:
+    """A table cell: ``x`` with ``digits`` decimals, or an en dash when there is no value."""
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
 def write_section(name: str, body: str, doc: str = DOC) -> None:
     """Replace (or append) the section `## name` of `doc` (docs/BENCHMARKS.md) with `body`."""
     os.makedirs(os.path.dirname(doc), exist_ok=True)

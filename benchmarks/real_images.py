@@ -38,7 +38,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from benchmarks.common import ROOT, machine, parse_kv, run_logged, write_section
+from benchmarks.common import ROOT, fmt, machine, parse_kv, run_logged, write_section
 
 RESULTS = os.path.join(ROOT, "docs", "RESULTS.md")
 IMAGES = os.path.join(ROOT, "docs", "images")
@@ -116,12 +116,8 @@ def run_one(variant: str, args: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def fmt(x, digits: int = 2) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
-
-
 def verdict(runs: dict) -> list[tuple[str, bool, str]]:
-    """The claim's three parts: (what, holds, the numbers)."""
+    """The claim's four parts: (what, holds, the numbers)."""
     st, ro = runs["stellar"]["report"]["results"], runs["recon_only"]["report"]["results"]
     s, r, down, pix = st["stellar"], ro["stellar"], st["pixels_down"], st["pixels"]
     return [
@@ -150,7 +146,7 @@ def table(runs: dict, args: dict) -> str:
 
 
 def pictures(runs: dict, args: dict) -> list[str]:
-    """docs/images/real_<device>_<variant>_<picture>.png, copied from each run's visualize output."""
+    """docs/images/real_<device>_<minutes>min_<variant>_<picture>.png, copied from each run's visualize output."""
     os.makedirs(IMAGES, exist_ok=True)
     copied = []
     for variant in VARIANTS:

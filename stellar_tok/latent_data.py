@@ -181,7 +181,8 @@ class LatentDataset(torch.utils.data.Dataset):
         counts = np.array([s["count"] for s in self.manifest["shards"]], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self.classes = self.manifest.get("classes") or []
-        self._old_names = OLD_NAMES.get(self.manifest["format"], {})
+        old = OLD_NAMES.get(self.manifest["format"], {})  # what an older set calls z and log_loc on disk
+        self._stored = {**old, **{f"{k}_flip": f"{v}_flip" for k, v in old.items()}}
         self._handles: dict[int, object] = {}
         self._memory: list[dict] | None = None
         if in_memory:
@@ -247,8 +248,7 @@ class LatentDataset(torch.utils.data.Dataset):
         return d
 
     def _get(self, shard: int, name: str, row: int) -> torch.Tensor:
-        base, flip, _ = name.partition("_flip")
-        name = self._old_names.get(base, base) + flip  # the name on disk (older sets: tokens, loc)
+        name = self._stored.get(name, name)
         if self._memory is not None:
             return self._memory[shard][name][row]
         h = self._handles.get(shard)

@@ -6,8 +6,6 @@ tools call them):
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .errors import UserError
@@ -27,26 +25,15 @@ def load_frozen_encoder(tokenizer, path: str) -> None:
 
 @torch.no_grad()
 def compute_latent_stats(tokenizer, loader, device, batches: int):
-    """Per-channel mean/std of the tokens and scalar mean/std of log L over `batches` clean batches of `loader`."""
-    from .latent import LatentStats
+    """Per-channel mean/std of z and scalar mean/std of log L over `batches` clean batches of `loader` (the same
+    float64 sums as a tokenized latent set's statistics, `stellar_tok.latent_data.StatsAccumulator`)."""
+    from .latent_data import StatsAccumulator
     from .views import to_unit_range
 
-    tok_sum = tok_sq = None
-    loc_sum = loc_sq = 0.0
-    n_tok = n_loc = 0
+    acc = StatsAccumulator(tokenizer.config.latent_channels)
     for i, (images, _) in enumerate(loader):
         if i >= batches:
             break
         lat = tokenizer.encode(to_unit_range(images, device))
-        t = lat.z.flatten(0, 1).double()
-        tok_sum = t.sum(0) if tok_sum is None else tok_sum + t.sum(0)
-        tok_sq = (t**2).sum(0) if tok_sq is None else tok_sq + (t**2).sum(0)
-        n_tok += t.shape[0]
-        loc_sum += lat.log_loc.double().sum().item()
-        loc_sq += (lat.log_loc.double() ** 2).sum().item()
-        n_loc += lat.log_loc.numel()
-    mean = tok_sum / n_tok
-    std = (tok_sq / n_tok - mean**2).clamp_min(0).sqrt()
-    lm = loc_sum / n_loc
-    ls = math.sqrt(max(loc_sq / n_loc - lm**2, 0.0))
-    return LatentStats(mean.float(), std.float(), torch.tensor(lm, dtype=torch.float32), torch.tensor(ls, dtype=torch.float32))
+        acc.add(lat.z, lat.log_loc)
+    return acc.stats()

@@ -62,6 +62,11 @@ class Emoji:
         """The sequence without skin tones and variation selectors: what variants of one emoji share."""
         return SKIN_TONES.sub("", self.sequence).replace(VARIATION_SELECTOR, "")
 
+    @property
+    def toned(self) -> bool:
+        """Whether this is a skin-tone variant of another emoji."""
+        return SKIN_TONES.search(self.sequence) is not None
+
 
 def parse_emoji_test(text: str) -> list[Emoji]:
     """The fully-qualified sequences of an ``emoji-test.txt``, in file order, with their group and subgroup."""
@@ -145,12 +150,11 @@ def build_emoji_shards(out_dir: str, font_path: str = FONT_PATH, emoji_test_path
     if existing and not overwrite:
         raise DataError(f"{out_dir!r} already holds {len(existing)} shards; remove them or pass overwrite=true")
     with open(emoji_test_path, encoding="utf-8") as f:
-        every = parse_emoji_test(f.read())
-    emoji = [e for e in every if e.group not in DROPPED_GROUPS]
-    skipped = {"tone_variant": 0, "not_in_font": 0, "empty": 0}
-    if not tones:
-        skipped["tone_variant"] = sum(e.base != e.sequence.replace(VARIATION_SELECTOR, "") for e in emoji)
-        emoji = [e for e in emoji if e.base == e.sequence.replace(VARIATION_SELECTOR, "")]
+        text = f.read()
+    emoji = [e for e in parse_emoji_test(text) if e.group not in DROPPED_GROUPS]
+    kept = [e for e in emoji if tones or not e.toned]
+    skipped = {"tone_variant": len(emoji) - len(kept), "not_in_font": 0, "empty": 0}
+    emoji = kept
     classes = list(dict.fromkeys(e.group for e in emoji))
     if not classes:
         raise DataError(f"{emoji_test_path} lists no fully-qualified emoji outside {', '.join(DROPPED_GROUPS)}")
@@ -177,7 +181,7 @@ def build_emoji_shards(out_dir: str, font_path: str = FONT_PATH, emoji_test_path
     atomic_write_json(os.path.join(out_dir, "classes.json"), classes)
     summary = {
         "source": {"font": os.path.basename(font_path), "emoji_test": os.path.basename(emoji_test_path),
-                   "emoji_test_version": _emoji_version(emoji_test_path)},
+                   "emoji_test_version": _emoji_version(text)},
         "size": size, "val_percent": val_percent, "tones": tones, "seed": seed,
         "classes": classes, "counts": counts,
         "train": sum(counts["train"]), "val": sum(counts["val"]), "skipped": skipped,
@@ -187,13 +191,13 @@ def build_emoji_shards(out_dir: str, font_path: str = FONT_PATH, emoji_test_path
     return summary
 
 
-def _emoji_version(path: str) -> str | None:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("# Version:"):
-                return line.split(":", 1)[1].strip()
-            if not line.startswith("#"):
-                break
+def _emoji_version(text: str) -> str | None:
+    """The ``# Version:`` of an emoji-test.txt's header."""
+    for line in text.splitlines():
+        if line.startswith("# Version:"):
+            return line.split(":", 1)[1].strip()
+        if not line.startswith("#"):
+            break
     return None
 
 
