@@ -23,7 +23,7 @@ from benchmarks.common import machine, parse_kv, write_section
 
 DEFAULTS = {"n": "2000,10000", "size": "256", "dir": "/tmp/fid_memory", "keep": "false"}
 
-# run in the child: the stand-in extractor, then generators.evaluate's CLI; prints the child's peak RSS (KiB)
+# run in the child: the stand-in extractor, then the command generators.evaluate as a program; prints the child's peak RSS (KiB)
 CHILD = """
 import resource, sys, torch, torch.nn as nn, torch.nn.functional as F
 import stellar_tok.fid as fid
@@ -37,9 +37,12 @@ class StandIn(nn.Module):
         return [F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj]
 
 fid.build_inception = lambda weights=None, device="cpu": StandIn()
-from generators.evaluate import main
-main(sys.argv[1:])
-print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+import runpy
+sys.argv = ["generators.evaluate", *sys.argv[1:]]
+try:
+    runpy.run_module("generators.evaluate", run_name="__main__", alter_sys=True)  # as `python -m generators.evaluate ...`
+finally:
+    print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 

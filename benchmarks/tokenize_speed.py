@@ -3,9 +3,9 @@
     python benchmarks/tokenize_speed.py [tokenizer=DIR] [images=4096] [batch_size=256] [rounds=3] [threads=2]
 
 Both read the same in-memory `shapes` images (uint8) and produce latents for every one: the loop calls
-`tok.encode` per batch and keeps the result in memory; the command `stellar_tok.tokenize` (its `main`, as a
-user runs it: it also loads the tokenizer folder) also casts to float16, accumulates statistics and writes
-safetensors shards. Runs alternate; the table reports medians.
+`tok.encode` per batch and keeps the result in memory; the tokenize job (`stellar_tok.tokenizing.tokenize` on the
+command's configuration, as `python -m stellar_tok.tokenize` runs it: it also loads the tokenizer folder) also
+casts to float16, accumulates statistics and writes safetensors shards. Runs alternate; the table reports medians.
 Cost does not depend on the weights, so without `tokenizer=` a random tiny tokenizer is used (saved to a
 temporary folder for the command).
 """
@@ -26,9 +26,9 @@ def main(argv):
     from omegaconf import OmegaConf
 
     from stellar_tok import StellarTokenizer
-    from stellar_tok.config import tokenizer_kwargs
+    from stellar_tok.config import load_tokenizer_command_config, tokenizer_kwargs
     from stellar_tok.data import build_dataset
-    from stellar_tok.tokenize import main as tokenize_main  # the command itself, as a user runs it
+    from stellar_tok.tokenizing import TokenizeConfig, tokenize
 
     kv = parse_kv(argv, {"tokenizer": "", "images": "4096", "batch_size": "256", "rounds": "3", "threads": "2"}, __doc__,
                   "python benchmarks/tokenize_speed.py")
@@ -57,7 +57,7 @@ def main(argv):
             args = [f"tokenizer={tok_dir}", f"out={d}/lat", "data.name=shapes", f"data.resolution={res}", f"data.train_size={n}",
                     f"batch_size={bs}", "shard_size=4096", "progress=false"]
             t = time.perf_counter()
-            tokenize_main(args)
+            tokenize(load_tokenizer_command_config(args, TokenizeConfig))  # what the command runs
             return n / (time.perf_counter() - t)
 
     encode_loop()  # warm-up

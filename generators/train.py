@@ -60,13 +60,16 @@ def configure_ema(ema, train_cfg) -> None:
 
 def latent_hash(manifest: dict, tokenizer=None) -> str:
     """The generator's `tokenizer_hash`: the latent fingerprint (stellar_tok.latent.latent_fingerprint) of the tokenizer
-    that wrote the latents, when it is at hand (`tokenizer`, or the manifest's tokenizer_path) and is that tokenizer
-    (its whole fingerprint is the manifest's); otherwise the manifest's whole fingerprint, which the sampler accepts
-    for that exact tokenizer only."""
+    that wrote the latents. The manifest records it (tokenize since latent_hash was added); for older latent folders,
+    it is measured on that tokenizer when it is at hand (`tokenizer`, or the manifest's tokenizer_path) and is that
+    tokenizer (its whole fingerprint is the manifest's); otherwise the manifest's whole fingerprint, which the sampler
+    accepts for that exact tokenizer only."""
     from stellar_tok.latent import latent_fingerprint
     from stellar_tok.latent_data import tokenizer_fingerprint
     from stellar_tok.tokenizer import StellarTokenizer
 
+    if manifest.get("latent_hash"):
+        return manifest["latent_hash"]
     want = manifest["tokenizer_hash"]
     for tok in (tokenizer, manifest.get("tokenizer_path")):
         if isinstance(tok, str):

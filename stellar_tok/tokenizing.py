@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from .config import DataConfig, check_precision
 from .errors import UserError
 from .files import atomic_write_json
+from .latent import latent_fingerprint
 from .latent_data import DTYPES, FORMAT, SHARD_DIR, StatsAccumulator, read_shard_meta, tokenizer_fingerprint, write_shard
 
 
@@ -328,7 +329,7 @@ def tokenize(cfg, tokenizer=None) -> dict:
 
     summary = {}
     if state.is_main_process:
-        summary = _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, cfg.tokenizer)
+        summary = _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, cfg.tokenizer, latent_fingerprint(tok))
         print(_summary_line(summary, work, cfg, out), flush=True)
     state.wait_for_everyone()
     return summary
@@ -356,7 +357,10 @@ def _shard_done(meta: Optional[dict], w: _Work, fingerprint: str) -> bool:
     return meta.get("source") == str(w.source) if w.count is None else meta["count"] <= w.count
 
 
-def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, tokenizer_path=None) -> dict:
+def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, tokenizer_path=None, latent_hash=None) -> dict:
+    """Write manifest.json (and stats.json when no shard failed) from the shards' metadata. `latent_hash`: the
+    tokenizer's latent fingerprint (stellar_tok.latent.latent_fingerprint), which a generator trained on these
+    latents records, so that it needs no tokenizer at hand."""
     shard_dir = os.path.join(out, SHARD_DIR)
     fingerprint = identity["tokenizer_hash"]
     shards, parts, failed, skipped, images, unlabelled, first_unlabelled = [], [], [], 0, 0, 0, ""
@@ -387,7 +391,7 @@ def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_befor
     n, r, c = tok_config["image_size"] // tok_config["patch_size"], tok_config["num_tokens"], tok_config["latent_channels"]
     manifest = {**identity, "complete": not failed, "classes": classes, "shards": shards, "count": images,
                 "unlabelled": unlabelled, "first_unlabelled": first_unlabelled or None, "failed": failed,
-                "tokenizer_path": tokenizer_path, "shapes": {"z": [r, c], "log_loc": [n * n, r], "label": []},
+                "tokenizer_path": tokenizer_path, "latent_hash": latent_hash, "shapes": {"z": [r, c], "log_loc": [n * n, r], "label": []},
                 "dtypes": {"z": identity["dtype"], "log_loc": identity["dtype"], "label": "int64"},
                 "loc_representation": f"log L clamped at log({tok_config['loc_floor']})", "summary": summary}
     if not failed:  # statistics of the whole set only

@@ -179,3 +179,19 @@ def test_a_retrained_decoder_decodes_the_generator_a_new_encoder_does_not(run, c
     old.save_pretrained(str(root / "old_gen"))
     sample_main([f"generator={root / 'old_gen'}", *common[1:], f"tokenizer={root / 'tok'}", f"out={root / 's_old'}"])
     np.testing.assert_array_equal(np.load(root / "s_old" / "samples.npz")["arr_0"], b)
+
+
+def test_latents_record_their_latent_fingerprint_so_a_generator_needs_no_tokenizer_at_hand(run, capsys):
+    from generators.train import latent_hash
+    from stellar_tok.latent import latent_fingerprint
+    from stellar_tok.latent_data import tokenizer_fingerprint
+
+    root, tok = run
+    manifest = json.load(open(root / "lat" / "manifest.json"))
+    assert manifest["latent_hash"] == latent_fingerprint(tok) != manifest["tokenizer_hash"] == tokenizer_fingerprint(tok)
+    away = {**manifest, "tokenizer_path": str(root / "gone")}  # the tokenizer folder moved or was never copied
+    assert latent_hash(away) == latent_fingerprint(tok)  # a retrained decoder will still be accepted by the sampler
+    capsys.readouterr()
+    older = {k: v for k, v in away.items() if k != "latent_hash"}  # a latent folder written before latent_hash
+    assert latent_hash(older) == tokenizer_fingerprint(tok) and "not at hand" in capsys.readouterr().out
+    assert latent_hash(older, tok) == latent_fingerprint(tok)
