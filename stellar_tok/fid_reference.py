@@ -11,6 +11,7 @@ The protocol in words, and the command that makes a reference: `python -m stella
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -149,16 +150,17 @@ class ReferenceImages:
     """The images that FID statistics (and the probes of `stellar_tok.evaluate`) are computed from: every image of
     `split` once, or `n` > 0 of them drawn with `seed` and spread over the classes; centre crops at
     data.resolution. `loader(batch_size, num_workers)` yields `(uint8 (B,3,R,R), labels)`; `identity` names them
-    for a cache (file list included)."""
+    for a cache (file list included). `dataset`: the split's map-style data set if already built (shapes renders
+    its images when built); a folder set is copied, with centre crops, and left as it was."""
 
-    def __init__(self, data_cfg, split: str, n: int = 0, seed: int = 0):
+    def __init__(self, data_cfg, split: str, n: int = 0, seed: int = 0, dataset=None):
         if split not in ("train", "val"):
             raise UserError(f"split must be train or val (got {split!r})")
         if n < 0:
             raise UserError(f"the number of reference images must be >= 0 (got {n})")
         self.data_cfg, self.split, self.n, self.seed = data_cfg, split, int(n), int(seed)
         self.resolution = int(data_cfg.resolution)
-        self._dataset = self._indices = self._keep = None
+        self._dataset, self._indices, self._keep = dataset, None, None
         self._urls = _split_urls(data_cfg, split) if data_cfg.name == "wds" else None
         self._identity = None
 
@@ -166,14 +168,14 @@ class ReferenceImages:
     @property
     def dataset(self):
         """The whole split as a map-style data set with centre crops (built once)."""
-        if self._dataset is None:
-            from .data import FolderDataset, build_dataset
+        from .data import FolderDataset, build_dataset
 
-            ds = build_dataset(self.data_cfg, self.split)
-            if isinstance(ds, FolderDataset):
-                ds.random_crop, ds.cropper = False, None  # the train split crops randomly for training
-            self._dataset = ds
-        return self._dataset
+        ds = build_dataset(self.data_cfg, self.split) if self._dataset is None else self._dataset
+        if isinstance(ds, FolderDataset) and (ds.random_crop or ds.cropper is not None):
+            ds = copy.copy(ds)  # the train split crops randomly for training
+            ds.random_crop, ds.cropper = False, None
+        self._dataset = ds
+        return ds
 
     def indices(self) -> list[int] | None:
         """Map-style data: the chosen indices (None: all)."""

@@ -9,8 +9,10 @@ default), cross-entropy, top-1 on the held-out (val) split. kNN: cosine similari
 by exp(sim / 0.07) (the DINO protocol). Two protocols, `protocol=`:
 
 cached (the default; quick)
-    Features are extracted once per split, without augmentation, from the images as the data set gives
-    them; the head is trained on those cached features for `epochs` epochs of mini-batches (cosine LR).
+    Features are extracted once per split, without augmentation: each image once, shorter side resized to
+    data.resolution and centre-cropped square (the images `stellar_tok.evaluate` probes; never the training
+    stream's random crops or resampled shards); the head is trained on those cached features for `epochs`
+    epochs of mini-batches (cosine LR).
 
 augmented (the reference's linear-probe protocol; slow: the tokenizer runs at every step)
     The head is trained on the frozen tokenizer with features recomputed at every step from augmented
@@ -31,9 +33,11 @@ augmented (the reference's linear-probe protocol; slow: the tokenizer runs at ev
     under bf16 autocast (`amp=false` for float32); the head always trains in float32. A progress bar with
     ETA follows the training steps (`progress=false` hides it).
 
-Subsets (both protocols): `n_train` / `n_eval` = 0 use the whole split. Otherwise, for shapes, digits and
-folder data, a subset drawn with `seed` and spread over the classes in proportion to their sizes (not the
-first n of a listing that may be sorted by class); for wds, the first n images of the stream.
+Subsets (both protocols): `n_train` / `n_eval` = 0 use the whole split. Otherwise a subset drawn with `seed`
+and spread over the classes in proportion to their sizes (not the first n of a listing that may be sorted by
+class), for wds shards too (their labels are read from the tars first). The augmented protocol's training
+stream on wds is the exception: `n_train` (or data.epoch_size) images of the shuffled train stream per epoch;
+its kNN then reads that many train images, spread over the classes, once each.
 
 Other keys: `device=auto` runs on CUDA when available (`device=cpu` for the CPU's numbers bit for bit);
 `random_init=true` probes the same architecture with fresh weights (the baseline); `seed` seeds that

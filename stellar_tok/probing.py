@@ -194,27 +194,20 @@ def _is_stream(data_cfg) -> bool:
 
 
 def split_batches(data_cfg, split: str, n: int, batch_size: int, seed: int = 0, num_workers: int = 0, dataset=None):
-    """A loader of `(images uint8 (B,3,R,R), labels)` over the `split` in a fixed order (no shuffling), with
-    `n` images (0: all): for map-style data a seeded subset spread over the classes (`spread_subset`), for
-    wds the first n of the stream (cut by the caller: `extract_features(max_images=n)`). `dataset`: the
-    split's map-style data set if already built (shapes renders its images when built)."""
-    from .data import build_dataset, build_loader, collate_samples
+    """A loader of `(images uint8 (B,3,R,R), labels)` over the `split`, each image once, in a fixed order, centre crops:
+    `stellar_tok.fid_reference.ReferenceImages`, the images `stellar_tok.evaluate` probes too. `n` images (0: all): a
+    seeded subset spread over the classes, for wds shards as well (their labels are read first). Never the training
+    stream: no random crops, and no shards resampled with replacement. `dataset`: the split's map-style data set if
+    already built (shapes renders its images when built)."""
+    from .fid_reference import ReferenceImages
 
-    if _is_stream(data_cfg) or (not n and dataset is None):
-        return build_loader(data_cfg, batch_size, split, num_workers=num_workers, shuffle=False, drop_last=False)
-    dataset = build_dataset(data_cfg, split) if dataset is None else dataset
-    if n and n < len(dataset):
-        dataset = Subset(dataset, spread_subset(_dataset_labels(dataset), n, seed))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_samples, num_workers=num_workers)
+    return ReferenceImages(data_cfg, split, n, seed, dataset=dataset).loader(batch_size, num_workers)
 
 
 def _describe(data_cfg, split: str, n: int, dataset) -> str:
     """How many images of which split, in words, for the printed summary (`dataset`: what the loader reads)."""
     if _is_stream(data_cfg):
-        if split == "train":
-            per_epoch = int(data_cfg.epoch_size)
-            return f"{min(n, per_epoch) if n else per_epoch} (the {split} stream{', first n' if n else ''})"
-        return f"{n} (the {split} shards, first n)" if n else f"all (the {split} shards)"
+        return f"{n} (the {split} shards, seeded subset spread over the classes)" if n else f"all (the {split} shards)"
     inner = getattr(dataset, "dataset", None)
     if isinstance(dataset, (Subset, AugmentedImages)) and len(dataset) < len(inner):
         return f"{len(dataset)} of {len(inner)} ({split} split, seeded subset spread over the classes)"
@@ -304,7 +297,7 @@ def augmented_train_batches(data_cfg, size: int, n: int, batch_size: int, seed: 
                     return
 
         return AugmentedBatches(stream_epoch, per_epoch, math.ceil(per_epoch / batch_size), len(getattr(loader.dataset, "classes", []) or []),
-                                _describe(data_cfg, "train", n, None))
+                                f"{per_epoch} per epoch (the train stream)")
     dataset = build_dataset(data_cfg, "train") if dataset is None else dataset
     labels = _dataset_labels(dataset)
     indices = spread_subset(labels, n, seed) if n and n < len(dataset) else None
@@ -420,9 +413,10 @@ def augmented_probe(tokenizer, data_cfg, kinds=("tokens",), epochs: int = 30, ba
             for k in kinds:
                 pred = torch.cat([heads[k](va[k][i : i + 4096].to(device)).argmax(-1).cpu() for i in range(0, len(va[k]), 4096)])
                 res[f"linear_{k}"] = round(float((pred == va["labels"]).float().mean() * 100), 2)
-        if knn:  # un-augmented features of the train images (map-style: the same subset)
-            tr = extract_features(tokenizer, split_batches(data_cfg, "train", n_train, batch_size, seed, num_workers, dataset=train_set),
-                                  kinds, device, train.n_images, size=size, amp=amp, progress=progress, desc="kNN train features")
+        if knn:  # un-augmented features of the train images (map-style: the same subset; wds: as many, spread over the classes)
+            n_knn = n_train or (train.n_images if train_set is None else 0)
+            tr = extract_features(tokenizer, split_batches(data_cfg, "train", n_knn, batch_size, seed, num_workers, dataset=train_set),
+                                  kinds, device, size=size, amp=amp, progress=progress, desc="kNN train features")
             for k in kinds:
                 res[f"knn_{k}"] = round(knn_classify(tr[k], tr["labels"], va[k], va["labels"]), 2)
     res["n_train"], res["n_val"] = seen or train.n_images, len(va["labels"])

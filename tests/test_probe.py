@@ -104,6 +104,31 @@ def test_augmented_on_wds_shards(class_folder, tiny_tokenizer, tmp_path):
     assert sum(n for n, _ in shapes) == 40 and all(i == -1 for _, i in shapes)
 
 
+def test_cached_features_read_centre_crops_of_each_image_once_never_the_training_stream(class_folder, tmp_path):
+    """The cached protocol (and the kNN of the augmented one) on folder and wds data: the train split as centre crops,
+    the same twice, every image once; wds subsets spread over the classes, not the first n of a resampled stream."""
+    from stellar_tok.data import load_rgb, resize_and_crop
+    from stellar_tok.make_shards import make_shards
+
+    cfg = data_cfg(name="folder", path=str(class_folder))
+    folder = build_dataset(cfg, "train")
+    centre = torch.stack([resize_and_crop(load_rgb(folder.path(i), target=32), 32, False) for i in range(len(folder))])
+    a, b = (torch.cat([x for x, _ in split_batches(cfg, "train", 0, 5)]) for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(a, centre)
+    assert folder.random_crop  # the training set passed in is left as it was
+    assert torch.equal(torch.cat([x for x, _ in split_batches(cfg, "train", 0, 5, dataset=folder)]), centre)
+    assert folder.random_crop
+
+    make_shards(str(class_folder / "train"), str(tmp_path), shard_size=8, prefix="train", progress=False)
+    make_shards(str(class_folder / "val"), str(tmp_path), shard_size=8, prefix="val", progress=False)
+    shards = data_cfg(name="wds", path=str(tmp_path), epoch_size=40)  # an epoch longer than the split: the stream resamples
+    images, labels = (torch.cat(t) for t in zip(*split_batches(shards, "train", 0, 5)))
+    assert len(labels) == 24 and Counter(labels.tolist()) == {c: 6 for c in range(4)}
+    assert sorted(map(bytes, images.flatten(1).numpy())) == sorted(map(bytes, centre.flatten(1).numpy()))
+    few = torch.cat([y for _, y in split_batches(shards, "train", 8, 4)])
+    assert Counter(few.tolist()) == {c: 2 for c in range(4)}  # the shards are class-sorted: the first 8 hold 2 classes
+
+
 def test_cli_rejects_unknown_keys_and_documents_protocols(capsys):
     for bad in (["bogus=1"], ["data.bogus=1"], ["protocol=fancy"], ["features=tokens,nope"]):
         with pytest.raises(SystemExit) as e:
