@@ -3,9 +3,14 @@
     python -m benchmarks.real_images                       # CPU: configs/tokenizer/emoji64_cpu.yaml, 20 CPU-minutes each
     python -m benchmarks.real_images device=cuda           # one GPU: configs/tokenizer/emoji64_gpu.yaml, 3 minutes each
 
+    python -m benchmarks.real_images minutes=25 tag=decoder_192x4 \
+        "set=model.decoder_width=192 model.decoder_depth=4 model.decoder_heads=6"   # a variant of both runs
+
     keys: device=cpu|cuda  minutes=20 (cpu) | 3 (cuda)  data=data/emoji64  seed=0  n_eval=0 (all val)  jobs=2 (cpu)
-          out=runs/real_images/<device>_<minutes>min  write=true (docs/RESULTS.md and docs/images/)
+          out=runs/real_images/<device>_<minutes>min[_<tag>]  write=true (docs/RESULTS.md and docs/images/)
           fid_weights= (an Inception-v3 weights file for rFID, as `stellar_tok.evaluate fid.weights=`; default: its own search)
+          set= (training overrides for every run, space-separated key=value)  tag= (names such a variant)
+          runs=stellar,recon_only (which runs; the claim's parts that need a missing run say so)
 
 Data: the emoji set (`python -m stellar_tok.make_emoji out=data/emoji64`, built here when `data` has no shards).
 Both runs use the same config, seed and time: on the CPU `train.max_cpu_minutes` (process CPU time, one thread per
@@ -17,8 +22,8 @@ download) and drawn with `stellar_tok.visualize` (reconstructions, token swap, l
 
 The table, the verdict against the claim (STELLAR's rFID at or below the downsampled pixels of equal size, PSNR
 within 1 dB of reconstruction-only, linear probe above raw pixels and above reconstruction-only) and the pictures
-go to the section "Real images at 10x compression (<device>, <minutes> minutes per run)" of docs/RESULTS.md and to
-docs/images/real_<device>_<minutes>min_*.png. A finished training or evaluation is reused when the command runs again with
+go to the section "Real images at 10x compression (<device>, <minutes> minutes per run[, <tag>])" of docs/RESULTS.md
+and to docs/images/real_<device>_<minutes>min[_<tag>]_*.png. A finished training or evaluation is reused when the command runs again with
 the same settings. Set STELLAR_TOK_CACHE to reuse the converted FID weights.
 
 A machine without network has no FID weights. Give it a float16 copy without the classifier: 44 MB instead of 96,
@@ -33,6 +38,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -47,7 +53,7 @@ VARIANTS = {"stellar": ("STELLAR", []), "recon_only": ("reconstruction only", ["
 PICTURES = ("reconstructions.png", "token_swap.png", "token_heatmaps.png")
 DEFAULT_MINUTES = {"cpu": "20", "cuda": "3"}
 DEFAULTS = {"device": "cpu", "minutes": "", "data": "data/emoji64", "seed": "0", "n_eval": "0", "jobs": "2", "out": "",
-            "write": "true", "fid_weights": ""}
+            "write": "true", "fid_weights": "", "set": "", "tag": "", "runs": "stellar,recon_only"}
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -55,7 +61,15 @@ def parse_args(argv: list[str]) -> dict:
     if args["device"] not in CONFIGS:
         sys.exit(f"device must be one of {', '.join(CONFIGS)} (got {args['device']!r})")
     args["minutes"] = args["minutes"] or DEFAULT_MINUTES[args["device"]]
-    args["out"] = os.path.abspath(args["out"] or os.path.join("runs", "real_images", f"{args['device']}_{args['minutes']}min"))
+    if args["set"] and not args["tag"]:
+        sys.exit("set= changes the runs: name the variant with tag= (it names the output folder, the section and the pictures)")
+    if args["tag"] and not args["tag"].replace("_", "").replace("-", "").replace(".", "").isalnum():
+        sys.exit(f"tag= takes letters, digits, '_', '-' and '.' (got {args['tag']!r})")
+    unknown = set(args["runs"].split(",")) - set(VARIANTS)
+    if unknown or "stellar" not in args["runs"].split(","):
+        sys.exit(f"runs= takes stellar and optionally recon_only, comma-separated (got {args['runs']!r})")
+    args["name"] = f"{args['device']}_{args['minutes']}min" + (f"_{args['tag']}" if args["tag"] else "")
+    args["out"] = os.path.abspath(args["out"] or os.path.join("runs", "real_images", args["name"]))
     args["data"] = os.path.abspath(args["data"])
     if args["device"] == "cuda":
         args["jobs"] = "1"  # one GPU: one run at a time
@@ -75,7 +89,7 @@ def data_overrides(args: dict) -> list[str]:
 def train_cmd(variant: str, args: dict, run_dir: str) -> list[str]:
     budget = "train.max_cpu_minutes" if args["device"] == "cpu" else "train.max_minutes"
     return [sys.executable, "-m", "stellar_tok.train", f"config={CONFIGS[args['device']]}", *data_overrides(args), *VARIANTS[variant][1],
-            "train.steps=100000", f"{budget}={args['minutes']}", f"train.seed={args['seed']}", f"train.output_dir={run_dir}",
+            *args["set"].split(), "train.steps=100000", f"{budget}={args['minutes']}", f"train.seed={args['seed']}", f"train.output_dir={run_dir}",
             "train.resume=auto", "train.progress=false"]
 
 
@@ -116,24 +130,38 @@ def run_one(variant: str, args: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def verdict(runs: dict) -> list[tuple[str, bool, str]]:
-    """The claim's four parts: (what, holds, the numbers)."""
-    st, ro = runs["stellar"]["report"]["results"], runs["recon_only"]["report"]["results"]
-    s, r, down, pix = st["stellar"], ro["stellar"], st["pixels_down"], st["pixels"]
-    return [
-        ("rFID at or below the downsampled pixels of equal size", s["rfid"] <= down["rfid"], f"{s['rfid']:.2f} against {down['rfid']:.2f}"),
+def verdict(runs: dict) -> list[tuple[str, bool | None, str]]:
+    """The claim's four parts: (what, holds (None: a run it needs was not made), the numbers)."""
+    st = runs["stellar"]["report"]["results"]
+    s, down, pix = st["stellar"], st["pixels_down"], st["pixels"]
+    checks = [("rFID at or below the downsampled pixels of equal size", s["rfid"] <= down["rfid"], f"{s['rfid']:.2f} against {down['rfid']:.2f}"),
+              ("linear probe (mean of S) above raw pixels", s["linear_tokens"] > pix["linear_pixels"], f"{s['linear_tokens']:.2f}% against {pix['linear_pixels']:.2f}%")]
+    if "recon_only" not in runs:
+        return checks + [(f"{what} reconstruction only", None, "not run (runs=stellar)") for what in ("PSNR within 1 dB of", "linear probe (mean of S) above")]
+    r = runs["recon_only"]["report"]["results"]["stellar"]
+    return checks + [
         ("PSNR within 1 dB of reconstruction only", s["psnr"] >= r["psnr"] - 1.0, f"{s['psnr']:.2f} dB against {r['psnr']:.2f} dB ({s['psnr'] - r['psnr']:+.2f})"),
-        ("linear probe (mean of S) above raw pixels", s["linear_tokens"] > pix["linear_pixels"], f"{s['linear_tokens']:.2f}% against {pix['linear_pixels']:.2f}%"),
         ("linear probe (mean of S) above reconstruction only", s["linear_tokens"] > r["linear_tokens"], f"{s['linear_tokens']:.2f}% against {r['linear_tokens']:.2f}%"),
     ]
+
+
+def pixel_values(args: dict) -> int:
+    """Numbers in one image of the configuration (3 x image_size²)."""
+    from omegaconf import OmegaConf
+
+    size = OmegaConf.load(os.path.join(ROOT, CONFIGS[args["device"]])).model.image_size
+    for item in args["set"].split():  # set=model.image_size=... changes it
+        if item.startswith("model.image_size="):
+            size = item.split("=", 1)[1]
+    return 3 * int(size) ** 2
 
 
 def table(runs: dict, args: dict) -> str:
     budget = "CPU min (process)" if args["device"] == "cpu" else "GPU min (wall)"
     lines = [f"| | steps × batch | {budget} | PSNR (dB) | SSIM | rFID | linear, mean of S | kNN, mean of S | linear, CLS |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for variant, (label, _) in VARIANTS.items():
-        run = runs[variant]
+    for variant, run in runs.items():
+        label = VARIANTS[variant][0]
         m, t = run["report"]["results"]["stellar"], run["record"]["train"]
         minutes = t["cpu_s"] / 60 if args["device"] == "cpu" else t["wall_s"] / 60
         lines.append(f"| {label} | {run['summary']['step']:,} × {run['summary']['images_seen'] // max(1, run['summary']['step'])} | {minutes:.1f} | {fmt(m.get('psnr'))} | "
@@ -141,44 +169,46 @@ def table(runs: dict, args: dict) -> str:
     res = runs["stellar"]["report"]["results"]
     down, pix = res["pixels_down"], res["pixels"]
     lines.append(f"| pixels, downsampled to the latent's size | | | {fmt(down.get('psnr'))} | {fmt(down.get('ssim'), 3)} | {fmt(down.get('rfid'))} | – | – | – |")
-    lines.append(f"| raw pixels (12,288 values) | | | | | | {fmt(pix.get('linear_pixels'))} | {fmt(pix.get('knn_pixels'))} | |")
+    lines.append(f"| raw pixels ({pixel_values(args):,} values) | | | | | | {fmt(pix.get('linear_pixels'))} | {fmt(pix.get('knn_pixels'))} | |")
     return "\n".join(lines)
 
 
 def pictures(runs: dict, args: dict) -> list[str]:
-    """docs/images/real_<device>_<minutes>min_<variant>_<picture>.png, copied from each run's visualize output."""
+    """docs/images/real_<device>_<minutes>min[_<tag>]_<variant>_<picture>.png, copied from each run's visualize output."""
     os.makedirs(IMAGES, exist_ok=True)
     copied = []
-    for variant in VARIANTS:
+    for variant in runs:
         for name in PICTURES:
             src = os.path.join(runs[variant]["run_dir"], "pictures", name)
             if os.path.exists(src):
-                dst = os.path.join(IMAGES, f"real_{args['device']}_{args['minutes']}min_{variant}_{name}")
+                dst = os.path.join(IMAGES, f"real_{args['name']}_{variant}_{name}")
                 shutil.copyfile(src, dst)
                 copied.append(os.path.relpath(dst, ROOT))
     return copied
 
 
 def command_line(args: dict) -> str:
-    extra = [f"{k}={args[k]}" for k in ("device", "minutes", "seed", "n_eval")
+    extra = [f"{k}={args[k]}" for k in ("device", "minutes", "seed", "n_eval", "runs", "tag", "set")
              if args[k] != DEFAULTS[k] and not (k == "minutes" and args[k] == DEFAULT_MINUTES[args["device"]])]
-    return "STELLAR_TOK_CACHE=runs/eval/cache python -m benchmarks.real_images" + "".join(f" {e}" for e in extra)
+    return "STELLAR_TOK_CACHE=runs/eval/cache python -m benchmarks.real_images" + "".join(f" {shlex.quote(e)}" for e in extra)
 
 
 def report_body(runs: dict, args: dict, copied: list[str]) -> str:
     st = runs["stellar"]["report"]
     n_eval, n_train = st["data"]["n_eval"], st["data"]["n_train"]
+    values = pixel_values(args)
+    changed = f" with `{args['set']}`" if args["set"] else ""
     budget = (f"{args['minutes']} minutes of process CPU time each, one thread per run, {args['jobs']} at once" if args["device"] == "cpu"
               else f"{args['minutes']} minutes of wall time each, one after the other")
     checks = verdict(runs)
     lines = [f"```bash\n{command_line(args)}\n```", "",
-             f"{machine()}. `{CONFIGS[args['device']]}` on the emoji set (`python -m stellar_tok.make_emoji`: Noto Color Emoji "
+             f"{machine()}. `{CONFIGS[args['device']]}`{changed} on the emoji set (`python -m stellar_tok.make_emoji`: Noto Color Emoji "
              f"drawings, 64 px, 9 classes), seed {args['seed']}, {budget}. The latent holds {st['tokenizer']['latent_values']:,} numbers "
-             f"(r·c + N·r) for 12,288 pixel values ({12288 / st['tokenizer']['latent_values']:.1f}x). Evaluation: every one of the "
+             f"(r·c + N·r) for {values:,} pixel values ({values / st['tokenizer']['latent_values']:.1f}x). Evaluation: every one of the "
              f"{n_eval} val images; probes trained on the {n_train} train images; no LPIPS (its VGG weights are a download); "
              f"{st['protocol']['pixels_down']}.", "", table(runs, args), "",
              "The claim at this scale, part by part:", ""]
-    lines += [f"- {what}: **{'yes' if ok else 'no'}** ({numbers})" for what, ok, numbers in checks]
+    lines += [f"- {what}: **{'yes' if ok else 'no'}** ({numbers})" if ok is not None else f"- {what}: {numbers}" for what, ok, numbers in checks]
     if copied:
         lines += ["", "Pictures (visualize: rows input / reconstruction / arg-max token map; token swap: S of one image with L of another; "
                       "heat maps: the columns of L): " + ", ".join(f"`{p}`" for p in copied)]
@@ -190,13 +220,14 @@ def main(argv: list[str] | None = None) -> dict:
     ensure_data(args["data"])
     start = time.time()
     with ThreadPoolExecutor(max_workers=int(args["jobs"])) as pool:
-        futures = {v: pool.submit(run_one, v, args) for v in VARIANTS}
+        futures = {v: pool.submit(run_one, v, args) for v in args["runs"].split(",")}
         runs = {v: f.result() for v, f in futures.items()}
     print(f"all runs done in {(time.time() - start) / 60:.1f} min", flush=True)
     copied = pictures(runs, args) if args["write"] == "true" else []
     body = report_body(runs, args, copied)
     if args["write"] == "true":
-        write_section(f"Real images at 10x compression ({args['device']}, {args['minutes']} minutes per run)", body, doc=RESULTS)
+        variant = f", {args['tag']}" if args["tag"] else ""
+        write_section(f"Real images at 10x compression ({args['device']}, {args['minutes']} minutes per run{variant})", body, doc=RESULTS)
     print(body)
     return runs
 
