@@ -20,7 +20,8 @@ HEADER = "# Benchmarks\n\nEvery table is written by the command above it; times 
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}; "
+    threads = torch.get_num_threads()
+    return (f"{platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''}, {gpu}; "
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 

@@ -131,17 +131,18 @@ def run_one(variant: str, args: dict) -> dict:
 
 
 def verdict(runs: dict) -> list[tuple[str, bool | None, str]]:
-    """The claim's four parts: (what, holds (None: a run it needs was not made), the numbers)."""
+    """The claim's four parts: (what, holds (None: the reconstruction-only run was not made), the numbers)."""
     st = runs["stellar"]["report"]["results"]
     s, down, pix = st["stellar"], st["pixels_down"], st["pixels"]
-    checks = [("rFID at or below the downsampled pixels of equal size", s["rfid"] <= down["rfid"], f"{s['rfid']:.2f} against {down['rfid']:.2f}"),
-              ("linear probe (mean of S) above raw pixels", s["linear_tokens"] > pix["linear_pixels"], f"{s['linear_tokens']:.2f}% against {pix['linear_pixels']:.2f}%")]
-    if "recon_only" not in runs:
-        return checks + [(f"{what} reconstruction only", None, "not run (runs=stellar)") for what in ("PSNR within 1 dB of", "linear probe (mean of S) above")]
-    r = runs["recon_only"]["report"]["results"]["stellar"]
-    return checks + [
-        ("PSNR within 1 dB of reconstruction only", s["psnr"] >= r["psnr"] - 1.0, f"{s['psnr']:.2f} dB against {r['psnr']:.2f} dB ({s['psnr'] - r['psnr']:+.2f})"),
-        ("linear probe (mean of S) above reconstruction only", s["linear_tokens"] > r["linear_tokens"], f"{s['linear_tokens']:.2f}% against {r['linear_tokens']:.2f}%"),
+    r = runs["recon_only"]["report"]["results"]["stellar"] if "recon_only" in runs else None
+    not_run = (None, "not run (runs=stellar)")
+    return [
+        ("rFID at or below the downsampled pixels of equal size", s["rfid"] <= down["rfid"], f"{s['rfid']:.2f} against {down['rfid']:.2f}"),
+        ("PSNR within 1 dB of reconstruction only", *((s["psnr"] >= r["psnr"] - 1.0, f"{s['psnr']:.2f} dB against {r['psnr']:.2f} dB "
+                                                       f"({s['psnr'] - r['psnr']:+.2f})") if r else not_run)),
+        ("linear probe (mean of S) above raw pixels", s["linear_tokens"] > pix["linear_pixels"], f"{s['linear_tokens']:.2f}% against {pix['linear_pixels']:.2f}%"),
+        ("linear probe (mean of S) above reconstruction only", *((s["linear_tokens"] > r["linear_tokens"],
+                                                                  f"{s['linear_tokens']:.2f}% against {r['linear_tokens']:.2f}%") if r else not_run)),
     ]
 
 
