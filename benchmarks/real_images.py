@@ -65,12 +65,13 @@ def parse_args(argv: list[str]) -> dict:
         sys.exit("set= changes the runs: name the variant with tag= (it names the output folder, the section and the pictures)")
     if args["tag"] and not args["tag"].replace("_", "").replace("-", "").replace(".", "").isalnum():
         sys.exit(f"tag= takes letters, digits, '_', '-' and '.' (got {args['tag']!r})")
-    unknown = set(args["runs"].split(",")) - set(VARIANTS)
-    if unknown or "stellar" not in args["runs"].split(","):
+    runs = args["runs"].split(",")
+    if set(runs) - set(VARIANTS) or "stellar" not in runs:
         sys.exit(f"runs= takes stellar and optionally recon_only, comma-separated (got {args['runs']!r})")
     args["name"] = f"{args['device']}_{args['minutes']}min" + (f"_{args['tag']}" if args["tag"] else "")
     args["out"] = os.path.abspath(args["out"] or os.path.join("runs", "real_images", args["name"]))
     args["data"] = os.path.abspath(args["data"])
+    args["pixel_values"] = pixel_values(args)
     if args["device"] == "cuda":
         args["jobs"] = "1"  # one GPU: one run at a time
     return args
@@ -147,14 +148,16 @@ def verdict(runs: dict) -> list[tuple[str, bool | None, str]]:
 
 
 def pixel_values(args: dict) -> int:
-    """Numbers in one image of the configuration (3 x image_size²)."""
-    from omegaconf import OmegaConf
+    """Numbers in one image of the configuration with the `set=` overrides (3 x image_size²), read by the training
+    command's own loader: a `set=` key that training would refuse is refused here, before any run."""
+    from stellar_tok.config import load_config
+    from stellar_tok.errors import UserError
 
-    size = OmegaConf.load(os.path.join(ROOT, CONFIGS[args["device"]])).model.image_size
-    for item in args["set"].split():  # set=model.image_size=... changes it
-        if item.startswith("model.image_size="):
-            size = item.split("=", 1)[1]
-    return 3 * int(size) ** 2
+    try:
+        cfg = load_config([f"config={os.path.join(ROOT, CONFIGS[args['device']])}", *args["set"].split()])
+    except UserError as e:
+        sys.exit(f"set=: {e}")
+    return 3 * int(cfg.model.image_size) ** 2
 
 
 def table(runs: dict, args: dict) -> str:
@@ -170,7 +173,7 @@ def table(runs: dict, args: dict) -> str:
     res = runs["stellar"]["report"]["results"]
     down, pix = res["pixels_down"], res["pixels"]
     lines.append(f"| pixels, downsampled to the latent's size | | | {fmt(down.get('psnr'))} | {fmt(down.get('ssim'), 3)} | {fmt(down.get('rfid'))} | – | – | – |")
-    lines.append(f"| raw pixels ({pixel_values(args):,} values) | | | | | | {fmt(pix.get('linear_pixels'))} | {fmt(pix.get('knn_pixels'))} | |")
+    lines.append(f"| raw pixels ({args['pixel_values']:,} values) | | | | | | {fmt(pix.get('linear_pixels'))} | {fmt(pix.get('knn_pixels'))} | |")
     return "\n".join(lines)
 
 
@@ -197,7 +200,7 @@ def command_line(args: dict) -> str:
 def report_body(runs: dict, args: dict, copied: list[str]) -> str:
     st = runs["stellar"]["report"]
     n_eval, n_train = st["data"]["n_eval"], st["data"]["n_train"]
-    values = pixel_values(args)
+    values = args["pixel_values"]
     changed = f" with `{args['set']}`" if args["set"] else ""
     budget = (f"{args['minutes']} minutes of process CPU time each, one thread per run, {args['jobs']} at once" if args["device"] == "cpu"
               else f"{args['minutes']} minutes of wall time each, one after the other")

@@ -413,9 +413,8 @@ def augmented_probe(tokenizer, data_cfg, kinds=("tokens",), epochs: int = 30, ba
             for k in kinds:
                 pred = torch.cat([heads[k](va[k][i : i + 4096].to(device)).argmax(-1).cpu() for i in range(0, len(va[k]), 4096)])
                 res[f"linear_{k}"] = round(float((pred == va["labels"]).float().mean() * 100), 2)
-        if knn:  # un-augmented features of the train images (map-style: the same subset; wds: as many, spread over the classes)
-            n_knn = n_train or (train.n_images if train_set is None else 0)
-            tr = extract_features(tokenizer, split_batches(data_cfg, "train", n_knn, batch_size, seed, num_workers, dataset=train_set),
+        if knn:  # un-augmented features of as many train images (map-style: the same subset; wds: spread over the classes)
+            tr = extract_features(tokenizer, split_batches(data_cfg, "train", n_train or train.n_images, batch_size, seed, num_workers, dataset=train_set),
                                   kinds, device, size=size, amp=amp, progress=progress, desc="kNN train features")
             for k in kinds:
                 res[f"knn_{k}"] = round(knn_classify(tr[k], tr["labels"], va[k], va["labels"]), 2)

@@ -15,13 +15,14 @@ def test_a_variant_changes_both_runs_and_is_named_everywhere():
     line = real_images.command_line(args)
     assert "tag=dec_192x4" in line and "'set=model.decoder_width=192 model.decoder_depth=4'" in line
     assert real_images.pixel_values(args) == 3 * 64 * 64
-    assert real_images.pixel_values({**args, "set": "model.image_size=32"}) == 3 * 32 * 32
+    at_32 = "model.image_size=32 views.global_size=32 views.local_size=16 data.resolution=32"  # what training accepts at 32 px
+    assert real_images.pixel_values({**args, "set": at_32}) == 3 * 32 * 32
     plain = real_images.parse_args([])
     assert plain["name"] == "cpu_20min" and real_images.train_cmd("stellar", plain, "/x")[-6] == "train.steps=100000"
 
 
 @pytest.mark.parametrize("argv, message", [(["set=model.depth=2"], "tag="), (["runs=recon_only"], "runs="),
-                                           (["tag=a b"], "tag=")])
+                                           (["tag=a b"], "tag="), (["tag=x", "set=model.bogus=1"], "set=")])
 def test_unnamed_variants_and_runs_without_stellar_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         real_images.parse_args(argv)
