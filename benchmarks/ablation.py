@@ -232,7 +232,7 @@ def pictures(runs: dict, args: dict, n: int = 8) -> list[str]:
 
     from stellar_tok import StellarTokenizer
     from stellar_tok.config import DataConfig
-    from stellar_tok.fid_reference import image_batches
+    from stellar_tok.evaluation.fid_reference import image_batches
 
     os.makedirs(IMAGES, exist_ok=True)
     paths = []

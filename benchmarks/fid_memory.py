@@ -26,7 +26,7 @@ DEFAULTS = {"n": "2000,10000", "size": "256", "dir": "/tmp/fid_memory", "keep": 
 # run in the child: the stand-in extractor, then the command generators.evaluate as a program; prints the child's peak RSS (KiB)
 CHILD = """
 import resource, sys, torch, torch.nn as nn, torch.nn.functional as F
-import stellar_tok.fid as fid
+import stellar_tok.evaluation.fid as fid
 
 class StandIn(nn.Module):
     features_list, has_logits, weights_source, weights_file = ["2048"], False, "stand-in", None

@@ -10,13 +10,13 @@ random FID Inception, a measuring wrapper around the project's commands, and the
 `images` renders DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg: ImageNet-like files (JPEG quality 75-95,
 shorter side 300-500 px, aspect 3:4..4:3, about 3% with a shorter side of 1000-1400 px, about 2% greyscale
 JPEGs, a few CMYK JPEGs, RGB/palette/RGBA PNGs, and two truncated JPEGs in train that `make_shards` must skip).
-Each class is one of the 8 `stellar_tok.shapes` outlines drawn once, three times or twice (8 x 3 = up to 24
+Each class is one of the 8 `stellar_tok.data.shapes` outlines drawn once, three times or twice (8 x 3 = up to 24
 classes), in any hue, size, position and rotation, on a low-frequency colour field with optional stripes and
 noise: the class is the shape and the count, nothing else.
 
 `mae` writes config.json + model.safetensors of a Hugging Face ViTMAEForPreTraining with random weights (keys
 `vit.embeddings.*`, `vit.encoder.layer.*`, `vit.layernorm.*` and a few `decoder.*` that the loader ignores),
-built with json and safetensors only: what `model.init_from` reads (stellar_tok.mae_init).
+built with json and safetensors only: what `model.init_from` reads (stellar_tok.model.mae_init).
 
 `inception` writes a random-weights state dict of torch-fidelity's Inception-v3 (classifier NaN, so FID/KID
 only), for `fid.weights=`: the real weights cannot be fetched offline, so an FID with it tests the plumbing and
@@ -73,7 +73,7 @@ def render(cls: int, height: int, width: int, rng: np.random.Generator) -> np.nd
     """One image of class `cls` as float32 (H, W, 3) in [0, 1]."""
     from PIL import Image
 
-    from stellar_tok.shapes import shape_mask
+    from stellar_tok.data.shapes import shape_mask
 
     f32 = np.float32
     # background: a low-frequency colour field (a g x g grid of colours, bicubic), stripes half of the time
@@ -170,7 +170,7 @@ def cmd_images(a) -> None:
     import multiprocessing
 
     import PIL.Image  # noqa: F401  imported before the fork: the workers share it
-    import stellar_tok.shapes  # noqa: F401  (and stellar_tok's import of torch, seconds per process otherwise)
+    import stellar_tok.data.shapes  # noqa: F401  (and stellar_tok's import of torch, seconds per process otherwise)
 
     names = class_names(a.classes)
     jobs, seed = [], np.random.SeedSequence(a.seed)
@@ -251,7 +251,7 @@ def cmd_inception(a) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from stellar_tok.fid import FEATURES, new_extractor
+    from stellar_tok.evaluation.fid import FEATURES, new_extractor
 
     skeleton = new_extractor(None, [FEATURES]).state_dict()  # names and shapes only (meta device)
     g = torch.Generator().manual_seed(0)
@@ -334,7 +334,7 @@ def cmd_run(a, argv: list[str]) -> None:
             atomic_write_json(a.stats, stats(status))
 
     # the trainers draw their batches through `epoch_batches`: in the module itself, or in the shared training engine
-    holders = [m for m in (mod, sys.modules.get("stellar_tok.engine")) if m is not None and hasattr(m, "epoch_batches")]
+    holders = [m for m in (mod, sys.modules.get("stellar_tok.training.engine")) if m is not None and hasattr(m, "epoch_batches")]
     if holders:
         original = holders[0].epoch_batches
 

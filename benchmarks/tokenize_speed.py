@@ -3,7 +3,7 @@
     python benchmarks/tokenize_speed.py [tokenizer=DIR] [images=4096] [batch_size=256] [rounds=3] [threads=2]
 
 Both read the same in-memory `shapes` images (uint8) and produce latents for every one: the loop calls
-`tok.encode` per batch and keeps the result in memory; the tokenize job (`stellar_tok.tokenizing.tokenize` on the
+`tok.encode` per batch and keeps the result in memory; the tokenize job (`stellar_tok.latents.writer.tokenize` on the
 command's configuration, as `python -m stellar_tok.tokenize` runs it: it also loads the tokenizer folder) also
 casts to float16, accumulates statistics and writes safetensors shards. Runs alternate; the table reports medians.
 Cost does not depend on the weights, so without `tokenizer=` a random tiny tokenizer is used (saved to a
@@ -28,7 +28,7 @@ def main(argv):
     from stellar_tok import StellarTokenizer
     from stellar_tok.config import load_tokenizer_command_config, tokenizer_kwargs
     from stellar_tok.data import build_dataset
-    from stellar_tok.tokenizing import TokenizeConfig, tokenize
+    from stellar_tok.latents.writer import TokenizeConfig, tokenize
 
     kv = parse_kv(argv, {"tokenizer": "", "images": "4096", "batch_size": "256", "rounds": "3", "threads": "2"}, __doc__,
                   "python benchmarks/tokenize_speed.py")

@@ -75,7 +75,7 @@ def main(argv):
         run = eager
 
     # reference: bare ViT blocks of the same widths and depths (no stem, sparse tokens, L or bottleneck), eager runs only
-    from stellar_tok.vit import Block
+    from stellar_tok.model.vit import Block
 
     c, n = ours.config, (ours.config.image_size // ours.config.patch_size) ** 2
     plain = None if mode != "none" else (

@@ -22,7 +22,7 @@ empty inductor cache, so every compile time is a cold one.
 torch.compile is applied to the transformer blocks of the encoder and decoder (regional compilation:
 `Block.compile()`), where nearly all the FLOPs are; the rest (views, Sinkhorn, the Hungarian matcher in
 scipy, losses) stays eager. Attention already goes through `F.scaled_dot_product_attention` (SDPA,
-`stellar_tok/vit.py`) in both modes. Writes a table to docs/BENCHMARKS.md.
+`stellar_tok/model/vit.py`) in both modes. Writes a table to docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -86,11 +86,11 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     from torch.utils.flop_counter import FlopCounterMode
 
     from stellar_tok.config import load_config, tokenizer_kwargs
-    from stellar_tok.objective import TokenizerWithHeads
-    from stellar_tok.reconstruction import PatchDiscriminator, ReconstructionLoss
-    from stellar_tok.tokenizer import StellarTokenizer
-    from stellar_tok.engine import param_groups
-    from stellar_tok.views import make_views
+    from stellar_tok.training.objective import TokenizerWithHeads
+    from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss
+    from stellar_tok.model.tokenizer import StellarTokenizer
+    from stellar_tok.training.engine import param_groups
+    from stellar_tok.data.views import make_views
 
     from benchmarks.common import device_setup
 

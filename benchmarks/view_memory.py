@@ -22,10 +22,10 @@ DEFAULTS = {"config": "vit_b16", "views": "4+6,8+8", "batch": "2", "threads": "2
 
 def saved_bytes_per_image(config: str, global_crops: int, local_crops: int, batch: int) -> float:
     from stellar_tok.config import load_config, tokenizer_kwargs
-    from stellar_tok.objective import TokenizerWithHeads
-    from stellar_tok.reconstruction import ReconstructionLoss
-    from stellar_tok.tokenizer import StellarTokenizer
-    from stellar_tok.views import make_views
+    from stellar_tok.training.objective import TokenizerWithHeads
+    from stellar_tok.losses.reconstruction import ReconstructionLoss
+    from stellar_tok.model.tokenizer import StellarTokenizer
+    from stellar_tok.data.views import make_views
 
     cfg = load_config([f"config=configs/tokenizer/{config}.yaml", f"views.global_crops={global_crops}",
                        f"views.local_crops={local_crops}", "recon.lpips_random_backbone=true"])

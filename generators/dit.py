@@ -26,8 +26,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from stellar_tok.files import SafetensorsOnly
-from stellar_tok.latent import LatentStatsBuffers
-from stellar_tok.vit import Attention, Mlp, sincos_pos_embed
+from stellar_tok.model.latent import LatentStatsBuffers
+from stellar_tok.model.vit import Attention, Mlp, sincos_pos_embed
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ class LatentDiT(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuffers):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         class_names: list | None = None,  # optional, for pipelines and grids
-        tokenizer_hash: str | None = None,  # the latent it models: stellar_tok.latent.latent_fingerprint of its tokenizer
+        tokenizer_hash: str | None = None,  # the latent it models: stellar_tok.model.latent.latent_fingerprint of its tokenizer
         # (encoder side only, so a decoder retrained with train.decoder_from fits); older exports: the whole tokenizer's
     ):
         super().__init__()

@@ -34,7 +34,7 @@ import torch
 from stellar_tok.config import DataConfig, parse_command
 from stellar_tok.errors import UserError, cli_entry
 from stellar_tok.files import atomic_write_json, atomic_write_text
-from stellar_tok.fid_reference import FIDConfig, ReferenceImages, reference_identity, reference_stats
+from stellar_tok.evaluation.fid_reference import FIDConfig, ReferenceImages, reference_identity, reference_stats
 
 
 @dataclass
@@ -209,7 +209,14 @@ def _check_size(samples, cfg) -> int:
 
 
 def evaluate_samples(cfg) -> dict:
-    from stellar_tok.fid import FeatureStats, build_inception, feature_batches, fid_from_stats, kid_from_features, load_stats
+    from stellar_tok.evaluation.fid import (
+        FeatureStats,
+        build_inception,
+        feature_batches,
+        fid_from_stats,
+        kid_from_features,
+        load_stats,
+    )
 
     if not cfg.samples:
         raise UserError("samples=PATH is required (a samples.npz or a folder of images)")

@@ -126,7 +126,7 @@ def ceiling(tokenizer_dir: str, data_cfg: dict, model: nn.Module, classes: list[
     """Judge accuracy on real val images, their reconstructions, and S/L swaps between images (see module doc)."""
     from stellar_tok import Latent, StellarTokenizer
     from stellar_tok.data import build_dataset
-    from stellar_tok.metrics import to_uint8
+    from stellar_tok.evaluation.metrics import to_uint8
 
     tok = StellarTokenizer.from_pretrained(tokenizer_dir).eval()
     ds = build_dataset(data_cfg, "val")

@@ -17,7 +17,7 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, ImagePipelineOutput
 
 from stellar_tok.files import safetensors_only_kwargs
-from stellar_tok.latent import Latent
+from stellar_tok.model.latent import Latent
 
 from .flow import autocast_dtype, sample_latents
 

@@ -88,12 +88,12 @@ def save_npz_streamed(path: str, shape: tuple, chunks, labels: np.ndarray) -> No
 
 def check_tokenizer(model, tok) -> None:
     """Refuse a tokenizer whose latent is not the one the generator modelled. The generator's `tokenizer_hash` is the
-    latent fingerprint (stellar_tok.latent.latent_fingerprint: encoder, bottleneck and the settings that shape the
+    latent fingerprint (stellar_tok.model.latent.latent_fingerprint: encoder, bottleneck and the settings that shape the
     latent, not the decoder), so a tokenizer whose decoder was retrained on the frozen encoder (train.decoder_from) is
     accepted; generators exported before it carry the whole tokenizer's fingerprint, which still matches the tokenizer
     itself."""
-    from stellar_tok.latent import latent_fingerprint
-    from stellar_tok.latent_data import tokenizer_fingerprint
+    from stellar_tok.model.latent import latent_fingerprint
+    from stellar_tok.latents.dataset import tokenizer_fingerprint
 
     want = model.config.tokenizer_hash
     if not want or want == latent_fingerprint(tok):
@@ -110,11 +110,11 @@ def sample(cfg) -> dict:
     from accelerate import PartialState
     from PIL import Image
     from stellar_tok.launch import describe_launch
-    from stellar_tok.visual import enlarged_grid
+    from stellar_tok.evaluation.pictures import enlarged_grid
     from tqdm.auto import tqdm
 
-    from stellar_tok.latent import Latent
-    from stellar_tok.tokenizer import StellarTokenizer
+    from stellar_tok.model.latent import Latent
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     from .dit import LatentDiT
     from .flow import SCHEDULERS, autocast_dtype, make_scheduler, sample_latents

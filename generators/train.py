@@ -11,7 +11,7 @@ Writes to train.output_dir:
     logs/, metrics.jsonl, config.yaml, summary.json
 
 This file is the generator's set-up and its step (`GeneratorStep`); the loop around the step, checkpoints,
-budgets, metrics and the summary are `stellar_tok.engine`'s, shared with the tokenizer's trainer.
+budgets, metrics and the summary are `stellar_tok.training.engine`'s, shared with the tokenizer's trainer.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from stellar_tok.checkpoint import export_pretrained
+from stellar_tok.training.checkpoint import export_pretrained
 from stellar_tok.config import parse_overrides
-from stellar_tok.engine import TrainingRun, announce, make_accelerator
+from stellar_tok.training.engine import TrainingRun, announce, make_accelerator
 from stellar_tok.errors import UserError, cli_entry
 
 from .config import GenConfig, load_config
@@ -35,8 +35,8 @@ def grid_labels(num_classes: int, per_class: int, device) -> torch.Tensor:
 
 
 def save_sample_grid(model, tokenizer, labels, path: str, steps: int, cfg_scale: float, seed: int = 0) -> torch.Tensor:
-    from stellar_tok.latent import Latent
-    from stellar_tok.visual import enlarged_grid
+    from stellar_tok.model.latent import Latent
+    from stellar_tok.evaluation.pictures import enlarged_grid
 
     from .flow import sample_latents
 
@@ -59,14 +59,14 @@ def configure_ema(ema, train_cfg) -> None:
 
 
 def latent_hash(manifest: dict, tokenizer=None) -> str:
-    """The generator's `tokenizer_hash`: the latent fingerprint (stellar_tok.latent.latent_fingerprint) of the tokenizer
+    """The generator's `tokenizer_hash`: the latent fingerprint (stellar_tok.model.latent.latent_fingerprint) of the tokenizer
     that wrote the latents. The manifest records it (tokenize since latent_hash was added); for older latent folders,
     it is measured on that tokenizer when it is at hand (`tokenizer`, or the manifest's tokenizer_path) and is that
     tokenizer (its whole fingerprint is the manifest's); otherwise the manifest's whole fingerprint, which the sampler
     accepts for that exact tokenizer only."""
-    from stellar_tok.latent import latent_fingerprint
-    from stellar_tok.latent_data import tokenizer_fingerprint
-    from stellar_tok.tokenizer import StellarTokenizer
+    from stellar_tok.model.latent import latent_fingerprint
+    from stellar_tok.latents.dataset import tokenizer_fingerprint
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     if manifest.get("latent_hash"):
         return manifest["latent_hash"]
@@ -146,7 +146,7 @@ class GeneratorStep:
 def train(cfg) -> dict:
     from diffusers.training_utils import EMAModel
 
-    from stellar_tok.latent_data import LatentDataset, collate_latents
+    from stellar_tok.latents.dataset import LatentDataset, collate_latents
 
     accelerator = make_accelerator(cfg.train, cfg)
     device = accelerator.device
@@ -192,7 +192,7 @@ def train(cfg) -> dict:
 
 def build_model(cfg, ds):
     """The `LatentDiT` for the latents of `ds` (their token and localization shapes, classes and statistics)."""
-    from stellar_tok.latent_data import latent_shapes
+    from stellar_tok.latents.dataset import latent_shapes
 
     from .dit import LatentDiT
 
@@ -211,7 +211,7 @@ def build_model(cfg, ds):
 def sample_tokenizer(cfg, manifest: dict, accelerator):
     """The tokenizer that decodes the sample grids and goes into the exported pipeline (sample.tokenizer, or the
     manifest's tokenizer_path), on the main process; None without one."""
-    from stellar_tok.tokenizer import StellarTokenizer
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     path = cfg.sample.tokenizer or manifest.get("tokenizer_path")
     if path and os.path.isdir(path) and accelerator.is_main_process:

@@ -38,7 +38,7 @@ class ModelConfig:
     decoder_input: str = "lowrank"  # lowrank: the decoder reads F = L·S (STELLAR) | dense: every patch feature (ablation)
     norm_eps: float = 1e-6  # the encoder's LayerNorm eps; 1e-12 to start from a Hugging Face ViT-MAE (its layer_norm_eps)
     # a local Hugging Face ViT-MAE folder (config.json + model.safetensors) to initialise the encoder from
-    # (stellar_tok.mae_init); not a tokenizer argument: build the tokenizer with tokenizer_kwargs(cfg.model)
+    # (stellar_tok.model.mae_init); not a tokenizer argument: build the tokenizer with tokenizer_kwargs(cfg.model)
     init_from: Optional[str] = None
 
 
@@ -371,7 +371,7 @@ def check_data_paths(cfg) -> None:
     step: configs are also loaded to build models)."""
     m, d = cfg.model, cfg.data
     if m.init_from is not None:
-        from .mae_init import GET_IT, check_mae_fits, mae_folder_problem
+        from stellar_tok.model.mae_init import GET_IT, check_mae_fits, mae_folder_problem
 
         _require(mae_folder_problem(os.path.expanduser(m.init_from)) is None, "model.init_from", f"a Hugging Face ViT-MAE folder with config.json and model.safetensors (get one: {GET_IT}; null: random init)", m.init_from)
         check_mae_fits(os.path.expanduser(m.init_from), m)  # its config.json only: a mismatch stops the run before any work

@@ -12,8 +12,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from stellar_tok.config import parse_command
-from stellar_tok.errors import UserError, cli_entry
+from .config import parse_command
+from .errors import UserError, cli_entry
 
 
 @dataclass

@@ -4,10 +4,10 @@
 
 Protocol (written to metrics.json with the numbers):
 - Held-out images: `n_eval` images of the val split (0: all), a subset drawn with `seed` and spread over the
-  classes (stellar_tok.probing.spread_subset), centre-cropped to the tokenizer's resolution
-  (`stellar_tok.fid_reference.ReferenceImages`: every image read once, WebDataset shards too).
+  classes (stellar_tok.evaluation.probing.spread_subset), centre-cropped to the tokenizer's resolution
+  (`stellar_tok.evaluation.fid_reference.ReferenceImages`: every image read once, WebDataset shards too).
 - Reconstruction: encode -> decode through the public API (float32 latent), clamp to [-1,1], quantise to
-  8 bits. PSNR and SSIM (stellar_tok.metrics) per image, averaged. LPIPS (VGG, the `lpips` package) when
+  8 bits. PSNR and SSIM (stellar_tok.evaluation.metrics) per image, averaged. LPIPS (VGG, the `lpips` package) when
   its backbone weights are available; `lpips=auto` skips it with a warning when they are not. rFID: the
   Fréchet distance between Inception-v3 pool features of the reconstructions and the reference statistics of
   the same held-out images (computed once, cached; `fid.ref=` to give them); rKID likewise when the
@@ -45,7 +45,13 @@ from omegaconf import OmegaConf
 from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
 from .files import atomic_path, atomic_write_json, atomic_write_text
-from .fid_reference import FIDConfig, ReferenceImages, cache_root, default_ref_path, reference_identity
+from stellar_tok.evaluation.fid_reference import (
+    FIDConfig,
+    ReferenceImages,
+    cache_root,
+    default_ref_path,
+    reference_identity,
+)
 
 TASKS = ("recon", "linear", "knn")
 
@@ -94,11 +100,11 @@ def pixel_baseline(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def build_eval_lpips(kind: str, device):
     """-> (module or None, note). `auto` uses VGG when its weights are cached or downloadable."""
-    from .reconstruction import build_lpips
+    from stellar_tok.losses.reconstruction import build_lpips
 
     if kind == "none":
         return None, "not computed (lpips=none)"
-    from .reconstruction import backbone_weights_path
+    from stellar_tok.losses.reconstruction import backbone_weights_path
 
     try:
         return build_lpips(False, "vgg" if kind == "auto" else kind).to(device), "vgg" if kind == "auto" else kind
@@ -118,8 +124,8 @@ class _ReconMeter:
         self.psnr, self.ssim, self.lp, self.feats = [], [], [], []
 
     def add(self, x: torch.Tensor, rec: torch.Tensor) -> None:  # both (B,3,R,R) in [-1,1]
-        from .fid import inception_features
-        from .metrics import psnr, ssim, to_uint8, to_unit
+        from stellar_tok.evaluation.fid import inception_features
+        from stellar_tok.evaluation.metrics import psnr, ssim, to_uint8, to_unit
 
         a, b = to_unit(x.cpu()), to_unit(rec.cpu())
         self.psnr.append(psnr(a, b).clamp(max=100.0))
@@ -135,7 +141,7 @@ class _ReconMeter:
         return next(self.extractor.parameters()).device
 
     def result(self, ref: dict | None) -> dict:
-        from .fid import feature_stats, fid_from_stats, kid_from_features
+        from stellar_tok.evaluation.fid import feature_stats, fid_from_stats, kid_from_features
 
         out = {"psnr": float(torch.cat(self.psnr).mean()), "ssim": float(torch.cat(self.ssim).mean())}
         if self.lp:
@@ -215,10 +221,10 @@ def train_features(tok, cfg, kinds, k_down: int, fingerprint: str, device, image
 def evaluate(cfg) -> dict:
     from tqdm.auto import tqdm
 
-    from .latent_data import tokenizer_fingerprint
-    from .probing import knn_classify, linear_probe
-    from .tokenizer import StellarTokenizer
-    from .visual import reconstruction_grid
+    from stellar_tok.latents.dataset import tokenizer_fingerprint
+    from stellar_tok.evaluation.probing import knn_classify, linear_probe
+    from stellar_tok.model.tokenizer import StellarTokenizer
+    from stellar_tok.evaluation.pictures import reconstruction_grid
 
     tasks = [t.strip() for t in str(cfg.tasks).split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
@@ -256,7 +262,7 @@ def evaluate(cfg) -> dict:
     extractor = ref = lpips_net = None
     lpips_note, ref_path, real_feats, ref_identity = "not computed", None, None, None
     if "recon" in tasks:
-        from .fid import build_inception, load_stats
+        from stellar_tok.evaluation.fid import build_inception, load_stats
 
         extractor = build_inception(cfg.fid.weights, device=device)
         ref_identity = reference_identity(held_out, extractor)
@@ -294,7 +300,7 @@ def evaluate(cfg) -> dict:
             if "pixels_down" in meters:
                 meters["pixels_down"].add(x, pixel_baseline(x, k_down)[1])
             if real_feats is not None:
-                from .fid import inception_features
+                from stellar_tok.evaluation.fid import inception_features
 
                 real_feats.append(inception_features(extractor, images.to(device), fid_batch))
             if not grid_done:
@@ -307,7 +313,7 @@ def evaluate(cfg) -> dict:
     n_eval = sum(len(p) for p in meters["stellar"].psnr) if "recon" in tasks else sum(len(v) for v in val.get("labels", []))
 
     if real_feats is not None:
-        from .fid import feature_stats, load_stats, save_stats
+        from stellar_tok.evaluation.fid import feature_stats, load_stats, save_stats
 
         feats = np.concatenate(real_feats)
         stats = feature_stats(feats)

@@ -2,9 +2,9 @@
 
     python -m stellar_tok.fid_stats data.name=shapes split=val n=1000 [out=ref.npz] [fid.weights=PATH] [num_workers=8]
 
-The images (`stellar_tok.fid_reference.ReferenceImages`): every image of the split, read once and in order, or
+The images (`stellar_tok.evaluation.fid_reference.ReferenceImages`): every image of the split, read once and in order, or
 with `n` > 0 a subset of n drawn with `seed` and spread over the classes in proportion to their sizes
-(`stellar_tok.probing.spread_subset`; never the first n of a class-sorted listing). Each is resized so that its
+(`stellar_tok.evaluation.probing.spread_subset`; never the first n of a class-sorted listing). Each is resized so that its
 shorter side is `data.resolution` (bicubic, antialiased) and centre-cropped, for the train split too (never the
 random crops of training).
 WebDataset shards are read once each, in order (the held-out style pipeline; never the resampled,
@@ -33,7 +33,7 @@ import torch
 
 from .config import DataConfig, load_config, parse_overrides
 from .errors import UserError, cli_entry
-from .fid_reference import FIDConfig, reference_stats
+from stellar_tok.evaluation.fid_reference import FIDConfig, reference_stats
 
 
 @dataclass
@@ -51,7 +51,7 @@ class FIDStatsConfig:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> str:
-    from .fid import build_inception
+    from stellar_tok.evaluation.fid import build_inception
 
     overrides = parse_overrides("python -m stellar_tok.fid_stats", __doc__, FIDStatsConfig, argv, "data.name=shapes split=val n=1000")
     cfg = load_config(overrides, schema=FIDStatsConfig)

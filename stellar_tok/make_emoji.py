@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .config import parse_command
-from .data.emoji import EMOJI_TEST_PATH, FONT_PATH, build_emoji_shards, count_summary
+from stellar_tok.data.emoji import EMOJI_TEST_PATH, FONT_PATH, build_emoji_shards, count_summary
 from .errors import UserError, cli_entry
 
 

@@ -60,7 +60,14 @@ import torch
 
 from .config import DataConfig
 from .errors import UserError, cli_entry
-from .probing import CROP_SCALE, FEATURE_KINDS, PROTOCOLS, augmented_probe, cls_trained, run_probes
+from stellar_tok.evaluation.probing import (
+    CROP_SCALE,
+    FEATURE_KINDS,
+    PROTOCOLS,
+    augmented_probe,
+    cls_trained,
+    run_probes,
+)
 
 
 @dataclass
@@ -98,7 +105,7 @@ def _resolve_device(name: str) -> torch.device:
 @cli_entry
 def main(argv=None):
     from .config import load_config, parse_overrides
-    from .tokenizer import StellarTokenizer
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     overrides = parse_overrides("python -m stellar_tok.probe", __doc__, ProbeConfig, argv,
                                 "tokenizer=DIR data.name=shapes protocol=augmented epochs=30")

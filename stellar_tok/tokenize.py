@@ -4,7 +4,7 @@
     accelerate launch -m stellar_tok.tokenize tokenizer=DIR data.name=wds data.path=/data/train-{000000..000999}.tar out=DIR
 
 Writes `out/shards/<split>-NNNNNN.safetensors`, `out/manifest.json` and `out/stats.json` (format:
-`stellar_tok.latent_data`). Images are centre-cropped to the tokenizer's resolution (no random crops: the
+`stellar_tok.latents.dataset`). Images are centre-cropped to the tokenizer's resolution (no random crops: the
 cache is deterministic); `flip=true` also stores the latent of the mirrored image. The work is cut into
 shards (`shard_size` images of an image folder or embedded set; one latent shard per input tar for
 webdataset) and process p of P takes shards p, p+P, ... Restarting the same command skips finished shards;
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .config import load_tokenizer_command_config, parse_overrides
 from .errors import cli_entry
-from .tokenizing import TokenizeConfig, tokenize
+from stellar_tok.latents.writer import TokenizeConfig, tokenize
 
 
 @cli_entry

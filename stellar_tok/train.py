@@ -4,7 +4,7 @@
     python -m stellar_tok.train config=configs/tokenizer/tiny.yaml train.steps=200
 
 One process or many (accelerate: DDP/FSDP, CPU or GPU). Writes to train.output_dir:
-    checkpoints/step-XXXXXXX/   everything a resume needs (stellar_tok.checkpoint: atomic, verified, last train.keep_ckpts)
+    checkpoints/step-XXXXXXX/   everything a resume needs (stellar_tok.training.checkpoint: atomic, verified, last train.keep_ckpts)
     tokenizer/                  the exported tokenizer: config.json + safetensors (+ latent statistics)
     images/step-XXXXXXX.png     input | reconstruction | localization map, every train.image_every steps
     logs/                       TensorBoard
@@ -18,7 +18,7 @@ streams. SIGTERM/SIGINT finish the current step, then checkpoint and export befo
 reconstruction protocol): the latent stays DIR's, only the decoder learns, from the reconstruction losses.
 
 This file is the tokenizer's set-up and its step (`TokenizerStep`); the loop around the step, checkpoints,
-budgets, metrics and the summary are `stellar_tok.engine`'s, shared with the generator's trainer.
+budgets, metrics and the summary are `stellar_tok.training.engine`'s, shared with the generator's trainer.
 """
 from __future__ import annotations
 
@@ -31,11 +31,19 @@ import warnings
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import export_pretrained
-from .config import Config, check_data_paths, cls_is_trained, inert_settings, load_config, parse_overrides, tokenizer_kwargs
-from .engine import TrainingRun, announce, make_accelerator, no_block_wrapping, param_groups
+from stellar_tok.training.checkpoint import export_pretrained
+from .config import (
+    Config,
+    check_data_paths,
+    cls_is_trained,
+    inert_settings,
+    load_config,
+    parse_overrides,
+    tokenizer_kwargs,
+)
+from stellar_tok.training.engine import TrainingRun, announce, make_accelerator, no_block_wrapping, param_groups
 from .errors import cli_entry
-from .tokenizer_training import compute_latent_stats, load_frozen_encoder
+from stellar_tok.training.tokenizer_setup import compute_latent_stats, load_frozen_encoder
 
 USAGE = __doc__
 
@@ -67,10 +75,10 @@ class TokenizerStep:
         self.out = self.views = None  # the last step's, for the image grid
 
     def __call__(self, batch):
-        from .views import make_views, to_unit_range
+        from stellar_tok.data.views import make_views, to_unit_range
 
         cfg, acc, step = self.cfg, self.run.accelerator, self.run.state.step
-        images, labels = batch  # uint8 images (B,3,R,R), or the loader's crops (stellar_tok.crops)
+        images, labels = batch  # uint8 images (B,3,R,R), or the loader's crops (stellar_tok.data.crops)
         with torch.no_grad():
             views = make_views(to_unit_range(images, acc.device), self.views_cfg, self.gen, cfg.model.patch_size)
         with acc.autocast():
@@ -100,7 +108,7 @@ class TokenizerStep:
 
     def save_grid(self, stopping: bool) -> None:
         """input | reconstruction | localization map of the last step, every train.image_every steps and at the end."""
-        from .visual import reconstruction_grid
+        from stellar_tok.evaluation.pictures import reconstruction_grid
 
         acc, step = self.run.accelerator, self.run.state.step
         if not acc.is_main_process or not (step % self.cfg.train.image_every == 0 or stopping):
@@ -121,8 +129,8 @@ def train(cfg) -> dict:
     from accelerate.utils import DistributedDataParallelKwargs
 
     from .data import build_loader, reset_skipped_samples, skipped_samples
-    from .objective import TokenizerWithHeads
-    from .reconstruction import PatchDiscriminator, ReconstructionLoss
+    from stellar_tok.training.objective import TokenizerWithHeads
+    from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss
 
     reset_skipped_samples()  # count this run's bad samples only
     accelerator = make_accelerator(cfg.train, cfg, cpu_fsdp=True,  # an FSDP launch config on a machine without GPUs: FSDP2 there too
@@ -138,7 +146,7 @@ def train(cfg) -> dict:
     recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
     opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     views_cfg = cfg.views if cfg.align.enabled else OmegaConf.merge(cfg.views, {"global_crops": 0, "local_crops": 0})
-    # file-backed data: the loader cuts the views from each decoded original (stellar_tok.crops)
+    # file-backed data: the loader cuts the views from each decoded original (stellar_tok.data.crops)
     loader = build_loader(cfg.data, cfg.optim.batch_size, "train", num_workers=cfg.data.num_workers, seed=cfg.data.seed, views=views_cfg)
     run = TrainingRun(accelerator, cfg.train, cfg.optim, run_length(cfg, loader, accelerator), "train")
     sched = run.lr_scheduler(opt)
@@ -180,13 +188,13 @@ def train(cfg) -> dict:
 
 def build_tokenizer(cfg, accelerator):
     """The tokenizer to train: fresh, its encoder from a Hugging Face ViT-MAE (model.init_from, the reference recipe,
-    stellar_tok.mae_init), or a fresh decoder on the frozen encoder of an export (train.decoder_from, the paper's
+    stellar_tok.model.mae_init), or a fresh decoder on the frozen encoder of an export (train.decoder_from, the paper's
     reconstruction protocol)."""
-    from .tokenizer import StellarTokenizer
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     tokenizer = StellarTokenizer(**tokenizer_kwargs(cfg.model))
     if cfg.model.init_from:
-        from .mae_init import load_mae_encoder
+        from stellar_tok.model.mae_init import load_mae_encoder
 
         report = load_mae_encoder(tokenizer, cfg.model.init_from)
         if accelerator.is_main_process:
@@ -247,7 +255,7 @@ def gathered_tokenizer(accelerator, objective, model_cfg):
 
     Every process must call it: the full state dict comes from accelerate's `get_state_dict`, which under FSDP
     gathers the shards collectively (onto the main process, in CPU memory). Under DDP it is the weights as they are."""
-    from .tokenizer import StellarTokenizer
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     full = accelerator.get_state_dict(objective)
     if not accelerator.is_main_process:

@@ -26,8 +26,8 @@ import torch
 
 from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import UserError, cli_entry
-from .latent import Latent
-from .visual import loc_map, reconstruction_grid, token_palette
+from stellar_tok.model.latent import Latent
+from stellar_tok.evaluation.pictures import loc_map, reconstruction_grid, token_palette
 
 
 @dataclass
@@ -188,8 +188,8 @@ def loss_curves(logs: str, path: str) -> int:
 
 
 def visualize(cfg) -> list[str]:
-    from .fid_reference import image_batches
-    from .tokenizer import StellarTokenizer
+    from stellar_tok.evaluation.fid_reference import image_batches
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     if not cfg.out:
         raise UserError("out=DIR is required (where the PNG files go)")

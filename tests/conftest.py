@@ -77,7 +77,7 @@ def launch_two_processes(module: str, args: list, port: int, config_file=None, t
 def tokenize_shapes(root, n: int, *extra: str):
     """A random tiny tokenizer saved at root/tok and the latents of n shapes at root/lat (more tokenize keys in `extra`)."""
     from stellar_tok.config import load_config
-    from stellar_tok.tokenizing import TokenizeConfig, tokenize
+    from stellar_tok.latents.writer import TokenizeConfig, tokenize
 
     tok = make_tiny_tokenizer(root / "tok")
     tokenize(load_config([f"tokenizer={root / 'tok'}", f"out={root / 'lat'}", "data.name=shapes", f"data.train_size={n}",

@@ -4,10 +4,10 @@ import torch
 from conftest import TINY_ALIGN, TINY_MODEL, tiny_align_config
 from omegaconf import OmegaConf
 
-from stellar_tok.alignment import AlignmentLoss, clustering_loss, koleo, match_tokens, ot_plan, sinkhorn_knopp
+from stellar_tok.losses.alignment import AlignmentLoss, clustering_loss, koleo, match_tokens, ot_plan, sinkhorn_knopp
 from stellar_tok.config import ViewsConfig
-from stellar_tok.reconstruction import PatchDiscriminator, ReconstructionLoss, adaptive_weight, hinge_d_loss
-from stellar_tok.views import make_views, sample_keep
+from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss, adaptive_weight, hinge_d_loss
+from stellar_tok.data.views import make_views, sample_keep
 
 
 def test_sinkhorn_marginals():
@@ -179,7 +179,7 @@ def test_slot_balance_defeats_token_identity():
 
 
 def test_ema_teacher_is_frozen_and_follows_student(tiny_tokenizer):
-    from stellar_tok.objective import TokenizerWithHeads
+    from stellar_tok.training.objective import TokenizerWithHeads
 
     cfg = tiny_align_config(teacher_momentum=0.5)
     obj = TokenizerWithHeads(tiny_tokenizer, cfg).train()
@@ -193,7 +193,7 @@ def test_ema_teacher_is_frozen_and_follows_student(tiny_tokenizer):
 
 
 def test_info_nce_prefers_matching_pairs():
-    from stellar_tok.alignment import info_nce
+    from stellar_tok.losses.alignment import info_nce
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(16, 8, generator=g)
@@ -206,7 +206,7 @@ def test_contrastive_image_loss_on_mean_tokens_trains():
     """align.image_loss=contrastive with image_feature=tokens: the terms exist, are finite and have gradients."""
     from stellar_tok import StellarTokenizer
     from stellar_tok.config import Config
-    from stellar_tok.objective import TokenizerWithHeads
+    from stellar_tok.training.objective import TokenizerWithHeads
 
     cfg = OmegaConf.structured(Config)
     cfg.align.merge_with({**TINY_ALIGN, "image_loss": "contrastive", "image_feature": "tokens", "token_prototypes": 8})
@@ -225,7 +225,7 @@ def test_contrastive_image_loss_on_mean_tokens_trains():
 
 def _per_view_alignment(align, encode, main, views):
     """The alignment objective with one encoder pass per view (the plain loop the batched forward replaced)."""
-    from stellar_tok.alignment import info_nce
+    from stellar_tok.losses.alignment import info_nce
 
     c, w = align.cfg, align.cfg.weights
     contrastive = c.image_loss == "contrastive"

@@ -8,9 +8,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from stellar_tok.config import ViewsConfig
-from stellar_tok.crops import ViewCropper
+from stellar_tok.data.crops import ViewCropper
 from stellar_tok.data import build_loader
-from stellar_tok.views import make_views, to_unit_range
+from stellar_tok.data.views import make_views, to_unit_range
 
 PLAIN = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, noise_p=0.0)  # no photometric change: views are the crops
 

@@ -15,17 +15,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from stellar_tok import shapes
-from stellar_tok.data import (
-    BadSample,
-    DataError,
-    ImageSample,
-    build_dataset,
-    build_loader,
-    skipped_samples,
-)
+from stellar_tok.data import shapes
+from stellar_tok.data import BadSample, DataError, ImageSample, build_dataset, build_loader, skipped_samples
 from stellar_tok.make_shards import main as make_shards_main
-from stellar_tok.shapes import SHAPE_CLASSES, render_shapes
+from stellar_tok.data.shapes import SHAPE_CLASSES, render_shapes
 
 # The once-per-reason "skipping a bad sample" warnings are expected here; shard warnings are asserted below.
 pytestmark = pytest.mark.filterwarnings("ignore:skipping a bad sample:UserWarning")

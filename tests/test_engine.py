@@ -1,4 +1,4 @@
-"""The training engine (stellar_tok.engine) around a toy step: the LR follows the warm-up and cosine over the steps,
+"""The training engine (stellar_tok.training.engine) around a toy step: the LR follows the warm-up and cosine over the steps,
 or over the time budget when that is further along, and the run stops when the budget is spent. The budget's clock
 is faked: no test here depends on how fast the machine is."""
 import json
@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from stellar_tok import budget as budget_module
-from stellar_tok.budget import Budget, lr_factor
-from stellar_tok.checkpoint import TrainState
-from stellar_tok.engine import TrainingRun, make_accelerator
+from stellar_tok.training import budget as budget_module
+from stellar_tok.training.budget import Budget, lr_factor
+from stellar_tok.training.checkpoint import TrainState
+from stellar_tok.training.engine import TrainingRun, make_accelerator
 
 WARMUP, MIN_RATIO, BASE_LR = 2, 0.1, 0.5
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stellar_tok.metrics import psnr, ssim
-from stellar_tok.probing import knn_classify, linear_probe
+from stellar_tok.evaluation.metrics import psnr, ssim
+from stellar_tok.evaluation.probing import knn_classify, linear_probe
 
 from conftest import make_tiny_tokenizer
 
@@ -121,7 +121,7 @@ def test_visualize_writes_valid_pngs(tok_dir, tmp_path):
 def test_token_swap_uses_the_other_images_layout(tok_dir):
     """decode(S_A, L_B) is what decode_pixels gives for A's tokens and B's log L (not a copy of either)."""
     from stellar_tok import StellarTokenizer
-    from stellar_tok.latent import Latent
+    from stellar_tok.model.latent import Latent
 
     tok = StellarTokenizer.from_pretrained(tok_dir).eval()
     g = torch.Generator().manual_seed(0)
@@ -148,7 +148,7 @@ def test_evaluate_semantics_and_baselines(tok_dir, tmp_path):
     from safetensors.torch import load_file
 
     from stellar_tok.data import build_dataset
-    from stellar_tok.probing import spread_subset
+    from stellar_tok.evaluation.probing import spread_subset
 
     val = build_dataset({"name": "shapes", "resolution": 32, "train_size": 96, "val_size": 48}, "val")
     pick = spread_subset(val.labels, 40, seed=0)
@@ -216,7 +216,7 @@ def test_evaluate_reconstruction_with_rfid(tok_dir, tmp_path, monkeypatch):
 def test_generator_evaluate_real_images_score_near_zero(tmp_path, monkeypatch):
     """Samples that are the reference images themselves: FID ~ 0 and KID ~ 0; noise: far away."""
     from generators.evaluate import main
-    from stellar_tok.fid_reference import image_batches
+    from stellar_tok.evaluation.fid_reference import image_batches
     from stellar_tok.config import DataConfig
     from omegaconf import OmegaConf
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from stellar_tok import StellarTokenizer
-from stellar_tok.checkpoint import MANIFEST, find_checkpoints, latest_valid_checkpoint, verify_checkpoint
+from stellar_tok.training.checkpoint import MANIFEST, find_checkpoints, latest_valid_checkpoint, verify_checkpoint
 from stellar_tok.errors import UserError
 from stellar_tok.train import main
 
@@ -80,7 +80,7 @@ def _wait_for_step(proc, out, step: int, timeout: float = 120) -> int:
 # manifest exists (the worst moment: every file there, the folder not yet complete)
 KILL_INSIDE_SAVE = """
 import os, signal, sys
-import stellar_tok.checkpoint as c
+import stellar_tok.training.checkpoint as c
 orig = c.fsync_tree
 def fsync_then_die(root):
     files = orig(root)
@@ -263,7 +263,7 @@ def test_checkpoint_files_are_loaded_weights_only(short_run, tmp_path, monkeypat
 
 def _nan_at(monkeypatch, calls_to_poison):
     """Make the alignment loss NaN on the given forward calls (0-based)."""
-    from stellar_tok.objective import TokenizerWithHeads
+    from stellar_tok.training.objective import TokenizerWithHeads
 
     real = TokenizerWithHeads.forward
     count = {"n": 0}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stellar_tok import fid
+from stellar_tok.evaluation import fid
 from stellar_tok.errors import UserError
 
 TS = fid._fid_helper_file()

@@ -40,7 +40,7 @@ class FakeInception(nn.Module):
 
 @pytest.fixture
 def fake_inception(monkeypatch, tmp_path):
-    from stellar_tok import fid
+    from stellar_tok.evaluation import fid
 
     monkeypatch.setenv("STELLAR_TOK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(fid, "build_inception", lambda weights=None, device="cpu": FakeInception(weights))
@@ -95,7 +95,7 @@ def rows(t):
 
 # ------------------------------------------------------------------ item 2: which images the reference reads
 def test_reference_train_split_is_centre_crops_of_every_image(tmp_path):
-    from stellar_tok.fid_reference import image_batches
+    from stellar_tok.evaluation.fid_reference import image_batches
 
     root = make_folder(tmp_path / "imgs")
     cfg = data_cfg(name="folder", path=str(root), resolution=16)
@@ -109,7 +109,7 @@ def test_reference_train_split_is_centre_crops_of_every_image(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_reference_wds_reads_each_shard_once(tmp_path, workers):
     """The train shards are read once, in order, centre-cropped: never the resampled training stream."""
-    from stellar_tok.fid_reference import image_batches
+    from stellar_tok.evaluation.fid_reference import image_batches
 
     made = make_shards(tmp_path / "wds", "train")
     make_shards(tmp_path / "wds", "val", shards=1)
@@ -122,8 +122,8 @@ def test_reference_wds_reads_each_shard_once(tmp_path, workers):
 
 
 def test_reference_subset_is_seeded_and_spread_over_classes(tmp_path):
-    from stellar_tok.fid_reference import image_batches
-    from stellar_tok.probing import spread_subset
+    from stellar_tok.evaluation.fid_reference import image_batches
+    from stellar_tok.evaluation.probing import spread_subset
 
     root = make_folder(tmp_path / "imgs")  # 4 classes x 6, listed class by class
     cfg = data_cfg(name="folder", path=str(root), resolution=16)
@@ -142,7 +142,7 @@ def test_reference_subset_is_seeded_and_spread_over_classes(tmp_path):
 
 
 def test_reference_cache_key_covers_what_changes_the_pixels(tmp_path, monkeypatch):
-    from stellar_tok import fid_reference
+    from stellar_tok.evaluation import fid_reference
 
     monkeypatch.setenv("STELLAR_TOK_CACHE", str(tmp_path / "cache"))
     root = make_folder(tmp_path / "imgs")
@@ -176,7 +176,7 @@ def test_adm_reference_batch_used_as_given(tmp_path, fake_inception, monkeypatch
     import zipfile
 
     from generators.evaluate import main
-    from stellar_tok import fid, fid_reference
+    from stellar_tok.evaluation import fid, fid_reference
 
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
@@ -287,7 +287,7 @@ def test_probes_use_seeded_spread_subsets_of_centre_crops(tmp_path, tokenizer_di
     from safetensors.torch import load_file
 
     from stellar_tok.evaluate import main
-    from stellar_tok.probing import spread_subset
+    from stellar_tok.evaluation.probing import spread_subset
 
     root = make_folder(tmp_path / "imgs")  # 4 classes x 6 per split, listed class by class
     out = tmp_path / "eval"
@@ -322,7 +322,7 @@ def test_rfid_printed_with_its_n_eval_and_split(tmp_path, tokenizer_dir, fake_in
 
 def test_streamed_feature_stats_equal_the_stacked_ones():
     """The reference and the samples are accumulated batch by batch (memory independent of their number)."""
-    from stellar_tok.fid import FeatureStats, feature_stats
+    from stellar_tok.evaluation.fid import FeatureStats, feature_stats
 
     rng = np.random.default_rng(0)
     batches = [np.abs(rng.normal(3, 1, (k, 6))) for k in (1, 7, 3, 50, 2)]

@@ -1,13 +1,13 @@
 """FSDP2 on the CPU: `accelerate launch --config_file configs/accelerate/fsdp_h14.yaml` with two gloo processes trains
 the tiny tokenizer, writes sharded checkpoints, exports a whole tokenizer and resumes (accelerate's own FSDP2 path:
-`stellar_tok.engine.fsdp_on_cpu` switches it on where accelerate would fall back to DDP without GPUs)."""
+`stellar_tok.training.engine.fsdp_on_cpu` switches it on where accelerate would fall back to DDP without GPUs)."""
 import json
 import os
 
 import torch
 
 from stellar_tok import StellarTokenizer
-from stellar_tok.checkpoint import find_checkpoints, verify_checkpoint
+from stellar_tok.training.checkpoint import find_checkpoints, verify_checkpoint
 from conftest import launch_two_processes
 
 FSDP_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", "fsdp_h14.yaml")
@@ -57,7 +57,7 @@ def test_fsdp2_trains_exports_and_resumes(tmp_path):
 
     from stellar_tok.config import load_config
     from stellar_tok.data import build_loader
-    from stellar_tok.tokenizer_training import compute_latent_stats
+    from stellar_tok.training.tokenizer_setup import compute_latent_stats
 
     cfg = load_config(ARGS)
     loader = build_loader(OmegaConf.merge(cfg.data, {"resolution": cfg.model.image_size}), cfg.optim.batch_size, "val")

@@ -10,7 +10,7 @@ from conftest import TINY_MODEL, launch_two_processes, make_tiny_tokenizer, toke
 
 from generators import LatentDiT, StellarDiTPipeline
 from generators.flow import flatten_latent, flow_loss, sample_latents, split_latent
-from stellar_tok.latent import LatentStats
+from stellar_tok.model.latent import LatentStats
 
 # the tests' tokenizer: 16 tokens x 8 channels, 8x8 patch grid
 R, C, G = TINY_MODEL["num_tokens"], TINY_MODEL["latent_channels"], TINY_MODEL["image_size"] // TINY_MODEL["patch_size"]
@@ -254,7 +254,7 @@ def test_class_accuracy_ceiling_of_a_tokenizer(tmp_path, capsys):
     from generators.judge import ceiling, class_accuracy
     from generators.class_accuracy import main as ca_main
     from stellar_tok.data import build_dataset
-    from stellar_tok.metrics import to_uint8
+    from stellar_tok.evaluation.metrics import to_uint8
 
     class Bright(torch.nn.Module):  # class 1 when the top half is brighter than the bottom half
         def forward(self, x):

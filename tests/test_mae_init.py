@@ -1,6 +1,6 @@
 """model.init_from=DIR: the encoder from a Hugging Face ViT-MAE folder equals `transformers`' own encoder.
 
-`transformers` is a dev dependency only (stellar_tok.mae_init reads the json and the tensors itself); here it
+`transformers` is a dev dependency only (stellar_tok.model.mae_init reads the json and the tensors itself); here it
 builds tiny random ViT-MAE folders (hidden 64, 2 layers, 4 heads, patch 4, 16 px) to compare against."""
 import os
 import shutil
@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from stellar_tok import StellarTokenizer
 from stellar_tok.errors import UserError
-from stellar_tok.mae_init import load_mae_encoder
-from stellar_tok.vit import interpolate_pos_embed
+from stellar_tok.model.mae_init import load_mae_encoder
+from stellar_tok.model.vit import interpolate_pos_embed
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from stellar_tok.data import build_dataset
 from stellar_tok.probe import main
-from stellar_tok.probing import augmented_probe, run_probes, split_batches, spread_subset
+from stellar_tok.evaluation.probing import augmented_probe, run_probes, split_batches, spread_subset
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping a bad sample:UserWarning")
 

@@ -11,7 +11,7 @@ from conftest import TINY_MODEL, tokenize_shapes
 
 from generators import LatentDiT
 from stellar_tok import StellarTokenizer
-from stellar_tok.latent import LatentStats
+from stellar_tok.model.latent import LatentStats
 
 R, C, G = 16, 8, 8  # the tests' tokenizer: 16 tokens x 8 channels, 8x8 patch grid
 
@@ -146,8 +146,8 @@ def test_ema_decay_and_betas_are_what_the_configs_say(run):
 
 def test_a_retrained_decoder_decodes_the_generator_a_new_encoder_does_not(run, capsys):
     from generators.sample import main as sample_main
-    from stellar_tok.latent_data import tokenizer_fingerprint
-    from stellar_tok.tokenizer_training import load_frozen_encoder
+    from stellar_tok.latents.dataset import tokenizer_fingerprint
+    from stellar_tok.training.tokenizer_setup import load_frozen_encoder
 
     root, tok = run
     gen = root / "run" / "generator"
@@ -170,7 +170,7 @@ def test_a_retrained_decoder_decodes_the_generator_a_new_encoder_does_not(run, c
     with pytest.raises(SystemExit):
         sample_main(common + [f"tokenizer={root / 'other'}", f"out={root / 's_other'}"])
     assert "another tokenizer" in capsys.readouterr().err
-    from stellar_tok.latent import latent_fingerprint
+    from stellar_tok.model.latent import latent_fingerprint
 
     assert LatentDiT.from_pretrained(str(gen)).config.tokenizer_hash == latent_fingerprint(tok) == latent_fingerprint(redec)
     # a generator folder from before: it carries the whole tokenizer's fingerprint; the tokenizer itself still fits
@@ -183,8 +183,8 @@ def test_a_retrained_decoder_decodes_the_generator_a_new_encoder_does_not(run, c
 
 def test_latents_record_their_latent_fingerprint_so_a_generator_needs_no_tokenizer_at_hand(run, capsys):
     from generators.train import latent_hash
-    from stellar_tok.latent import latent_fingerprint
-    from stellar_tok.latent_data import tokenizer_fingerprint
+    from stellar_tok.model.latent import latent_fingerprint
+    from stellar_tok.latents.dataset import tokenizer_fingerprint
 
     root, tok = run
     manifest = json.load(open(root / "lat" / "manifest.json"))

@@ -7,13 +7,13 @@ import torch
 from conftest import TINY_MODEL, launch_two_processes, make_tiny_tokenizer
 
 import stellar_tok.tokenize as tokmod
-import stellar_tok.tokenizing as tokenizing
+import stellar_tok.latents.writer as tokenizing
 from stellar_tok import Latent, StellarTokenizer
 from stellar_tok.config import load_config
 from stellar_tok.data import build_dataset
 from stellar_tok.errors import UserError
-from stellar_tok.latent_data import LatentDataset, collate_latents, read_shard_meta
-from stellar_tok.tokenizing import TokenizeConfig, tokenize
+from stellar_tok.latents.dataset import LatentDataset, collate_latents, read_shard_meta
+from stellar_tok.latents.writer import TokenizeConfig, tokenize
 
 N = 72  # shapes images in the tests' train split
 
@@ -163,7 +163,7 @@ def test_sets_of_the_first_format_still_read(written, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from stellar_tok.latent_data import latent_shapes
+    from stellar_tok.latents.dataset import latent_shapes
 
     new, old = written[0], tmp_path / "old"
     shutil.copytree(new, old)

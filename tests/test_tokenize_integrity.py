@@ -11,11 +11,11 @@ from conftest import make_tiny_tokenizer
 from PIL import Image
 
 import stellar_tok.tokenize as tokmod
-import stellar_tok.tokenizing as tokenizing
+import stellar_tok.latents.writer as tokenizing
 from stellar_tok.config import load_config
 from stellar_tok.errors import UserError
-from stellar_tok.latent_data import LatentDataset
-from stellar_tok.tokenizing import TokenizeConfig, tokenize
+from stellar_tok.latents.dataset import LatentDataset
+from stellar_tok.latents.writer import TokenizeConfig, tokenize
 
 
 @pytest.fixture(scope="module")

@@ -195,8 +195,8 @@ def test_dense_decoder_trains_through_the_trainer_objective(images):
     from omegaconf import OmegaConf
 
     from stellar_tok.config import Config
-    from stellar_tok.objective import TokenizerWithHeads
-    from stellar_tok.views import make_views
+    from stellar_tok.training.objective import TokenizerWithHeads
+    from stellar_tok.data.views import make_views
 
     torch.manual_seed(0)
     cfg = OmegaConf.structured(Config)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stellar_tok import StellarTokenizer
-from stellar_tok.checkpoint import find_checkpoints
+from stellar_tok.training.checkpoint import find_checkpoints
 from stellar_tok.train import main
 from conftest import launch_two_processes
 
@@ -115,7 +115,7 @@ def test_epochs_set_the_run_length(tmp_path):
 def test_gan_step_sees_only_the_hinge_gradient(tmp_path, monkeypatch):
     """In the trainer, when the discriminator's loss is computed the discriminator holds no gradient from the
     generator's adversarial term (which would otherwise be added to its hinge gradient and stepped on)."""
-    from stellar_tok.reconstruction import ReconstructionLoss
+    from stellar_tok.losses.reconstruction import ReconstructionLoss
 
     seen = []
     real = ReconstructionLoss.discriminator_loss
@@ -161,7 +161,7 @@ def test_a_step_leaves_its_scalars_on_the_device_and_log_steps_read_them(tmp_pat
 def test_latent_stats_at_the_model_size(tmp_path):
     """The exported statistics are those of held-out images at model.image_size, though training loads 48 px images."""
     from stellar_tok.data import build_loader
-    from stellar_tok.tokenizer_training import compute_latent_stats
+    from stellar_tok.training.tokenizer_setup import compute_latent_stats
 
     out = str(tmp_path / "run")
     main(SMALL + ["data.resolution=48", "data.train_size=64", "train.steps=2", "train.image_every=1000", f"train.output_dir={out}"])
@@ -183,7 +183,7 @@ def test_latent_stats_on_val_path_images(tmp_path):
     from stellar_tok.config import load_config
     from stellar_tok.data import build_loader
     from stellar_tok.errors import UserError
-    from stellar_tok.tokenizer_training import compute_latent_stats
+    from stellar_tok.training.tokenizer_setup import compute_latent_stats
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 16), ("val", 16)):
@@ -213,8 +213,8 @@ def test_latent_stats_on_val_path_images(tmp_path):
 
 def test_progress_follows_the_time_budget_not_the_step_count():
     """train.steps=100000 train.max_minutes=4: the bar counts percent of the budget, so its ETA is the budget's."""
-    from stellar_tok.budget import Budget, RunProgress
-    from stellar_tok.checkpoint import TrainState
+    from stellar_tok.training.budget import Budget, RunProgress
+    from stellar_tok.training.checkpoint import TrainState
 
     state = TrainState()
     bar = RunProgress(Budget(state, max_minutes=4), 100000, 0, True, "train")

@@ -8,7 +8,7 @@ dict or an object with its attributes, read once into a DataConfig (`as_data_con
 Four sources (``data_cfg.name``):
 
 ``shapes``
-    The procedural 8-class set of `stellar_tok.shapes` (no download). ``train_size`` / ``val_size``
+    The procedural 8-class set of `stellar_tok.data.shapes` (no download). ``train_size`` / ``val_size``
     images; the val split is rendered from a seed disjoint from the train seed (``embedded.py``).
 ``digits``
     scikit-learn's bundled ``load_digits`` (1,797 8 x 8 grey digits, 10 classes): a fixed permutation,
@@ -47,7 +47,15 @@ from torch.utils.data import DataLoader
 
 from .embedded import DIGITS_TRAIN_SIZE, ArrayDataset, digits_dataset, shapes_dataset
 from .folder import FolderDataset, find_images, folder_dataset, folder_heldout_is_train
-from .images import IMAGE_EXTENSIONS, MIN_IMAGE_SIDE, ImageSample, collate_samples, is_image_file, load_rgb, resize_and_crop
+from .images import (
+    IMAGE_EXTENSIONS,
+    MIN_IMAGE_SIDE,
+    ImageSample,
+    collate_samples,
+    is_image_file,
+    load_rgb,
+    resize_and_crop,
+)
 from .settings import DATA_NAMES, SPLITS, DataError, as_data_config, check_name_split, positive_int
 from .shards import (
     WDS_IMAGE_KEYS,
@@ -142,7 +150,7 @@ def build_loader(data_cfg: Any, batch_size: int, split: str = "train", num_worke
     """A DataLoader over `build_dataset` yielding ``(images uint8 (B,3,R,R), labels int64 (B,))``.
 
     ``views`` (a views config) for the train split of file-backed data (folder, wds): the loader cuts the
-    training views from each decoded original (`stellar_tok.crops.ViewCropper`) and yields
+    training views from each decoded original (`stellar_tok.data.crops.ViewCropper`) and yields
     ``({"main": (B,3,G,G), "global": (B,M-1,3,G,G), "local": (B,n,3,l,l)} uint8, labels)``; ``data.resolution``
     is then not used. In-memory data sets (shapes, digits) are their own originals and yield images as
     without ``views``: their views are cut from the batch on the device.
@@ -165,7 +173,7 @@ def build_loader(data_cfg: Any, batch_size: int, split: str = "train", num_worke
                   drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
     cropper = None
     if views is not None and train and name in ("folder", "wds"):
-        from ..crops import ViewCropper
+        from .crops import ViewCropper
 
         cropper = ViewCropper(views)
     if name == "wds":

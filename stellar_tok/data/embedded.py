@@ -1,7 +1,7 @@
 """The embedded data sets, held in memory and needing no download: procedural shapes and scikit-learn's digits.
 
 Both are `ArrayDataset`s over uint8 ``(N, R, R, 3)`` arrays with int labels. `shapes_dataset` renders the
-8-class set of `stellar_tok.shapes` (``data.train_size`` / ``data.val_size`` images; val from a seed far from
+8-class set of `stellar_tok.data.shapes` (``data.train_size`` / ``data.val_size`` images; val from a seed far from
 any train seed); `digits_dataset` takes the 1,797 8 x 8 grey digits of ``load_digits`` in a fixed permutation,
 the first 1,500 for train and the other 297 for val, scaled to 0..255, bilinearly upsampled to ``R`` and
 replicated to 3 channels. The arrays are public (``images``, ``labels``, ``classes``) for code that wants
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
-from ..shapes import SHAPE_CLASSES, render_shapes
+from stellar_tok.config import DataConfig
+from .shapes import SHAPE_CLASSES, render_shapes
 from .images import ImageSample
 from .settings import positive_int
 

@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from ..files import atomic_write_json
+from stellar_tok.files import atomic_write_json
 from .settings import DataError
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"

@@ -5,7 +5,7 @@
 val when set, else ``path/train`` and ``path/val`` when both exist, else the whole folder for both splits
 (`folder_heldout_is_train` says when val thus falls back to training images). `FolderDataset` decodes each
 file with `load_rgb` and cuts an ``R x R`` square (random for train, central for val), or the training views
-of a `stellar_tok.crops.ViewCropper`; a bad file is skipped and counted, and the next good image served.
+of a `stellar_tok.data.crops.ViewCropper`; a bad file is skipped and counted, and the next good image served.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..config import DataConfig
+from stellar_tok.config import DataConfig
 from .images import IMAGE_EXTENSIONS, ImageSample, is_image_file, load_rgb, resize_and_crop
 from .settings import SPLITS, DataError, held_out_path, require_path
 from .skips import BadSample, SkipCounter, skip_counter
@@ -100,7 +100,7 @@ class FolderDataset(Dataset):
         self.classes = list(classes)
         self.resolution = int(resolution)
         self.random_crop = bool(random_crop)
-        self.cropper = cropper  # stellar_tok.crops.ViewCropper: items are training views cut from the original
+        self.cropper = cropper  # stellar_tok.data.crops.ViewCropper: items are training views cut from the original
         self.skips = skips if skips is not None else skip_counter()
         self._bad: dict[int, str] = {}
 

@@ -110,7 +110,7 @@ def resize_and_crop(img: Image.Image, resolution: int, random_crop: bool) -> tor
 
 def collate_samples(batch: Sequence[tuple[Any, int]]) -> tuple[Any, torch.Tensor]:
     """Stack ``(image, label)`` items into uint8 ``(B, 3, R, R)`` images and int64 ``(B,)`` labels; items whose
-    image is a dict of views (`stellar_tok.crops`) give a dict of stacked views."""
+    image is a dict of views (`stellar_tok.data.crops`) give a dict of stacked views."""
     first = batch[0][0]
     if isinstance(first, dict):
         images = {k: torch.stack([item[0][k] for item in batch]) for k in first}

@@ -17,8 +17,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..config import DataConfig
-from ..errors import UserError
+from stellar_tok.config import DataConfig
+from stellar_tok.errors import UserError
 from .images import MIN_IMAGE_SIDE
 
 DATA_NAMES = ("shapes", "digits", "folder", "wds")

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import webdataset as wds
 
-from ..config import DataConfig
+from stellar_tok.config import DataConfig
 from .images import IMAGE_EXTENSIONS, ImageSample, load_rgb, resize_and_crop
 from .settings import SPLITS, DataError, as_data_config, held_out_path, positive_int, require_path
 from .skips import BadSample, SkipCounter, skip_counter
@@ -111,7 +111,7 @@ def decode_wds_sample(sample: dict, make_image, skips: SkipCounter, where: str) 
 def decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop: bool, skips: SkipCounter,
                          with_keys: bool = False, cropper=None) -> Iterator[ImageSample]:
     """Pipeline stage: raw webdataset samples -> `ImageSample`s (or ``(ImageSample, __key__)`` pairs when
-    ``with_keys``), skipping and counting bad ones; with a `stellar_tok.crops.ViewCropper`, the image of each
+    ``with_keys``), skipping and counting bad ones; with a `stellar_tok.data.crops.ViewCropper`, the image of each
     sample is its training views."""
     make = cropper or (lambda data: resize_and_crop(load_rgb(data, target=resolution), resolution, random_crop))
     for sample in samples:

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .errors import UserError
+from stellar_tok.errors import UserError
 
 CROP = "centre"  # shorter side resized to data.resolution (bicubic, antialiased), then the central square
 
@@ -88,7 +88,7 @@ def _is_local(url: str) -> bool:
 
 def _split_urls(data_cfg, split: str) -> list[str]:
     """The shards of `split` as `stellar_tok.data` resolves them (data.val_path for val when set)."""
-    from .data import wds_shards
+    from stellar_tok.data import wds_shards
 
     return wds_shards(data_cfg, split)[0]
 
@@ -100,7 +100,7 @@ def _shard_labels(url: str) -> list[tuple[str, int]]:
 
     from webdataset.tariterators import base_plus_ext
 
-    from .data import WDS_IMAGE_KEYS
+    from stellar_tok.data import WDS_IMAGE_KEYS
 
     members: dict[str, dict] = {}
     if _is_local(url):
@@ -121,7 +121,7 @@ def _shard_labels(url: str) -> list[tuple[str, int]]:
         except (OSError, tarfile.TarError):
             return []  # the decoding pass skips and counts it
     else:  # remote: read the stream (labels are not separable from the images there)
-        from .data import tar_samples
+        from stellar_tok.data import tar_samples
 
         for sample in tar_samples([{"url": url}]):
             e = members.setdefault(sample["__key__"], {})
@@ -168,7 +168,7 @@ class ReferenceImages:
     @property
     def dataset(self):
         """The whole split as a map-style data set with centre crops (built once)."""
-        from .data import FolderDataset, build_dataset
+        from stellar_tok.data import FolderDataset, build_dataset
 
         ds = build_dataset(self.data_cfg, self.split) if self._dataset is None else self._dataset
         if isinstance(ds, FolderDataset) and (ds.random_crop or ds.cropper is not None):
@@ -202,7 +202,7 @@ class ReferenceImages:
     def _pipeline(self):
         import webdataset as wds
 
-        from .data import decode_shard_samples, skip_counter, tar_samples
+        from stellar_tok.data import decode_shard_samples, skip_counter, tar_samples
 
         skips = skip_counter()
         stages = [wds.SimpleShardList(self._urls), wds.split_by_worker, functools.partial(tar_samples, skips=skips)]
@@ -257,7 +257,7 @@ class ReferenceImages:
         """A DataLoader of `(uint8 (B,3,R,R), int64 labels)` over the chosen images, in order, each once."""
         from torch.utils.data import DataLoader, Subset
 
-        from .data import collate_samples
+        from stellar_tok.data import collate_samples
 
         workers = auto_workers(self.data_cfg, num_workers)
         if self._urls is not None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from stellar_tok.errors import UserError
 
 
 def load_frozen_encoder(tokenizer, path: str) -> None:
     """Everything but the decoder from the tokenizer exported at `path`; then a fresh, trainable decoder, the rest frozen."""
-    from .tokenizer import StellarTokenizer
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     source = StellarTokenizer.from_pretrained(path)
     encoder = {k: v for k, v in source.state_dict().items() if not k.startswith(StellarTokenizer.DECODER_PREFIXES)}
@@ -26,9 +26,9 @@ def load_frozen_encoder(tokenizer, path: str) -> None:
 @torch.no_grad()
 def compute_latent_stats(tokenizer, loader, device, batches: int):
     """Per-channel mean/std of z and scalar mean/std of log L over `batches` clean batches of `loader` (the same
-    float64 sums as a tokenized latent set's statistics, `stellar_tok.latent_data.StatsAccumulator`)."""
-    from .latent_data import StatsAccumulator
-    from .views import to_unit_range
+    float64 sums as a tokenized latent set's statistics, `stellar_tok.latents.dataset.StatsAccumulator`)."""
+    from stellar_tok.latents.dataset import StatsAccumulator
+    from stellar_tok.data.views import to_unit_range
 
     acc = StatsAccumulator(tokenizer.config.latent_channels)
     for i, (images, _) in enumerate(loader):

@@ -30,8 +30,8 @@ import warnings
 
 import torch
 
-from .errors import UserError
-from .files import atomic_write_json, fsync_dir
+from stellar_tok.errors import UserError
+from stellar_tok.files import atomic_write_json, fsync_dir
 
 MANIFEST = "manifest.json"
 STATE_JSON = "trainer_state.json"

@@ -35,10 +35,10 @@ import torch
 
 from .budget import Budget, RunProgress
 from .checkpoint import Checkpointer, TrainState, epoch_batches
-from .errors import UserError
-from .files import atomic_write_json, atomic_write_text
+from stellar_tok.errors import UserError
+from stellar_tok.files import atomic_write_json, atomic_write_text
 from .guards import GracefulStop, NonFiniteGuard
-from .launch import describe_launch
+from stellar_tok.launch import describe_launch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class TrainingRun:
     # --- set-up ---------------------------------------------------------------------------
     def lr_scheduler(self, opt):
         """The LR of `opt` (before `accelerator.prepare`): linear warm-up, then a cosine over the steps or the time
-        budget, whichever is further along (stellar_tok.budget). `fit` steps it once per trained step."""
+        budget, whichever is further along (stellar_tok.training.budget). `fit` steps it once per trained step."""
         o = self.optim_cfg
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, self.budget.lr_schedule(o.warmup_steps, self.total, o.min_lr_ratio))
         return self.sched

@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from .errors import UserError
+from stellar_tok.errors import UserError
 from .vit import interpolate_pos_embed
 
 GET_IT = "hf download facebook/vit-mae-base --local-dir DIR"  # (vit-mae-large / vit-mae-huge for L / H)

@@ -2,7 +2,7 @@
 
 `tokenize(cfg, tokenizer=None)` does the work and returns the summary; ``cfg`` follows `TokenizeConfig`. What it
 writes, how the work is split between processes, resumed and refused: the command's help
-(`stellar_tok.tokenize`), and the format: `stellar_tok.latent_data`.
+(`stellar_tok.tokenize`), and the format: `stellar_tok.latents.dataset`.
 """
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from typing import Iterator, Optional
 import torch
 from omegaconf import OmegaConf
 
-from .config import DataConfig, check_precision
-from .errors import UserError
-from .files import atomic_write_json
-from .latent import latent_fingerprint
-from .latent_data import DTYPES, FORMAT, SHARD_DIR, StatsAccumulator, read_shard_meta, tokenizer_fingerprint, write_shard
+from stellar_tok.config import DataConfig, check_precision
+from stellar_tok.errors import UserError
+from stellar_tok.files import atomic_write_json
+from stellar_tok.model.latent import latent_fingerprint
+from .dataset import DTYPES, FORMAT, SHARD_DIR, StatsAccumulator, read_shard_meta, tokenizer_fingerprint, write_shard
 
 
 @dataclass
@@ -71,7 +71,7 @@ class _KeyedFolder(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i):
-        from .data import BadSample
+        from stellar_tok.data import BadSample
 
         j = self.indices[i]
         try:
@@ -91,7 +91,7 @@ def _collate_keyed(batch):
 
 def _describe(exn: Exception) -> str:
     """One line for a read error (webdataset appends the stream and URL to the arguments; keep the message)."""
-    from .data.shards import read_error_message
+    from stellar_tok.data.shards import read_error_message
 
     message = next((l.strip() for l in read_error_message(exn).split(" @ ")[0].splitlines() if l.strip()), "")
     return f"{type(exn).__name__}: {message}" if message else type(exn).__name__
@@ -122,7 +122,7 @@ def _tar_samples_strict(url: str, read: _Read) -> Iterator[dict]:
 def _wds_items(url: str, resolution: int, skips, read: _Read) -> Iterator[tuple[torch.Tensor, int, str]]:
     """Decoded (image, label, key) of one input tar; bad samples are skipped and counted in `skips`, as the
     training reader does (`stellar_tok.data`); a read error stops the stream (see `_tar_samples_strict`)."""
-    from .data import decode_wds_sample, load_rgb, resize_and_crop
+    from stellar_tok.data import decode_wds_sample, load_rgb, resize_and_crop
 
     make = lambda data: resize_and_crop(load_rgb(data, target=resolution), resolution, False)  # noqa: E731  centre crop
     for sample in _tar_samples_strict(url, read):
@@ -132,7 +132,7 @@ def _wds_items(url: str, resolution: int, skips, read: _Read) -> Iterator[tuple[
 
 
 def _batches(dataset, work: _Work, cfg, skips, read: _Read) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    from .data import ArrayDataset, FolderDataset
+    from stellar_tok.data import ArrayDataset, FolderDataset
 
     bs = cfg.batch_size
     if isinstance(dataset, ArrayDataset):  # in memory: slice the arrays, no per-item work
@@ -168,7 +168,7 @@ def _list_hash(items) -> str:
 def _plan(cfg) -> tuple[object, list[_Work], list[str], Optional[dict]]:
     """The data set (None for webdataset), the units of work in order, the class names, and the input list
     (count and hash of the shard URLs, or of the folder's relative paths and labels; None for embedded sets)."""
-    from .data import ArrayDataset, FolderDataset, build_dataset, wds_shards
+    from stellar_tok.data import ArrayDataset, FolderDataset, build_dataset, wds_shards
 
     name = cfg.data.name
     if name == "wds":
@@ -228,9 +228,9 @@ def tokenize(cfg, tokenizer=None) -> dict:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from .data import FolderDataset, SkipCounter, reset_skipped_samples
-    from .launch import describe_launch
-    from .tokenizer import StellarTokenizer
+    from stellar_tok.data import FolderDataset, SkipCounter, reset_skipped_samples
+    from stellar_tok.launch import describe_launch
+    from stellar_tok.model.tokenizer import StellarTokenizer
 
     if not cfg.out:
         raise UserError("out=DIR is required (the latent folder to write)")
@@ -359,7 +359,7 @@ def _shard_done(meta: Optional[dict], w: _Work, fingerprint: str) -> bool:
 
 def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, tokenizer_path=None, latent_hash=None) -> dict:
     """Write manifest.json (and stats.json when no shard failed) from the shards' metadata. `latent_hash`: the
-    tokenizer's latent fingerprint (stellar_tok.latent.latent_fingerprint), which a generator trained on these
+    tokenizer's latent fingerprint (stellar_tok.model.latent.latent_fingerprint), which a generator trained on these
     latents records, so that it needs no tokenizer at hand."""
     shard_dir = os.path.join(out, SHARD_DIR)
     fingerprint = identity["tokenizer_hash"]

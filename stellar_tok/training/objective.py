@@ -10,8 +10,8 @@ import copy
 import torch
 import torch.nn as nn
 
-from .alignment import AlignmentLoss
-from .tokenizer import StellarTokenizer
+from stellar_tok.losses.alignment import AlignmentLoss
+from stellar_tok.model.tokenizer import StellarTokenizer
 
 
 class TokenizerWithHeads(nn.Module):

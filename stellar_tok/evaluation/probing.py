@@ -22,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .data import FolderDataset, ImageSample, load_rgb
-from .errors import UserError
+from stellar_tok.data import FolderDataset, ImageSample, load_rgb
+from stellar_tok.errors import UserError
 
 PROTOCOLS = ("cached", "augmented")
 FEATURE_KINDS = ("tokens", "cls", "lowrank", "pixels")
@@ -195,7 +195,7 @@ def _is_stream(data_cfg) -> bool:
 
 def split_batches(data_cfg, split: str, n: int, batch_size: int, seed: int = 0, num_workers: int = 0, dataset=None):
     """A loader of `(images uint8 (B,3,R,R), labels)` over the `split`, each image once, in a fixed order, centre crops:
-    `stellar_tok.fid_reference.ReferenceImages`, the images `stellar_tok.evaluate` probes too. `n` images (0: all): a
+    `stellar_tok.evaluation.fid_reference.ReferenceImages`, the images `stellar_tok.evaluate` probes too. `n` images (0: all): a
     seeded subset spread over the classes, for wds shards as well (their labels are read first). Never the training
     stream: no random crops, and no shards resampled with replacement. `dataset`: the split's map-style data set if
     already built (shapes renders its images when built)."""
@@ -279,7 +279,7 @@ def augmented_train_batches(data_cfg, size: int, n: int, batch_size: int, seed: 
     or a seeded subset spread over the classes, reshuffled every epoch (seeded); wds: `n` (or
     data.epoch_size) images of the train stream per epoch, cropped in this process. `dataset`: the train
     split's map-style data set if already built."""
-    from .data import build_dataset, build_loader
+    from stellar_tok.data import build_dataset, build_loader
 
     if _is_stream(data_cfg):
         loader = build_loader(data_cfg, batch_size, "train", num_workers=num_workers, drop_last=False)
@@ -362,7 +362,7 @@ def augmented_probe(tokenizer, data_cfg, kinds=("tokens",), epochs: int = 30, ba
     `log` receives a one-line summary before the work."""
     from tqdm.auto import tqdm
 
-    from .data import build_dataset
+    from stellar_tok.data import build_dataset
 
     device = torch.device(device)
     size = int(tokenizer.config.image_size) if tokenizer is not None else int(data_cfg.resolution)

@@ -16,7 +16,7 @@ import signal
 
 import torch
 
-from .errors import UserError
+from stellar_tok.errors import UserError
 
 
 class GracefulStop:

@@ -17,7 +17,7 @@ never an upsampled patch when the photo has the pixels. So, per sample and in th
         global  (M-1,3,G,G)  the further global crops (the first masked view is a copy of main)
         local   (n,3,l,l)    the local crops
 
-Colour, blur, noise and masks are drawn per image on the training device (`stellar_tok.views.make_views`).
+Colour, blur, noise and masks are drawn per image on the training device (`stellar_tok.data.views.make_views`).
 In-memory data sets (shapes, digits) are their own originals: their views are cut on the device from the
 whole batch, with the same rule.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import BadSample, load_rgb
+from stellar_tok.data import BadSample, load_rgb
 
 RATIO = (3 / 4, 4 / 3)
 _ORIENTATION_SWAPS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees (width and height swap)

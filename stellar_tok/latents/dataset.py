@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import UserError
-from .files import atomic_path
-from .latent import Latent, LatentStats, hash_state_dict
+from stellar_tok.errors import UserError
+from stellar_tok.files import atomic_path
+from stellar_tok.model.latent import Latent, LatentStats, hash_state_dict
 
 FORMAT = "stellar-latents/2"
 READABLE_FORMATS = ("stellar-latents/1", FORMAT)

@@ -202,5 +202,5 @@ class AlignmentLoss(nn.Module):
                 usedc = torch.zeros(q_cls.shape[-1], device=q_cls.device)
                 usedc[cls0.argmax(-1)] = 1
                 logs["cls_proto_used"] = _all_reduce(usedc).clamp(max=1).mean()
-        # logs stay 0-d tensors on the device: the trainer reads them at its log steps only (stellar_tok.engine.as_floats)
+        # logs stay 0-d tensors on the device: the trainer reads them at its log steps only (stellar_tok.training.engine.as_floats)
         return total, {**{k: v.detach() for k, v in terms.items()}, **logs}

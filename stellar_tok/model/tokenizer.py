@@ -18,7 +18,7 @@ never sees them.
 
 Shapes in comments use B batch, N patches (grid*grid), r sparse tokens, d encoder width,
 c latent channels, e decoder width, K kept patches of a masked view. One name per quantity, in code, dict keys
-and docs: S = ``sparse``, z = ``z``, L = ``loc``, log L = ``log_loc``, F = ``lowrank`` (`stellar_tok.latent`).
+and docs: S = ``sparse``, z = ``z``, L = ``loc``, log L = ``log_loc``, F = ``lowrank`` (`stellar_tok.model.latent`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
-from .files import SafetensorsOnly
+from stellar_tok.files import SafetensorsOnly
 from .latent import Latent, LatentStatsBuffers
 from .vit import Block, FourierPositionEncoding, interpolate_pos_embed, sincos_pos_embed
 

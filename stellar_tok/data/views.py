@@ -12,7 +12,7 @@ drew colour jitter, blur and grayscale once per batch, so one step in five saw o
         local   n x (B,3,l,l)     local crops (they contribute through their CLS only)
 
 Where the crops are cut: file-backed data (folder, wds) is cut in the data loader from each decoded
-original (`stellar_tok.crops`: a view never comes from a smaller copy of the image), and `make_views` gets
+original (`stellar_tok.data.crops`: a view never comes from a smaller copy of the image), and `make_views` gets
 those crops; in-memory data sets (shapes, digits) are their own originals, and `make_views` cuts their
 views here from the batch (`random_crop`), with the same rule.
 """
@@ -150,7 +150,7 @@ def sample_keep(b, grid, mask_ratio, g, device, focal_p=0.0, focal_sigma=(0.1, 0
 
 
 def to_unit_range(batch, device):
-    """uint8 images, or a dict of uint8 crops (`stellar_tok.crops`), -> float in [-1, 1] on `device`."""
+    """uint8 images, or a dict of uint8 crops (`stellar_tok.data.crops`), -> float in [-1, 1] on `device`."""
     if isinstance(batch, dict):
         return {k: v.to(device, non_blocking=True).float() / 127.5 - 1 for k, v in batch.items()}
     return batch.to(device, non_blocking=True).float() / 127.5 - 1

@@ -8,7 +8,7 @@
 unit-variance form, with per-channel statistics of z and the scalar mean/std of log L (`LatentStats`). A
 normalised latent remembers the statistics it was normalised with (`latent.stats`), so `denormalize()` and
 `StellarTokenizer.decode` undo exactly that normalisation, whether the statistics are the ones the tokenizer
-ships or those of a latent data set (`stellar_tok.latent_data`). Generators model the normalised form.
+ships or those of a latent data set (`stellar_tok.latents.dataset`). Generators model the normalised form.
 
 Names used across the package: S = ``sparse`` (B,r,d), z = ``z`` (B,r,c), L = ``loc`` (B,N,r), log L =
 ``log_loc``, F = L·S = ``lowrank`` (B,N,d). The names ``tokens`` and ``loc`` of older versions for z and log L
@@ -173,7 +173,7 @@ def latent_fingerprint(tokenizer: torch.nn.Module) -> str:
     statistics the tokenizer ships. They are re-measured on export (a decoder_from run gets its own, which move
     with its batch size and device), they do not change a single latent value, and a generator denormalises its
     samples with its own statistics (LatentDiT.latent_stats), not the tokenizer's."""
-    from .config import DECODER_KEYS  # the keys train.decoder_from lets a run choose
+    from stellar_tok.config import DECODER_KEYS  # the keys train.decoder_from lets a run choose
 
     skip = tuple(getattr(tokenizer, "DECODER_PREFIXES", ()))
     h = hashlib.sha256(b"stellar latent v1")

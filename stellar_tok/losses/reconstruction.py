@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from stellar_tok.errors import UserError
 
 
 def backbone_weights_path(net: str = "vgg") -> str:
@@ -32,7 +32,7 @@ def build_lpips(random_backbone: bool, net: str = "vgg") -> nn.Module:
 
     if net not in ("vgg", "alex"):
         raise UserError(f"recon.lpips_net must be 'vgg' or 'alex' (got {net!r})")
-    from .files import weights_only_loads
+    from stellar_tok.files import weights_only_loads
 
     with warnings.catch_warnings(), weights_only_loads():  # the backbone and linear-layer files are never fully unpickled
         warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation notes
