@@ -29,8 +29,17 @@ import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from benchmarks.common import fmt, machine, parse_kv, run_logged, write_section
+import torch
+from omegaconf import OmegaConf
+from torchvision.utils import make_grid, save_image
+
+from benchmarks.common import arg_text, changed_args, fmt, machine, parse_args, run_logged, write_section
+from stellar_tok import StellarTokenizer
+from stellar_tok.config import DataConfig
+from stellar_tok.data.reference import image_batches
+from stellar_tok.errors import UserError, cli_entry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "docs", "RESULTS.md")  # the verdict block lives in the results page
@@ -46,37 +55,47 @@ DATA = {  # name -> training overrides (digits: no rotations, as in the digits r
     "shapes": ["data.name=shapes"],
     "digits": ["data.name=digits", "views.rotation=0"],
 }
-DEFAULTS = {"minutes": "10", "data": "shapes,digits", "variants": ",".join(VARIANTS), "jobs": "2", "n_eval": "1000",
-            "seed": "0", "out": "runs/ablation", "readme": "true"}
 VERDICT_BEGIN, VERDICT_END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 
 
-def parse_args(argv: list[str]) -> dict:
-    args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.ablation")
+@dataclass
+class AblationArgs:
+    minutes: float = 10  # process CPU minutes per training run
+    data: str = "shapes,digits"  # comma-separated data sets: shapes, digits
+    variants: str = ",".join(VARIANTS)  # comma-separated: stellar, autoencoder, align_only, dense
+    jobs: int = 2  # runs at once, one thread each
+    n_eval: int = 1000  # held-out images evaluated
+    seed: int = 0  # train.seed and the probes' seed
+    out: str = "runs/ablation"  # runs go to out/<data>/<variant>/
+    readme: bool = True  # also write the verdict to docs/RESULTS.md
+
+
+def read_args(argv: list[str] | None) -> AblationArgs:
+    args = parse_args("python -m benchmarks.ablation", __doc__, AblationArgs, argv, "minutes=10 data=shapes")
     for key, allowed in (("data", DATA), ("variants", VARIANTS)):
-        bad = [x for x in args[key].split(",") if x not in allowed]
+        bad = [x for x in getattr(args, key).split(",") if x not in allowed]
         if bad:
-            sys.exit(f"{key}: unknown {bad}; choose from {', '.join(allowed)}")
+            raise UserError(f"{key}: unknown {bad}; choose from {', '.join(allowed)}")
     return args
 
 
-def train_overrides(data: str, variant: str, args: dict, run_dir: str) -> list[str]:
+def train_overrides(data: str, variant: str, args: AblationArgs, run_dir: str) -> list[str]:
     return ["config=configs/tokenizer/tiny.yaml", *DATA[data], *VARIANTS[variant][1], "train.steps=100000",
-            f"train.max_cpu_minutes={args['minutes']}", f"train.seed={args['seed']}", f"train.output_dir={run_dir}",
+            f"train.max_cpu_minutes={arg_text(args.minutes)}", f"train.seed={args.seed}", f"train.output_dir={run_dir}",
             "train.resume=auto", "train.progress=false"]
 
 
-def eval_overrides(data: str, args: dict, run_dir: str) -> list[str]:
+def eval_overrides(data: str, args: AblationArgs, run_dir: str) -> list[str]:
     return [f"tokenizer={run_dir}/tokenizer", f"data.name={data}", "tasks=recon,linear,knn", "lpips=none", "baselines=false",
-            f"n_eval={args['n_eval']}", f"seed={args['seed']}", f"out={run_dir}/eval", "progress=false"]
+            f"n_eval={args.n_eval}", f"seed={args.seed}", f"out={run_dir}/eval", "progress=false"]
 
 
-def run_one(data: str, variant: str, args: dict) -> dict:
+def run_one(data: str, variant: str, args: AblationArgs) -> dict:
     """Train (or reuse) and evaluate (or reuse) one run; returns its record."""
-    run_dir = os.path.join(args["out"], data, variant)
+    run_dir = os.path.join(args.out, data, variant)
     os.makedirs(run_dir, exist_ok=True)
     record_path = os.path.join(run_dir, "ablation_run.json")
-    settings = {"data": data, "variant": variant, "minutes": float(args["minutes"]), "seed": int(args["seed"]),
+    settings = {"data": data, "variant": variant, "minutes": args.minutes, "seed": args.seed,
                 "train": train_overrides(data, variant, args, run_dir)}
     record = json.load(open(record_path)) if os.path.exists(record_path) else {}
     if record.get("settings", settings) != settings:
@@ -144,16 +163,16 @@ def facts_line(runs: dict, data: str) -> str | None:
     return f"{data}: " + "; ".join(parts) + "." if parts else None
 
 
-def command_line(args: dict) -> str:
-    extra = " ".join(f"{k}={args[k]}" for k in ("minutes", "data", "variants", "n_eval", "seed") if args[k] != DEFAULTS[k])
+def command_line(args: AblationArgs) -> str:
+    extra = " ".join(changed_args(args, ["minutes", "data", "variants", "n_eval", "seed"]))
     return "STELLAR_TOK_CACHE=runs/eval/cache python -m benchmarks.ablation" + (f" {extra}" if extra else "")
 
 
-def table(runs: dict, args: dict) -> str:
+def table(runs: dict, args: AblationArgs) -> str:
     lines = ["| data | model | overrides | seed | latent numbers / image | steps × 64 | CPU min (process) | PSNR (dB) | SSIM | rFID | linear, mean of S | kNN, mean of S | linear, CLS | kNN, CLS |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for data in args["data"].split(","):
-        for variant in args["variants"].split(","):
+    for data in args.data.split(","):
+        for variant in args.variants.split(","):
             r = runs.get((data, variant))
             if r is None:
                 continue
@@ -165,8 +184,9 @@ def table(runs: dict, args: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(runs: dict, args: dict, pictures: list[str]) -> None:
-    datas = args["data"].split(",")
+def write_report(runs: dict, args: AblationArgs, pictures: list[str]) -> None:
+    datas = args.data.split(",")
+    minutes = arg_text(args.minutes)
     n_evals = ", ".join(f"{d} {next(r['n_eval'] for (dd, _), r in runs.items() if dd == d)}" for d in datas if any(dd == d for dd, _ in runs))
     n_trains = ", ".join(f"{d} {next(r['n_train'] for (dd, _), r in runs.items() if dd == d)}" for d in datas if any(dd == d for dd, _ in runs))
     verdicts = [(d, verdict(runs, d)) for d in datas]
@@ -175,8 +195,8 @@ def write_report(runs: dict, args: dict, pictures: list[str]) -> None:
 ```
 
 {machine()}. Each run: `configs/tokenizer/tiny.yaml` plus the overrides below (digits also `views.rotation=0`),
-`train.steps=100000 train.max_cpu_minutes={args['minutes']}`: every run stops after the same {args['minutes']} minutes of
-process CPU time, one thread each (`OMP_NUM_THREADS=1`), {args['jobs']} runs at a time. Seeds: `train.seed` as in
+`train.steps=100000 train.max_cpu_minutes={minutes}`: every run stops after the same {minutes} minutes of
+process CPU time, one thread each (`OMP_NUM_THREADS=1`), {args.jobs} runs at a time. Seeds: `train.seed` as in
 the table (initial weights, views), `data.seed=0`, probe seed = `train.seed`. "CPU min" is the whole training
 process (start-up, final statistics and export included), from `os.wait4`. Evaluation: `stellar_tok.evaluate` on
 the first held-out images of the val split ({n_evals}), probes trained on {n_trains} train images; LPIPS not
@@ -192,19 +212,19 @@ The criterion of the paper's claim: STELLAR within 1 dB PSNR of (a) and within 3
 
 """ + "\n".join(f"- {verdict_line(d, v)}" for d, v in verdicts if v) + "\n\n" + "\n".join(
         f"- {line}" for line in (facts_line(runs, d) for d in datas) if line) + ("\n\nReconstructions (first val images; rows: input, then "
-          + ", ".join(VARIANTS[v][0] for v in args["variants"].split(",")) + "): "
+          + ", ".join(VARIANTS[v][0] for v in args.variants.split(",")) + "): "
           + ", ".join(f"`docs/images/{os.path.basename(p)}`" for p in pictures) if pictures else "")
     write_section("The paper's claim at small scale (ablation)", body)
-    if args["readme"] == "true":
+    if args.readme:
         write_verdict(verdicts, args)
 
 
-def write_verdict(verdicts: list, args: dict) -> None:
+def write_verdict(verdicts: list, args: AblationArgs) -> None:
     lines = [VERDICT_BEGIN, "## The paper's claim at small scale", "",
              f"STELLAR (r = 16) against (a) the same model without alignment losses (an autoencoder), (b) without "
              f"reconstruction losses (alignment only) and (c) a decoder reading all patch features instead of L·S "
-             f"(`model.decoder_input=dense`), each trained for the same {args['minutes']} minutes of CPU time (one thread, "
-             f"seed {args['seed']}), evaluated as in `docs/EVALUATION.md` (`{command_line(args)}`; full table with rFID, kNN and CLS in "
+             f"(`model.decoder_input=dense`), each trained for the same {arg_text(args.minutes)} minutes of CPU time (one thread, "
+             f"seed {args.seed}), evaluated as in `docs/EVALUATION.md` (`{command_line(args)}`; full table with rFID, kNN and CLS in "
              f"`docs/BENCHMARKS.md`). The claim: PSNR within 1 dB of (a) and linear top-1 within 3 points of (b), both at once.", ""]
     lines += [f"- {verdict_line(d, v)}" for d, v in verdicts if v]
     if any(v and not (v["psnr_ok"] and v["linear_ok"]) for _, v in verdicts):
@@ -224,20 +244,12 @@ def write_verdict(verdicts: list, args: dict) -> None:
         f.write(text)
 
 
-def pictures(runs: dict, args: dict, n: int = 8) -> list[str]:
+def pictures(runs: dict, args: AblationArgs, n: int = 8) -> list[str]:
     """docs/images/ablation_<data>.png: input, then each variant's reconstruction of the first n val images."""
-    import torch
-    from omegaconf import OmegaConf
-    from torchvision.utils import make_grid, save_image
-
-    from stellar_tok import StellarTokenizer
-    from stellar_tok.config import DataConfig
-    from stellar_tok.evaluation.fid_reference import image_batches
-
     os.makedirs(IMAGES, exist_ok=True)
     paths = []
-    for data in args["data"].split(","):
-        variants = [v for v in args["variants"].split(",") if (data, v) in runs]
+    for data in args.data.split(","):
+        variants = [v for v in args.variants.split(",") if (data, v) in runs]
         if not variants:
             continue
         images, _ = next(image_batches(OmegaConf.structured(DataConfig(name=data, resolution=32)), "val", n, n))
@@ -253,18 +265,19 @@ def pictures(runs: dict, args: dict, n: int = 8) -> list[str]:
     return paths
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    args["out"] = os.path.abspath(args["out"])
-    jobs = [(d, v) for d in args["data"].split(",") for v in args["variants"].split(",")]
+    args = read_args(argv)
+    args.out = os.path.abspath(args.out)
+    jobs = [(d, v) for d in args.data.split(",") for v in args.variants.split(",")]
     t = time.time()
-    with ThreadPoolExecutor(max_workers=int(args["jobs"])) as pool:
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {job: pool.submit(run_one, *job, args) for job in jobs}
         runs = {job: f.result() for job, f in futures.items()}
     print(f"all runs done in {(time.time() - t) / 60:.1f} min", flush=True)
     write_report(runs, args, pictures(runs, args))
     print(table(runs, args))
-    for d in args["data"].split(","):
+    for d in args.data.split(","):
         v = verdict(runs, d)
         if v:
             print(verdict_line(d, v))

@@ -1,17 +1,23 @@
-"""Shared helpers for the benchmarks: machine description, `key=value` arguments, running a command as a logged
-child process, and writing a section of a page under docs/."""
+"""Shared helpers for the benchmarks: machine description, typed `key=value` arguments, timing and FLOP counting,
+running a command as a logged child process, and writing a section of a page under docs/."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import platform
 import re
 import statistics
 import subprocess
-import sys
 import time
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.utils.flop_counter import FlopCounterMode
+
+from stellar_tok.config import config_file, load_config, parse_overrides
+from stellar_tok.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
@@ -66,36 +72,65 @@ def write_section(name: str, body: str, doc: str = DOC) -> None:
         f.write(text.rstrip() + "\n")
 
 
-def parse_kv(argv: list[str], defaults: dict, doc: str, prog: str | None = None) -> dict:
-    """`key=value` arguments over `defaults` (strings; a key may hold dots, e.g. batch.tiny) through the commands'
-    own loader (`stellar_tok.config.parse_command`): `--help` prints `doc` and every key; an unknown key exits with
-    one line (status 2). Returns {key: value as text} for every key of `defaults`."""
-    from omegaconf import OmegaConf
-
-    from stellar_tok.config import parse_command
-    from stellar_tok.errors import UserError
-
-    schema: dict = {}
-    for key, value in defaults.items():  # dotted keys -> nested sections, values kept as given
-        *parents, leaf = key.split(".")
-        node = schema
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    example = " ".join(f"{k}={v}" for k, v in list(defaults.items())[:2])
+def parse_args(prog: str, doc: str, schema, argv: list[str] | None, example: str):
+    """A benchmark's `key=value` arguments as an instance of the dataclass `schema` (typed values), read by the
+    commands' own parser (`stellar_tok.config.parse_overrides` + `load_config`, i.e. `parse_command`): `--help`
+    prints `doc` and every key with its default; an unknown key or a wrong type raises a UserError naming it (one
+    line and exit status 2 under `stellar_tok.errors.cli_entry`). `argv` None reads sys.argv. Unlike the commands'
+    `config=FILE`, a benchmark's `config=NAME` names a packaged config: it is an ordinary key of `schema`."""
+    overrides = parse_overrides(prog, doc, schema, argv, example)
+    has_config = any(f.name == "config" for f in dataclasses.fields(schema))
+    names = [a for a in overrides if a.startswith("config=")] if has_config else []
+    cfg = load_config([a for a in overrides if a not in names], schema=schema)
     try:
-        cfg = parse_command(prog, doc, schema, argv, example)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return {k: _text(OmegaConf.select(cfg, k)) for k in defaults}
+        cfg.merge_with(OmegaConf.from_dotlist(names[-1:]))  # the last one wins, as for any key
+    except OmegaConfBaseException as e:
+        raise UserError(f"config key 'config': {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(cfg)
 
 
-def _text(value) -> str:
-    """A parsed `key=value` value back to the text the benchmarks read (true/false lower case, null empty)."""
+def arg_text(value) -> str:
+    """A typed argument as written on a command line: true/false, 20 for 20.0, nothing for None."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return "" if value is None else str(value)
+
+
+def changed_args(args, keys: list[str] | None = None) -> list[str]:
+    """`key=value` for every key of the dataclass instance `args` (`keys`: only these; dotted for nested keys)
+    whose value differs from the schema's default, in the schema's order."""
+    ours, default = OmegaConf.structured(args), OmegaConf.structured(type(args))
+    keys = keys if keys is not None else _leaf_keys(default)
+    return [f"{k}={arg_text(OmegaConf.select(ours, k))}" for k in keys if OmegaConf.select(ours, k) != OmegaConf.select(default, k)]
+
+
+def _leaf_keys(cfg, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        keys += _leaf_keys(v, f"{prefix}{k}.") if OmegaConf.is_dict(v) else [f"{prefix}{k}"]
+    return keys
+
+
+def count_flops(fn) -> int:
+    """Forward (and backward, when `fn` runs one) FLOPs of one call of fn(), by torch.utils.flop_counter."""
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def sd_vae():
+    """The Stable Diffusion VAE architecture at random weights (`diffusers` AutoencoderKL, 128/256/512/512), in eval mode."""
+    from diffusers import AutoencoderKL  # heavy: diffusers, only for the reference models
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256).eval()
+
+
+def model_config(name: str, kind: str = "tokenizer") -> dict:
+    """The `model:` section of a packaged config (`configs/<kind>/<name>.yaml`) as a plain dict."""
+    return OmegaConf.to_container(OmegaConf.load(config_file(name, kind)).model)
 
 
 def child_env(threads: int | None = 1) -> dict:

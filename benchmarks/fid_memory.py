@@ -16,12 +16,22 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
-from benchmarks.common import machine, parse_kv, write_section
+from benchmarks.common import machine, parse_args, write_section
+from generators.sampling import save_npz_streamed
+from stellar_tok.errors import cli_entry
 
-DEFAULTS = {"n": "2000,10000", "size": "256", "dir": "/tmp/fid_memory", "keep": "false"}
+
+@dataclass
+class FIDMemoryArgs:
+    n: str = "2000,10000"  # comma-separated sample counts
+    size: int = 256  # image side, px
+    dir: str = "/tmp/fid_memory"  # where the files go
+    keep: bool = False  # keep the files (50,000 images at 256 px take 9.8 GB)
+
 
 # run in the child: the stand-in extractor, then the command generators.evaluate as a program; prints the child's peak RSS (KiB)
 CHILD = """
@@ -47,22 +57,21 @@ finally:
 
 
 def write_samples(path: str, n: int, size: int) -> None:
-    from generators.sampling import save_npz_streamed
-
     rng = np.random.default_rng(0)
     chunk = 500
     chunks = (rng.integers(0, 256, (min(chunk, n - a), size, size, 3), dtype=np.uint8) for a in range(0, n, chunk))
     save_npz_streamed(path, (n, size, size, 3), chunks, np.zeros(n, dtype=np.int64))
 
 
-def main(argv: list[str]) -> None:
-    args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.fid_memory")
-    size, root = int(args["size"]), args["dir"]
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args("python -m benchmarks.fid_memory", __doc__, FIDMemoryArgs, argv, "n=2000,10000 size=256")
+    size, root = args.size, args.dir
     os.makedirs(root, exist_ok=True)
     ref = os.path.join(root, "ref.npz")
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
     rows = []
-    for n in (int(x) for x in args["n"].split(",")):
+    for n in (int(x) for x in args.n.split(",")):
         samples = os.path.join(root, f"samples_{n}.npz")
         write_samples(samples, n, size)
         gb = os.path.getsize(samples) / 1e9
@@ -73,11 +82,11 @@ def main(argv: list[str]) -> None:
         peak = int(res.stdout.rsplit("PEAK_RSS_KIB", 1)[1].split()[0]) / 2**20
         rows.append(f"| {n:,} | {gb:.2f} | {peak:.2f} |")
         print(rows[-1], flush=True)
-        if args["keep"] != "true":
+        if not args.keep:
             os.remove(samples)
-    if args["keep"] != "true":
+    if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
-    body = (f"`python -m benchmarks.fid_memory n={args['n']} size={size}` ({machine()}): peak RSS of `generators.evaluate` "
+    body = (f"`python -m benchmarks.fid_memory n={args.n} size={size}` ({machine()}): peak RSS of `generators.evaluate` "
             f"reading samples.npz ({size} px) against an ADM-style `fid.ref`, with a stand-in for Inception-v3.\n\n"
             "| samples | file (GB) | peak RSS (GiB) |\n|---|---|---|\n" + "\n".join(rows))
     write_section("FID memory by number of samples", body)
@@ -85,4 +94,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

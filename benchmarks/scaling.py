@@ -1,6 +1,6 @@
 """How the ViT-B/16 tokenizer's cost grows with resolution (128/256/512 px, r = 16) and with r (8/16/32, 256 px).
 
-    python benchmarks/scaling.py [rounds=3] [threads=2]
+    python -m benchmarks.scaling [rounds=3] [threads=2]
 
 Random weights, configs/tokenizer/vit_b16.yaml with image_size and num_tokens overridden. Per setting:
 encode and encode+decode forward GFLOPs per image (torch.utils.flop_counter), measured encode time per image
@@ -13,27 +13,28 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median, parse_kv, write_section  # noqa: E402
+from benchmarks.common import ROOT, count_flops, machine, median, model_config, parse_args, write_section
+from stellar_tok import StellarTokenizer
+from stellar_tok.config import tokenizer_kwargs
+from stellar_tok.errors import cli_entry
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@dataclass
+class ScalingArgs:
+    rounds: int = 3  # timed rounds per setting (median)
+    threads: int = 2  # torch threads
 
 
 def gflops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops() / 1e9
+    return count_flops(fn) / 1e9
 
 
 def measure(base: dict, size: int, r: int, rounds: int, batch: int = 2) -> dict:
-    from stellar_tok import StellarTokenizer
-
     torch.manual_seed(0)
     tok = StellarTokenizer(**{**base, "image_size": size, "num_tokens": r})
     x = torch.rand(batch, 3, size, size) * 2 - 1
@@ -66,10 +67,10 @@ def measure(base: dict, size: int, r: int, rounds: int, batch: int = 2) -> dict:
 
 
 def plot(rows_res, rows_r, path):
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, only for the plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, only for the plot
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, rows, key, label in ((axes[0], rows_res, "size", "resolution (px), r = 16"), (axes[1], rows_r, "r", "r (sparse tokens), 256 px")):
@@ -89,13 +90,13 @@ def plot(rows_res, rows_r, path):
     plt.close(fig)
 
 
-def main(argv):
-    from omegaconf import OmegaConf
-
-    kv = parse_kv(argv, {"rounds": "3", "threads": "2"}, __doc__, "python benchmarks/scaling.py")
-    rounds = int(kv["rounds"])
-    torch.set_num_threads(int(kv["threads"]))
-    base = OmegaConf.to_container(OmegaConf.load(os.path.join(ROOT, "configs", "tokenizer", "vit_b16.yaml")).model)
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args("python -m benchmarks.scaling", __doc__, ScalingArgs, argv, "rounds=3 threads=2")
+    rounds = args.rounds
+    torch.set_num_threads(args.threads)
+    base = tokenizer_kwargs(model_config("vit_b16"))
     rows_res = [measure(base, s, 16, rounds) for s in (128, 256, 512)]
     print(rows_res, flush=True)
     rows_r = [measure(base, 256, r, rounds) for r in (8, 16, 32)]
@@ -106,7 +107,7 @@ def main(argv):
         return (f"| {row['size']} | {row['r']} | {row['patches']} | {row['enc_gflops']:.1f} | {row['encdec_gflops']:.1f} | "
                 f"{row['enc_s'] * 1e3:.0f} | {row['step_s'] * 1e3:.0f} |")
 
-    cmd = "python benchmarks/scaling.py " + " ".join(argv)
+    cmd = "python -m benchmarks.scaling " + " ".join(argv)
     body = f"""```bash
 {cmd.strip()}
 ```
@@ -122,4 +123,4 @@ reconstruction part only (encode -> decode -> L1 -> backward). Plot: `docs/image
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

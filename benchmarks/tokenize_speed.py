@@ -1,6 +1,6 @@
 """Tokenize step against the tokenizer's own batched `encode` in a loop, side by side.
 
-    python benchmarks/tokenize_speed.py [tokenizer=DIR] [images=4096] [batch_size=256] [rounds=3] [threads=2]
+    python -m benchmarks.tokenize_speed [tokenizer=DIR] [images=4096] [batch_size=256] [rounds=3] [threads=2]
 
 Both read the same in-memory `shapes` images (uint8) and produce latents for every one: the loop calls
 `tok.encode` per batch and keeps the result in memory; the tokenize job (`stellar_tok.latents.writer.tokenize` on the
@@ -15,62 +15,73 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, median, parse_kv, write_section  # noqa: E402
+from benchmarks.common import machine, median, model_config, parse_args, write_section
+from stellar_tok import StellarTokenizer
+from stellar_tok.config import load_tokenizer_command_config, tokenizer_kwargs
+from stellar_tok.data import build_dataset
+from stellar_tok.errors import cli_entry
+from stellar_tok.latents.writer import TokenizeConfig, tokenize
 
 
-def main(argv):
-    from omegaconf import OmegaConf
+@dataclass
+class TokenizeSpeedArgs:
+    tokenizer: Optional[str] = None  # an exported tokenizer folder; none: a random tiny tokenizer
+    images: int = 4096  # `shapes` images tokenized per run
+    batch_size: int = 256
+    rounds: int = 3  # alternating runs of each
+    threads: int = 2  # torch threads
 
-    from stellar_tok import StellarTokenizer
-    from stellar_tok.config import load_tokenizer_command_config, tokenizer_kwargs
-    from stellar_tok.data import build_dataset
-    from stellar_tok.latents.writer import TokenizeConfig, tokenize
 
-    kv = parse_kv(argv, {"tokenizer": "", "images": "4096", "batch_size": "256", "rounds": "3", "threads": "2"}, __doc__,
-                  "python benchmarks/tokenize_speed.py")
-    torch.set_num_threads(int(kv["threads"]))
-    n, bs, rounds = int(kv["images"]), int(kv["batch_size"]), int(kv["rounds"])
-    if kv["tokenizer"]:
-        tok = StellarTokenizer.from_pretrained(kv["tokenizer"]).eval()
+def encode_loop(tok: StellarTokenizer, images: torch.Tensor, bs: int) -> float:
+    """Images/s of `tok.encode` over `images` (uint8) in batches of bs, the latents kept in memory."""
+    t = time.perf_counter()
+    out = []
+    for i in range(0, len(images), bs):
+        lat = tok.encode(images[i : i + bs].float() / 127.5 - 1)
+        out.append((lat.z, lat.log_loc))
+    return len(images) / (time.perf_counter() - t)
+
+
+def tokenize_run(tok_dir: str, n: int, res: int, bs: int) -> float:
+    """Images/s of the tokenize job over n `shapes` images at res px, as the command runs it."""
+    with tempfile.TemporaryDirectory() as d:
+        args = [f"tokenizer={tok_dir}", f"out={d}/lat", "data.name=shapes", f"data.resolution={res}", f"data.train_size={n}",
+                f"batch_size={bs}", "shard_size=4096", "progress=false"]
+        t = time.perf_counter()
+        tokenize(load_tokenizer_command_config(args, TokenizeConfig))  # what the command runs
+        return n / (time.perf_counter() - t)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args("python -m benchmarks.tokenize_speed", __doc__, TokenizeSpeedArgs, argv, "images=4096 threads=2")
+    torch.set_num_threads(args.threads)
+    n, bs, rounds = args.images, args.batch_size, args.rounds
+    if args.tokenizer:
+        tok = StellarTokenizer.from_pretrained(args.tokenizer).eval()
     else:
-        model = OmegaConf.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tokenizer", "tiny.yaml")).model
         torch.manual_seed(0)
-        tok = StellarTokenizer(**tokenizer_kwargs(model)).eval()
+        tok = StellarTokenizer(**tokenizer_kwargs(model_config("tiny"))).eval()
     res = tok.config.image_size
     ds = build_dataset({"name": "shapes", "resolution": res, "train_size": n, "val_size": 8}, "train")
     images = torch.from_numpy(ds.images.copy()).permute(0, 3, 1, 2)
-
-    def encode_loop():
-        t = time.perf_counter()
-        out = []
-        for i in range(0, n, bs):
-            lat = tok.encode(images[i : i + bs].float() / 127.5 - 1)
-            out.append((lat.z, lat.log_loc))
-        return n / (time.perf_counter() - t)
-
-    def tokenize_run(tok_dir: str):
-        with tempfile.TemporaryDirectory() as d:
-            args = [f"tokenizer={tok_dir}", f"out={d}/lat", "data.name=shapes", f"data.resolution={res}", f"data.train_size={n}",
-                    f"batch_size={bs}", "shard_size=4096", "progress=false"]
-            t = time.perf_counter()
-            tokenize(load_tokenizer_command_config(args, TokenizeConfig))  # what the command runs
-            return n / (time.perf_counter() - t)
-
-    encode_loop()  # warm-up
+    encode_loop(tok, images, bs)  # warm-up
     loop, job = [], []
     with tempfile.TemporaryDirectory() as saved:
-        tok_dir = kv["tokenizer"]
+        tok_dir = args.tokenizer
         if not tok_dir:  # the random tokenizer, as a folder the command can read
             tok_dir = os.path.join(saved, "tokenizer")
             tok.save_pretrained(tok_dir)
         for _ in range(rounds):
-            loop.append(encode_loop())
-            job.append(tokenize_run(tok_dir))
-    cmd = "python benchmarks/tokenize_speed.py " + " ".join(argv)
+            loop.append(encode_loop(tok, images, bs))
+            job.append(tokenize_run(tok_dir, n, res, bs))
+    cmd = "python -m benchmarks.tokenize_speed " + " ".join(argv)
     body = f"""```bash
 {cmd.strip()}
 ```
@@ -88,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -4,6 +4,7 @@ without torch.compile.
     python -m benchmarks.train_speed [configs=tiny,vit_b16] [rounds=2] [threads=2] [batch.tiny=64] [batch.vit_b16=2]
                                      [warmup.tiny=5] [steps.tiny=20] [warmup.vit_b16=3] [steps.vit_b16=5]
                                      [device=cpu|cuda] [precision=fp32|bf16] [timeout=SECONDS] [overrides='k=v;k=v']
+    python -m benchmarks.train_speed worker=true configs=tiny mode=compile [profile=FILE] ...   # one measurement
 
 device=cuda precision=bf16 is the GPU measurement (benchmarks/gpu.sh runs it): autocast bf16, synchronised
 timing, FLOPs per step counted by torch.utils.flop_counter over one eager step, MFU against the GPU's dense
@@ -17,7 +18,9 @@ heads and losses, decoder), L1 + LPIPS (random backbone, `recon.lpips_random_bac
 downloads), backward, gradient clipping, AdamW. fp32, GAN inactive (the configs start it later), data
 loading excluded. `warmup` steps first (with compile: the compilation), then the median of `steps` timed
 steps. Eager and compiled processes alternate, `rounds` times each; each compiled process starts with an
-empty inductor cache, so every compile time is a cold one.
+empty inductor cache, so every compile time is a cold one. The benchmark launches each measurement as
+`python -m benchmarks.train_speed worker=true configs=NAME mode=eager|compile ...` (the same keys), which prints
+its result as one JSON line; `profile=FILE` there also writes a torch.profiler table of 2 more steps.
 
 torch.compile is applied to the transformer blocks of the encoder and decoder (regional compilation:
 `Block.compile()`), where nearly all the FLOPs are; the rest (views, Sinkhorn, the Hungarian matcher in
@@ -27,36 +30,70 @@ scipy, losses) stays eager. Attention already goes through `F.scaled_dot_product
 from __future__ import annotations
 
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
-from benchmarks.common import parse_kv
+import torch
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULTS = {"configs": "tiny,vit_b16", "rounds": "2", "threads": "2", "device": "cpu", "precision": "fp32", "timeout": "0", "overrides": "",
-            "batch.tiny": "64", "warmup.tiny": "5", "steps.tiny": "20",
-            "batch.vit_b16": "2", "warmup.vit_b16": "3", "steps.vit_b16": "5"}
+from benchmarks.common import ROOT, changed_args, child_env, device_setup, machine, median, parse_args, write_section
+from stellar_tok.config import load_config, tokenizer_kwargs
+from stellar_tok.data.views import make_views
+from stellar_tok.errors import UserError, cli_entry
+from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss
+from stellar_tok.model.tokenizer import StellarTokenizer
+from stellar_tok.training.engine import param_groups
+from stellar_tok.training.objective import TokenizerWithHeads
+
 LABELS = {"tiny": "`tiny.yaml` (ViT 4x96, patch 4, conv stem, decoder 2x96), 32 px",
           "vit_b16": "`vit_b16.yaml` (ViT-B/16, decoder 6x512), 256 px"}
 
 
-def parse_args(argv: list[str]) -> dict:
-    args = parse_kv(argv, DEFAULTS, __doc__)
-    for name in args["configs"].split(","):
-        if f"batch.{name}" not in args:
-            sys.exit(f"configs: unknown {name!r}; choose from tiny, vit_b16")
-    if args["device"] not in ("cpu", "cuda") or args["precision"] not in ("fp32", "bf16"):
-        sys.exit("device must be cpu or cuda, precision fp32 or bf16")
-    if args["device"] == "cuda":
-        import torch
+@dataclass
+class PerConfig:
+    """One number for each config the benchmark knows (`batch.tiny=64 batch.vit_b16=2`)."""
 
-        if not torch.cuda.is_available():
-            sys.exit("device=cuda: no CUDA GPU is visible to torch")
+    tiny: int  # configs/tokenizer/tiny.yaml
+    vit_b16: int  # configs/tokenizer/vit_b16.yaml
+
+
+@dataclass
+class TrainSpeedArgs:
+    configs: str = "tiny,vit_b16"  # comma-separated, of tiny and vit_b16
+    rounds: int = 2  # eager and compiled processes per config, alternating
+    threads: int = 2  # torch threads of every process
+    device: str = "cpu"  # cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    timeout: float = 0  # seconds each process may take; 0: no limit
+    overrides: Optional[str] = None  # extra config keys for every process, ';'-separated: 'align.match=argmax;recon.pixel=l2'
+    batch: PerConfig = field(default_factory=lambda: PerConfig(tiny=64, vit_b16=2))  # images per step
+    warmup: PerConfig = field(default_factory=lambda: PerConfig(tiny=5, vit_b16=3))  # untimed steps first (and the compilation)
+    steps: PerConfig = field(default_factory=lambda: PerConfig(tiny=20, vit_b16=5))  # timed steps
+    worker: bool = False  # one measurement in this process (one name in configs), printed as a JSON line
+    mode: str = "eager"  # with worker=true: eager | compile
+    profile: Optional[str] = None  # with worker=true: a file for a torch.profiler table of 2 more steps
+
+
+def read_args(argv: list[str] | None) -> TrainSpeedArgs:
+    args = parse_args("python -m benchmarks.train_speed", __doc__, TrainSpeedArgs, argv, "configs=tiny rounds=1")
+    for name in args.configs.split(","):
+        if name not in LABELS:
+            raise UserError(f"configs: unknown {name!r}; choose from {', '.join(LABELS)}")
+    if args.device not in ("cpu", "cuda") or args.precision not in ("fp32", "bf16"):
+        raise UserError("device must be cpu or cuda, precision fp32 or bf16")
+    if args.mode not in ("eager", "compile") or (args.worker and "," in args.configs):
+        raise UserError(f"mode must be eager or compile (got {args.mode!r}), and worker=true measures one of configs")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda: no CUDA GPU is visible to torch")
     return args
 
 
@@ -77,105 +114,98 @@ def peak_bf16(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
-def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: int, device: str = "cpu", precision: str = "fp32",
-           overrides: tuple[str, ...] = (), profile: str = "") -> dict:
-    """One measurement; `overrides` are extra config `key=value`s, `profile` a file for a torch.profiler table of 2 steps."""
-    import torch
+class TrainStep:
+    """The trainer's step, built as `stellar_tok.train` builds it, on `batch` random images of the config's data
+    resolution. `step(i)` runs step i and returns its seconds; each phase's seconds go to `phases`."""
 
-    torch.set_num_threads(threads)
-    from torch.utils.flop_counter import FlopCounterMode
+    def __init__(self, name: str, batch: int, device: str, precision: str, overrides: tuple[str, ...] = ()):
+        self.cuda, self.autocast = device_setup(device, precision)
+        cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "recon.lpips_random_backbone=true", f"optim.batch_size={batch}", *overrides])
+        torch.manual_seed(0)
+        self.cfg, self.tok = cfg, StellarTokenizer(**tokenizer_kwargs(cfg.model))
+        self.objective = TokenizerWithHeads(self.tok, cfg.align).train().to(device)
+        self.recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
+        gan = cfg.recon.enabled and cfg.recon.gan_weight > 0
+        self.disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers).to(device) if gan else None
+        self.opt = torch.optim.AdamW(param_groups(self.objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        res = cfg.data.resolution
+        self.images = torch.randint(0, 256, (batch, 3, res, res), generator=self.gen, dtype=torch.uint8, device=device)
+        self.phases: dict[str, list[float]] = {k: [] for k in ("views", "objective", "recon_loss", "backward", "optimizer")}
 
-    from stellar_tok.config import load_config, tokenizer_kwargs
-    from stellar_tok.training.objective import TokenizerWithHeads
-    from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss
-    from stellar_tok.model.tokenizer import StellarTokenizer
-    from stellar_tok.training.engine import param_groups
-    from stellar_tok.data.views import make_views
-
-    from benchmarks.common import device_setup
-
-    cuda, autocast = device_setup(device, precision)
-    rss_start = max_rss_mib()
-    cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "recon.lpips_random_backbone=true", f"optim.batch_size={batch}", *overrides])
-    torch.manual_seed(0)
-    tok = StellarTokenizer(**tokenizer_kwargs(cfg.model))
-    objective = TokenizerWithHeads(tok, cfg.align).train().to(device)
-    recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
-    disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers).to(device) if cfg.recon.enabled and cfg.recon.gan_weight > 0 else None
-    opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    gen = torch.Generator(device=device).manual_seed(0)
-    res = cfg.data.resolution
-    images = torch.randint(0, 256, (batch, 3, res, res), generator=gen, dtype=torch.uint8, device=device)
-
-    phases: dict[str, list[float]] = {k: [] for k in ("views", "objective", "recon_loss", "backward", "optimizer")}
-
-    def now() -> float:
-        if cuda:
+    def now(self) -> float:
+        if self.cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def step(i: int) -> float:
-        t = [now()]
-        x = images.float() / 127.5 - 1
+    def step(self, i: int) -> float:
+        cfg = self.cfg
+        t = [self.now()]
+        x = self.images.float() / 127.5 - 1
         with torch.no_grad():
-            views = make_views(x, cfg.views, gen, cfg.model.patch_size)
-        t.append(now())
-        with autocast():
-            out = objective(views)  # encoder over every view, alignment heads and losses, decoder
+            views = make_views(x, cfg.views, self.gen, cfg.model.patch_size)
+        t.append(self.now())
+        with self.autocast():
+            out = self.objective(views)  # encoder over every view, alignment heads and losses, decoder
             loss = cfg.align.weight * out["align_loss"]
-        t.append(now())
-        if recon_loss is not None:
-            with autocast():
-                rl, _ = recon_loss.generator_loss(out["recon"], views["main"], i, disc, tok.last_layer)
+        t.append(self.now())
+        if self.recon_loss is not None:
+            with self.autocast():
+                rl, _ = self.recon_loss.generator_loss(out["recon"], views["main"], i, self.disc, self.tok.last_layer)
             loss = loss + cfg.recon.weight * rl
-        t.append(now())
+        t.append(self.now())
         loss.backward()
-        t.append(now())
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        t.append(now())
-        for k, a, b in zip(phases, t[:-1], t[1:]):
-            phases[k].append(b - a)
+        t.append(self.now())
+        torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.optim.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        t.append(self.now())
+        for k, a, b in zip(self.phases, t[:-1], t[1:]):
+            self.phases[k].append(b - a)
         return t[-1] - t[0]
 
+    def profile(self, first: int, path: str) -> None:
+        """A torch.profiler table (self time, top 40) of steps first, first + 1, written to `path`."""
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with torch_profile(activities=acts) as prof:
+            for i in range(2):
+                self.step(first + i)
+        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+
+
+def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: int, device: str = "cpu", precision: str = "fp32",
+           overrides: tuple[str, ...] = (), profile: str | None = None) -> dict:
+    """One measurement; `overrides` are extra config `key=value`s, `profile` a file for a torch.profiler table of 2 steps."""
+    torch.set_num_threads(threads)
+    rss_start = max_rss_mib()
+    run = TrainStep(name, batch, device, precision, overrides)
     # FLOPs of one training step (forward + backward; matmuls, convolutions, attention), counted eagerly
     with FlopCounterMode(display=False) as fc:
-        step(0)
+        run.step(0)
     step_flops = fc.get_total_flops()
     counts = fc.get_flop_counts()  # per module (outermost names); the LPIPS network's own
-    lpips_flops = sum(counts.get("LPIPS", {}).values())
     if mode == "compile":
-        tok.compile_blocks()
-    if cuda:
+        run.tok.compile_blocks()
+    if run.cuda:
         torch.cuda.reset_peak_memory_stats()
-    from torch._dynamo.utils import counters
-
-    warm = [step(1 + i) for i in range(warmup)]
+    warm = [run.step(1 + i) for i in range(warmup)]
     graphs_before = counters["stats"]["unique_graphs"]
-    for v in phases.values():
+    for v in run.phases.values():
         v.clear()
-    timed = [step(1 + warmup + i) for i in range(steps)]
+    timed = [run.step(1 + warmup + i) for i in range(steps)]
     graphs_after = counters["stats"]["unique_graphs"]
     med = statistics.median(timed)
     if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with torch_profile(activities=acts) as prof:
-            for i in range(2):
-                step(1 + warmup + steps + i)
-        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-        with open(profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+        run.profile(1 + warmup + steps, profile)
     r = {"config": name, "mode": mode, "batch": batch, "threads": threads, "device": device, "precision": precision,
          "warmup_s": round(sum(warm), 2), "first_step_s": round(warm[0], 2) if warm else None, "step_s": med, "steps": steps,
-         "dynamo_events_while_timed": graphs_after - graphs_before, "phases_s": {k: statistics.median(v) for k, v in phases.items()},
-         "params_m": round(sum(p.numel() for p in tok.parameters()) / 1e6, 1), "step_tflop": step_flops / 1e12,
-         "lpips_tflop": lpips_flops / 1e12, "flop_modules": sorted(k for k in counts if "." not in k),
+         "dynamo_events_while_timed": graphs_after - graphs_before, "phases_s": {k: statistics.median(v) for k, v in run.phases.items()},
+         "params_m": round(sum(p.numel() for p in run.tok.parameters()) / 1e6, 1), "step_tflop": step_flops / 1e12,
+         "lpips_tflop": sum(counts.get("LPIPS", {}).values()) / 1e12, "flop_modules": sorted(k for k in counts if "." not in k),
          "achieved_tflops": step_flops / med / 1e12, "rss_start_mib": round(rss_start), "peak_rss_mib": round(max_rss_mib())}
-    if cuda:
+    if run.cuda:
         r["gpu"] = torch.cuda.get_device_name(0)
         r["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         peak = peak_bf16(r["gpu"])
@@ -183,16 +213,19 @@ def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: i
     return r
 
 
-def run_worker(name: str, mode: str, args: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=args["threads"], PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_worker(name: str, mode: str, args: TrainSpeedArgs) -> dict:
+    """One measurement in a fresh process (`worker=true`): its result, or {"error": the last line it wrote}."""
+    env = child_env(args.threads)
+    per_config = [f"{key}.{name}={getattr(getattr(args, key), name)}" for key in ("batch", "warmup", "steps")]
+    cmd = [sys.executable, "-m", "benchmarks.train_speed", "worker=true", f"configs={name}", f"mode={mode}", *per_config,
+           f"threads={args.threads}", f"device={args.device}", f"precision={args.precision}",
+           *([f"overrides={args.overrides}"] if args.overrides else [])]
     with tempfile.TemporaryDirectory() as cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = cache  # a cold compile every time
-        cmd = [sys.executable, "-m", "benchmarks.train_speed", "--worker", name, mode, args[f"batch.{name}"],
-               args[f"warmup.{name}"], args[f"steps.{name}"], args["threads"], args["device"], args["precision"], args["overrides"]]
         try:
-            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=float(args["timeout"]) or None)
+            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout or None)
         except subprocess.TimeoutExpired:
-            return {"config": name, "mode": mode, "error": f"over the {args['timeout']} s timeout"}
+            return {"config": name, "mode": mode, "error": f"over the {args.timeout:g} s timeout"}
     if p.returncode != 0:
         return {"config": name, "mode": mode, "error": (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -204,8 +237,6 @@ def run_worker(name: str, mode: str, args: dict) -> dict:
 
 
 def summarise(results: list[dict], name: str, mode: str) -> dict | None:
-    from benchmarks.common import median
-
     rs = [r for r in results if r["config"] == name and r["mode"] == mode]
     ok = [r for r in rs if "error" not in r]
     if not ok:
@@ -221,25 +252,25 @@ def summarise(results: list[dict], name: str, mode: str) -> dict | None:
             "peak_gpu_mem_gib": max((r.get("peak_gpu_mem_gib") or 0) for r in ok), "gpu": ok[0].get("gpu")}
 
 
-def _table(results: list[dict], args: dict, header: list[str], row, ratio) -> str:
+def _table(results: list[dict], args: TrainSpeedArgs, header: list[str], row, ratio) -> str:
     """One row per config and mode (`row(s)` -> the cells after config | batch | compile), then `ratio(eager, compiled)`."""
     lines = ["| config | batch | torch.compile | " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * len(header)]
-    for name in args["configs"].split(","):
+    for name in args.configs.split(","):
         rows = {m: summarise(results, name, m) for m in ("eager", "compile")}
         for mode, s in rows.items():
             label = "no" if mode == "eager" else "yes (blocks)"
             if s is None:
                 continue
             cells = [f"failed: {s['error'][:160]}"] + [""] * (len(header) - 1) if "error" in s else \
-                [f"{s['warmup_s']:.1f} ({args[f'warmup.{name}']})", *row(s)]
-            lines.append(f"| {LABELS[name]} | {s.get('batch', args[f'batch.{name}'])} | {label} | " + " | ".join(cells) + " |")
+                [f"{s['warmup_s']:.1f} ({getattr(args.warmup, name)})", *row(s)]
+            lines.append(f"| {LABELS[name]} | {s.get('batch', getattr(args.batch, name))} | {label} | " + " | ".join(cells) + " |")
         e, c = rows["eager"], rows["compile"]
         if e and c and "error" not in e and "error" not in c:
             lines.append("| ratio compiled / eager | | | " + " | ".join([f"+{c['warmup_s'] - e['warmup_s']:.1f} s compile", *ratio(e, c)]) + " |")
     return "\n".join(lines)
 
 
-def table(results: list[dict], args: dict) -> str:
+def table(results: list[dict], args: TrainSpeedArgs) -> str:
     return _table(results, args, ["warm-up s (steps)", "s / step (median)", "steps/s", "images/s", "peak RSS (GiB)", "step time per process"],
                   lambda s: [f"{s['step_s']:.3f}", f"{s['steps_per_s']:.3g}", f"{s['images_per_s']:.3g}", f"{s['peak_rss_mib'] / 1024:.2f}",
                              ", ".join(f"{x:.3f}" for x in s["runs"])],
@@ -247,7 +278,7 @@ def table(results: list[dict], args: dict) -> str:
                                 f"{c['peak_rss_mib'] / e['peak_rss_mib']:.2f}x", ""])
 
 
-def gpu_table(results: list[dict], args: dict) -> str:
+def gpu_table(results: list[dict], args: TrainSpeedArgs) -> str:
     return _table(results, args, ["warm-up s (steps)", "s / step (median)", "images/s", "TFLOP / step (of which LPIPS)", "TFLOP/s", "MFU",
                                   "peak GPU memory (GiB)"],
                   lambda s: [f"{s['step_s']:.4f}", f"{s['images_per_s']:.1f}", f"{s['step_tflop']:.2f} ({s['lpips_tflop']:.2f})",
@@ -256,14 +287,15 @@ def gpu_table(results: list[dict], args: dict) -> str:
                   lambda e, c: [f"{c['step_s'] / e['step_s']:.2f}x", f"**{e['step_s'] / c['step_s']:.2f}x**", "", "", "",
                                 f"{c['peak_gpu_mem_gib'] / e['peak_gpu_mem_gib']:.2f}x"])
 
+
 PHASES = {"views": "views", "objective": "forward (encoder on every view, alignment, decoder)", "recon_loss": "L1 + LPIPS",
           "backward": "backward", "optimizer": "clip + AdamW"}
 
 
-def breakdown(results: list[dict], args: dict) -> str:
+def breakdown(results: list[dict], args: TrainSpeedArgs) -> str:
     """Where a step's time goes (medians of the phases over the timed steps), eager and compiled."""
     lines = ["| config | torch.compile | " + " | ".join(PHASES.values()) + " |", "|---|---|" + "---:|" * len(PHASES)]
-    for name in args["configs"].split(","):
+    for name in args.configs.split(","):
         for mode in ("eager", "compile"):
             s = summarise(results, name, mode)
             if s and "error" not in s:
@@ -273,44 +305,42 @@ def breakdown(results: list[dict], args: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        name, mode, batch, warmup, steps, threads, device, precision, overrides = argv[1:10]
-        print(json.dumps(worker(name, mode, int(batch), int(warmup), int(steps), int(threads), device, precision,
-                                tuple(o for o in overrides.split(";") if o))))
-        return []
-    args = parse_args(argv)
-    import torch
 
-    from benchmarks.common import machine, write_section
-
-    torch.set_num_threads(int(args["threads"]))
+def measure_all(args: TrainSpeedArgs) -> list[dict]:
+    """Every measurement: per config, `rounds` eager and compiled processes, their order alternating."""
     results = []
-    for name in args["configs"].split(","):
-        for rnd in range(int(args["rounds"])):
+    for name in args.configs.split(","):
+        for rnd in range(args.rounds):
             for mode in (("eager", "compile") if rnd % 2 == 0 else ("compile", "eager")):  # alternate the order
                 r = run_worker(name, mode, args)
                 print(json.dumps(r), flush=True)
                 results.append(r)
-    events = {n: {m: (summarise(results, n, m) or {}).get("events") for m in ("eager", "compile")} for n in args["configs"].split(",")}
-    cmd = "python -m benchmarks.train_speed" + "".join(f" {k}={v}" for k, v in args.items() if v != DEFAULTS[k])
+    return results
+
+
+def recompilations(results: list[dict], args: TrainSpeedArgs) -> str:
+    """Graph recompilations dynamo counted during the timed steps of the compiled processes, per config."""
+    events = {n: (summarise(results, n, "compile") or {}).get("events") for n in args.configs.split(",")}
+    return ", ".join(f"{n} {e}" for n, e in events.items())
+
+
+def cpu_body(results: list[dict], args: TrainSpeedArgs, cmd: str) -> str:
     rss0 = sorted({round(r["rss_start_mib"]) for r in results if "error" not in r})
-    body = f"""```bash
+    return f"""```bash
 {cmd}
 ```
 
 {machine()}. One fresh process per measurement (peak RSS = that process's `ru_maxrss`, after
 {' to '.join(f"{x}" for x in rss0[:: max(1, len(rss0) - 1)])} MiB right after the imports), eager and compiled processes
-alternating, {args['rounds']} of each; s / step is the median over processes of each process's median of its timed steps
-(tiny {args['steps.tiny']}, B/16 {args['steps.vit_b16']}) after its warm-up steps. The step is the trainer's:
+alternating, {args.rounds} of each; s / step is the median over processes of each process's median of its timed steps
+(tiny {args.steps.tiny}, B/16 {args.steps.vit_b16}) after its warm-up steps. The step is the trainer's:
 views, the objective (encoder over the main, masked and local views, alignment heads and losses, decoder),
 L1 + LPIPS (random backbone), backward, gradient clipping, AdamW; fp32, GAN not yet active, random images of
-the config's data resolution, data loading excluded. The B/16 config runs at batch {args['batch.vit_b16']} here (128 per GPU in
+the config's data resolution, data loading excluded. The B/16 config runs at batch {args.batch.vit_b16} here (128 per GPU in
 the config). Attention uses `F.scaled_dot_product_attention` (SDPA) in every row. torch.compile = `Block.compile()`
 on every encoder and decoder block (inductor, default mode), each process with an empty inductor cache: the
 warm-up column of a compiled row includes a cold compile. Graph recompilations counted by dynamo during the
-timed steps: {', '.join(f"{n} {e['compile']}" for n, e in events.items())}.
+timed steps: {recompilations(results, args)}.
 
 {table(results, args)}
 
@@ -318,22 +348,24 @@ Where the time of a step goes (median of each phase over the timed steps, median
 
 {breakdown(results, args)}
 """
-    if args["device"] == "cuda":
-        gpu = next((r["gpu"] for r in results if "gpu" in r), "GPU")
-        body = f"""```bash
+
+
+def gpu_body(results: list[dict], args: TrainSpeedArgs, cmd: str) -> str:
+    gpu = next((r["gpu"] for r in results if "gpu" in r), "GPU")
+    return f"""```bash
 {cmd}
 ```
 
 {machine()}. The same step as the CPU table below (views, objective over every view, L1 + LPIPS with a random
 VGG backbone, backward, clipping, AdamW; GAN not yet active; data loading excluded), on the GPU with
 `torch.autocast(bfloat16)` around the forward passes and losses (as `train.mixed_precision=bf16`), TF32 matmuls
-elsewhere. One fresh process per measurement, eager and compiled alternating, {args['rounds']} of each; s / step is
+elsewhere. One fresh process per measurement, eager and compiled alternating, {args.rounds} of each; s / step is
 the median over processes of each process's median of its timed steps, with `torch.cuda.synchronize()` at every
 phase boundary. FLOPs per step are counted by `torch.utils.flop_counter.FlopCounterMode` over one eager step
 (forward and backward: matmuls, convolutions, attention; the LPIPS network's share in brackets). MFU = counted
 FLOPs per step / s per step / the {gpu}'s dense bf16 peak ({(peak_bf16(gpu) or 0) / 1e12:.0f} TFLOP/s from the
 data sheet). torch.compile = `StellarTokenizer.compile_blocks()` (`train.compile=true`), inductor default mode,
-cold cache. Graph recompilations during the timed steps: {', '.join(f"{n} {e['compile']}" for n, e in events.items())}.
+cold cache. Graph recompilations during the timed steps: {recompilations(results, args)}.
 
 {gpu_table(results, args)}
 
@@ -341,12 +373,25 @@ Where the time of a step goes (median of each phase over the timed steps):
 
 {breakdown(results, args)}
 """
-        write_section("Training throughput and MFU (GPU, bf16)", body)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = read_args(argv)
+    if args.worker:
+        overrides = tuple(o for o in (args.overrides or "").split(";") if o)
+        print(json.dumps(worker(args.configs, args.mode, getattr(args.batch, args.configs), getattr(args.warmup, args.configs),
+                                getattr(args.steps, args.configs), args.threads, args.device, args.precision, overrides, args.profile)))
+        return []
+    torch.set_num_threads(args.threads)
+    results = measure_all(args)
+    cmd = "python -m benchmarks.train_speed" + "".join(f" {a}" for a in changed_args(args))
+    if args.device == "cuda":
+        write_section("Training throughput and MFU (GPU, bf16)", gpu_body(results, args, cmd))
         print(gpu_table(results, args))
-        print(breakdown(results, args))
-        return results
-    write_section("Training throughput and memory (CPU)", body)
-    print(table(results, args))
+    else:
+        write_section("Training throughput and memory (CPU)", cpu_body(results, args, cmd))
+        print(table(results, args))
     print(breakdown(results, args))
     return results
 

@@ -11,22 +11,28 @@ views.local_crops=L. Writes a table to docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import machine, parse_kv, write_section
+from benchmarks.common import machine, parse_args, write_section
+from stellar_tok.config import load_config, tokenizer_kwargs
+from stellar_tok.data.views import make_views
+from stellar_tok.errors import cli_entry
+from stellar_tok.losses.reconstruction import ReconstructionLoss
+from stellar_tok.model.tokenizer import StellarTokenizer
+from stellar_tok.training.objective import TokenizerWithHeads
 
-DEFAULTS = {"config": "vit_b16", "views": "4+6,8+8", "batch": "2", "threads": "2"}
+
+@dataclass
+class ViewMemoryArgs:
+    config: str = "vit_b16"  # a packaged tokenizer config
+    views: str = "4+6,8+8"  # comma-separated G+L: views.global_crops=G, views.local_crops=L
+    batch: int = 2  # random images
+    threads: int = 2  # torch threads
 
 
 def saved_bytes_per_image(config: str, global_crops: int, local_crops: int, batch: int) -> float:
-    from stellar_tok.config import load_config, tokenizer_kwargs
-    from stellar_tok.training.objective import TokenizerWithHeads
-    from stellar_tok.losses.reconstruction import ReconstructionLoss
-    from stellar_tok.model.tokenizer import StellarTokenizer
-    from stellar_tok.data.views import make_views
-
     cfg = load_config([f"config=configs/tokenizer/{config}.yaml", f"views.global_crops={global_crops}",
                        f"views.local_crops={local_crops}", "recon.lpips_random_backbone=true"])
     torch.manual_seed(0)
@@ -50,20 +56,21 @@ def saved_bytes_per_image(config: str, global_crops: int, local_crops: int, batc
     return total / batch
 
 
-def main(argv: list[str]) -> None:
-    args = parse_kv(argv, DEFAULTS, __doc__, "python -m benchmarks.view_memory")
-    torch.set_num_threads(int(args["threads"]))
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args("python -m benchmarks.view_memory", __doc__, ViewMemoryArgs, argv, "views=4+6,8+8 batch=2")
+    torch.set_num_threads(args.threads)
     rows = []
-    for spec in args["views"].split(","):
+    for spec in args.views.split(","):
         g, l = (int(x) for x in spec.split("+"))
-        mib = saved_bytes_per_image(args["config"], g, l, int(args["batch"])) / 2**20
+        mib = saved_bytes_per_image(args.config, g, l, args.batch) / 2**20
         rows.append(f"| {g} + {l} | {mib:,.0f} |")
         print(rows[-1], flush=True)
-    body = (f"`python -m benchmarks.view_memory config={args['config']} views={args['views']} batch={args['batch']}` "
+    body = (f"`python -m benchmarks.view_memory config={args.config} views={args.views} batch={args.batch}` "
             f"({machine()}): tensors saved for backward per image, fp32, by masked global + local views.\n\n"
             "| views (global + local) | MiB per image |\n|---|---|\n" + "\n".join(rows))
-    write_section(f"Activation memory by views ({args['config']})", body)
+    write_section(f"Activation memory by views ({args.config})", body)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -5,9 +5,8 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from stellar_tok.config import check_precision
+from stellar_tok.config import check_precision, require
 from stellar_tok.config import load_config as _load
-from stellar_tok.errors import UserError
 
 
 @dataclass
@@ -84,25 +83,20 @@ class GenConfig:
     sample: GenSampleConfig = field(default_factory=GenSampleConfig)
 
 
-def _require(ok: bool, key: str, allowed: str, value) -> None:
-    if not ok:
-        raise UserError(f"config key '{key}' must be {allowed} (got {value!r})")
-
-
 def load_config(args: list[str]):
-    cfg = _load(args, schema=GenConfig)
+    cfg = _load(args, schema=GenConfig, kind="generator")
     m, d, f, o, t = cfg.model, cfg.data, cfg.flow, cfg.optim, cfg.train
-    _require(bool(d.latents) and os.path.isdir(str(d.latents)), "data.latents", "a latent folder (python -m stellar_tok.tokenize)", d.latents)
-    _require(m.width % m.heads == 0 and m.width % 4 == 0, "model.width", f"divisible by 4 and model.heads={m.heads}", m.width)
-    _require(m.depth >= 1 and m.loc_patch >= 1, "model.depth", ">= 1 (and model.loc_patch >= 1)", m.depth)
-    _require(f.t_sampling in ("uniform", "logit_normal"), "flow.t_sampling", "uniform or logit_normal", f.t_sampling)
-    _require(0 <= f.class_dropout < 1, "flow.class_dropout", "in [0, 1)", f.class_dropout)
-    _require(o.lr > 0, "optim.lr", "> 0", o.lr)
-    _require(o.batch_size >= 1, "optim.batch_size", ">= 1", o.batch_size)
-    _require(0 <= t.ema < 1, "train.ema", "in [0, 1)", t.ema)
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
-    _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    require(bool(d.latents) and os.path.isdir(str(d.latents)), "data.latents", "a latent folder (python -m stellar_tok.tokenize)", d.latents)
+    require(m.width % m.heads == 0 and m.width % 4 == 0, "model.width", f"divisible by 4 and model.heads={m.heads}", m.width)
+    require(m.depth >= 1 and m.loc_patch >= 1, "model.depth", ">= 1 (and model.loc_patch >= 1)", m.depth)
+    require(f.t_sampling in ("uniform", "logit_normal"), "flow.t_sampling", "uniform or logit_normal", f.t_sampling)
+    require(0 <= f.class_dropout < 1, "flow.class_dropout", "in [0, 1)", f.class_dropout)
+    require(o.lr > 0, "optim.lr", "> 0", o.lr)
+    require(o.batch_size >= 1, "optim.batch_size", ">= 1", o.batch_size)
+    require(0 <= t.ema < 1, "train.ema", "in [0, 1)", t.ema)
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
+    require(t.steps >= 1, "train.steps", ">= 1", t.steps)
     check_precision(t)
-    _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
-    _require(cfg.sample.tokenizer is None or os.path.isdir(cfg.sample.tokenizer), "sample.tokenizer", "an exported tokenizer folder", cfg.sample.tokenizer)
+    require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
+    require(cfg.sample.tokenizer is None or os.path.isdir(cfg.sample.tokenizer), "sample.tokenizer", "an exported tokenizer folder", cfg.sample.tokenizer)
     return cfg

@@ -22,14 +22,13 @@ noise) writes the same schedule with 1/shift in place of shift.
 from __future__ import annotations
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
 SCHEDULERS = ("euler", "heun")
 
 
 def make_scheduler(kind: str = "euler", shift: float = 1.0):
     """A `diffusers` flow-matching scheduler: `kind` euler | heun, with the timestep `shift` (module docstring)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
-
     if kind not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {kind!r})")
     if not shift > 0:
@@ -89,8 +88,6 @@ def sample_latents(model, labels: torch.Tensor, steps: int = 50, cfg_scale: floa
     model elsewhere). Deterministic given `generator`.
 
     Returns normalised (z (B,r,c), log_loc (B,N,r)) in float32."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     cfg = model.config
     r, c, n = cfg.num_tokens, cfg.token_channels, cfg.grid**2
     device, dtype = labels.device, next(model.parameters()).dtype

@@ -18,9 +18,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
+from stellar_tok.data import build_dataset
 from stellar_tok.errors import UserError
+from stellar_tok.evaluation.metrics import to_uint8
 from stellar_tok.files import atomic_path
+from stellar_tok.model.latent import Latent
+from stellar_tok.model.tokenizer import StellarTokenizer
 
 
 def small_cnn(classes: int, width: int = 64) -> nn.Module:
@@ -59,10 +66,6 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.T
 
 def train_classifier(data_cfg: dict, epochs: int = 3, batch_size: int = 128, lr: float = 2e-3, seed: int = 0, progress: bool = True):
     """-> (model, real val accuracy %). Trained on the real train split of `data_cfg`."""
-    from tqdm.auto import tqdm
-
-    from stellar_tok.data import build_dataset
-
     tr, va = build_dataset(data_cfg, "train"), build_dataset(data_cfg, "val")
     if not hasattr(tr, "images"):
         raise UserError("class_accuracy trains its judge on an embedded data set: data.name=shapes or digits")
@@ -97,9 +100,6 @@ def judge(data_cfg: dict, cache: str | None = None, epochs: int = 3, progress: b
     key = hashlib.sha256(json.dumps({**data_cfg, "epochs": epochs, "recipe": 2}, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache, f"judge-{data_cfg['name']}-{key}.safetensors") if cache else None
     if path and os.path.exists(path):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
         with safe_open(path, framework="pt") as f:
             meta = f.metadata()
         classes = json.loads(meta["classes"])
@@ -108,8 +108,6 @@ def judge(data_cfg: dict, cache: str | None = None, epochs: int = 3, progress: b
         return model.eval(), float(meta["val_accuracy"]), classes
     model, acc, classes = train_classifier(data_cfg, epochs=epochs, progress=progress)
     if path:
-        from safetensors.torch import save_file
-
         with atomic_path(path) as tmp:
             save_file(model.state_dict(), tmp, metadata={"classes": json.dumps(classes), "val_accuracy": str(acc)})
     return model, acc, classes
@@ -124,10 +122,6 @@ def class_accuracy(samples: np.ndarray, labels: np.ndarray, model: nn.Module, cl
 @torch.no_grad()
 def ceiling(tokenizer_dir: str, data_cfg: dict, model: nn.Module, classes: list[str], n: int = 400, seed: int = 0) -> dict:
     """Judge accuracy on real val images, their reconstructions, and S/L swaps between images (see module doc)."""
-    from stellar_tok import Latent, StellarTokenizer
-    from stellar_tok.data import build_dataset
-    from stellar_tok.evaluation.metrics import to_uint8
-
     tok = StellarTokenizer.from_pretrained(tokenizer_dir).eval()
     ds = build_dataset(data_cfg, "val")
     n = min(n, len(ds))

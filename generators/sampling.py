@@ -18,9 +18,20 @@ import zipfile
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
 
 from stellar_tok.errors import UserError
+from stellar_tok.evaluation.pictures import enlarged_grid
 from stellar_tok.files import atomic_path, atomic_write_json
+from stellar_tok.latents.dataset import tokenizer_fingerprint
+from stellar_tok.launch import describe_launch
+from stellar_tok.model.latent import Latent, latent_fingerprint
+from stellar_tok.model.tokenizer import StellarTokenizer
+
+from .dit import LatentDiT
+from .flow import SCHEDULERS, autocast_dtype, make_scheduler, sample_latents
 
 PNG_AUTO_MAX = 1000  # png=auto writes per-sample PNGs up to this many images in the whole set
 GRID_MAX_CLASSES = 32  # grid.png: rows for at most this many classes (the first requested)
@@ -92,9 +103,6 @@ def check_tokenizer(model, tok) -> None:
     latent, not the decoder), so a tokenizer whose decoder was retrained on the frozen encoder (train.decoder_from) is
     accepted; generators exported before it carry the whole tokenizer's fingerprint, which still matches the tokenizer
     itself."""
-    from stellar_tok.model.latent import latent_fingerprint
-    from stellar_tok.latents.dataset import tokenizer_fingerprint
-
     want = model.config.tokenizer_hash
     if not want or want == latent_fingerprint(tok):
         return
@@ -106,19 +114,8 @@ def check_tokenizer(model, tok) -> None:
                     f"fingerprints accept only the exact tokenizer)")
 
 
-def sample(cfg) -> dict:
-    from accelerate import PartialState
-    from PIL import Image
-    from stellar_tok.launch import describe_launch
-    from stellar_tok.evaluation.pictures import enlarged_grid
-    from tqdm.auto import tqdm
-
-    from stellar_tok.model.latent import Latent
-    from stellar_tok.model.tokenizer import StellarTokenizer
-
-    from .dit import LatentDiT
-    from .flow import SCHEDULERS, autocast_dtype, make_scheduler, sample_latents
-
+def _check_options(cfg) -> tuple[float, float]:
+    """Refuse missing model folders and unknown knobs; the guidance interval (lo, hi)."""
     for key in ("generator", "tokenizer"):
         path = getattr(cfg, key)
         if not path or not os.path.isfile(os.path.join(path, "config.json")):
@@ -133,6 +130,12 @@ def sample(cfg) -> dict:
         raise UserError(f"shift must be > 0 (got {cfg.shift!r})")
     if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise UserError(f"mixed_precision must be auto, no, bf16 or fp16 (got {cfg.mixed_precision!r})")
+    return lo, hi
+
+
+def sample(cfg) -> dict:
+    """The job of `python -m generators.sample` (a `SampleConfig`); the summary on the first process, {} elsewhere."""
+    interval = _check_options(cfg)
     png_mode = _png_mode(cfg)
     state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     device = state.device
@@ -144,32 +147,52 @@ def sample(cfg) -> dict:
         raise UserError(f"n and batch_size must be >= 1 (got n={cfg.n}, batch_size={cfg.batch_size})")
     labels_all = torch.tensor(classes).repeat_interleave(cfg.n)  # (C*n,)
     save_png = png_mode == "true" or (png_mode == "auto" and len(labels_all) <= PNG_AUTO_MAX)
-    names = list(model.config.class_names or [])
     parts_dir = os.path.join(cfg.out, "parts")
     os.makedirs(parts_dir, exist_ok=True)
     if save_png:
         os.makedirs(os.path.join(cfg.out, "images"), exist_ok=True)
-    mine = list(range(state.process_index, len(labels_all), state.num_processes))
-    r, c, n = model.config.num_tokens, model.config.token_channels, model.config.grid**2
-    dim = r * c + n * r
     amp = autocast_dtype(cfg.mixed_precision, device)
     precision = {None: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     if state.is_main_process:
         print(f"running: {describe_launch(state, precision)}, batch {cfg.batch_size} per process; {len(labels_all):,} samples "
               f"of {len(classes)} classes", flush=True)
-    part, t0 = None, time.time()  # this process's images (len(mine),H,W,3), memory-mapped
+    t0 = time.time()
+    _sample_part(cfg, state, model, tok, labels_all, interval, amp, save_png)
+    state.wait_for_everyone()
+    summary = {}
+    if state.is_main_process:
+        total, procs = len(labels_all), state.num_processes
+        _assemble(cfg, procs, labels_all, len(classes))
+        seconds = time.time() - t0
+        summary = {"images": total, "classes": classes, "seconds": round(seconds, 2), "images_per_s": round(total / max(seconds, 1e-9), 2),
+                   "cfg": cfg.cfg, "interval": list(interval), "steps": cfg.steps, "scheduler": cfg.scheduler, "shift": cfg.shift,
+                   "seed": cfg.seed, "mixed_precision": precision, "png": save_png, "processes": procs}
+        atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
+        print(f"sample: {total} images of {len(classes)} classes in {seconds:.1f}s -> {cfg.out}/grid.png, samples.npz"
+              + (", images/" if save_png else ""))
+    state.wait_for_everyone()
+    return summary
+
+
+def _sample_part(cfg, state, model, tok, labels_all: torch.Tensor, interval: tuple[float, float], amp, save_png: bool) -> None:
+    """This process's samples p, p+P, ...: out/parts/<p>.npy (len(mine),H,W,3) uint8, memory-mapped, and their PNGs."""
+    device, names = state.device, list(model.config.class_names or [])
+    mine = list(range(state.process_index, len(labels_all), state.num_processes))
+    r, c, n = model.config.num_tokens, model.config.token_channels, model.config.grid**2
+    dim = r * c + n * r
+    part = None  # this process's images (len(mine),H,W,3), memory-mapped
     pbar = tqdm(total=len(mine), unit="img", disable=not (cfg.progress and state.is_main_process), desc="sample")
     for i in range(0, len(mine), cfg.batch_size):
         idx = mine[i : i + cfg.batch_size]
         noise = sample_noise(cfg.seed, idx, dim).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            z, log_loc = sample_latents(model, labels_all[idx].to(device), cfg.steps, cfg.cfg, (lo, hi),
+            z, log_loc = sample_latents(model, labels_all[idx].to(device), cfg.steps, cfg.cfg, interval,
                                          scheduler=make_scheduler(cfg.scheduler, cfg.shift), noise=noise)
             x = tok.decode(Latent(z, log_loc, True, model.latent_stats))
         batch = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B,H,W,3)
         if part is None:
-            part = np.lib.format.open_memmap(os.path.join(parts_dir, f"{state.process_index:05d}.npy"), mode="w+", dtype=np.uint8,
-                                             shape=(len(mine), *batch.shape[1:]))
+            part = np.lib.format.open_memmap(os.path.join(cfg.out, "parts", f"{state.process_index:05d}.npy"), mode="w+",
+                                             dtype=np.uint8, shape=(len(mine), *batch.shape[1:]))
         part[i : i + len(idx)] = batch
         if save_png:
             for j, im in zip(idx, batch):
@@ -180,29 +203,21 @@ def sample(cfg) -> dict:
     if part is not None:
         part.flush()
         del part
-    state.wait_for_everyone()
-    summary = {}
-    if state.is_main_process:
-        total, procs = len(labels_all), state.num_processes
-        parts = [np.load(os.path.join(parts_dir, f"{p:05d}.npy"), mmap_mode="r") for p in range(min(procs, total))]
 
-        def rows(a: int, b: int) -> np.ndarray:  # samples a..b-1 in order; sample j is row j // P of process j % P
-            return np.stack([parts[j % procs][j // procs] for j in range(a, b)])
 
-        step = max(1, (64 << 20) // parts[0][0].nbytes)  # about 64 MiB per chunk
-        save_npz_streamed(os.path.join(cfg.out, "samples.npz"), (total, *parts[0].shape[1:]),
-                          (rows(a, min(a + step, total)) for a in range(0, total, step)), labels_all.numpy())
-        per_row = min(cfg.n, 16)
-        grid = np.concatenate([rows(k * cfg.n, k * cfg.n + per_row) for k in range(min(len(classes), GRID_MAX_CLASSES))])
-        enlarged_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 255, nrow=per_row, path=os.path.join(cfg.out, "grid.png"))
-        del parts
-        shutil.rmtree(parts_dir)
-        seconds = time.time() - t0
-        summary = {"images": total, "classes": classes, "seconds": round(seconds, 2), "images_per_s": round(total / max(seconds, 1e-9), 2),
-                   "cfg": cfg.cfg, "interval": [lo, hi], "steps": cfg.steps, "scheduler": cfg.scheduler, "shift": cfg.shift,
-                   "seed": cfg.seed, "mixed_precision": precision, "png": save_png, "processes": procs}
-        atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
-        print(f"sample: {total} images of {len(classes)} classes in {seconds:.1f}s -> {cfg.out}/grid.png, samples.npz"
-              + (", images/" if save_png else ""))
-    state.wait_for_everyone()
-    return summary
+def _assemble(cfg, procs: int, labels_all: torch.Tensor, num_classes: int) -> None:
+    """samples.npz (streamed from the processes' parts, in sample order) and grid.png; the parts are removed."""
+    total, parts_dir = len(labels_all), os.path.join(cfg.out, "parts")
+    parts = [np.load(os.path.join(parts_dir, f"{p:05d}.npy"), mmap_mode="r") for p in range(min(procs, total))]
+
+    def rows(a: int, b: int) -> np.ndarray:  # samples a..b-1 in order; sample j is row j // P of process j % P
+        return np.stack([parts[j % procs][j // procs] for j in range(a, b)])
+
+    step = max(1, (64 << 20) // parts[0][0].nbytes)  # about 64 MiB per chunk
+    save_npz_streamed(os.path.join(cfg.out, "samples.npz"), (total, *parts[0].shape[1:]),
+                      (rows(a, min(a + step, total)) for a in range(0, total, step)), labels_all.numpy())
+    per_row = min(cfg.n, 16)
+    grid = np.concatenate([rows(k * cfg.n, k * cfg.n + per_row) for k in range(min(num_classes, GRID_MAX_CLASSES))])
+    enlarged_grid(torch.from_numpy(grid).permute(0, 3, 1, 2).float() / 255, nrow=per_row, path=os.path.join(cfg.out, "grid.png"))
+    del parts
+    shutil.rmtree(parts_dir)

@@ -6,8 +6,10 @@ Unknown keys, wrong types and impossible values stop the run before any work, wi
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -193,7 +195,7 @@ def check_precision(t, key: str = "train.mixed_precision") -> None:
     "False": that means no. `key` names the setting in the error."""
     if str(t.mixed_precision) in ("False", "false"):
         t.mixed_precision = "no"
-    _require(t.mixed_precision in ("no", "bf16", "fp16"), key, "no, bf16 or fp16", t.mixed_precision)
+    require(t.mixed_precision in ("no", "bf16", "fp16"), key, "no, bf16 or fp16", t.mixed_precision)
 
 
 def _friendly(e: OmegaConfBaseException) -> str:
@@ -202,20 +204,44 @@ def _friendly(e: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else msg
 
 
-def load_config(args: list[str], schema=Config):
-    """`args`: optional `config=PATH` plus `key=value` overrides (later wins). Returns a DictConfig. `schema`: a
-    dataclass (typed keys), or a nested dict of defaults (untyped); either way a key it lacks is refused."""
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # shipped in the package (and wheel)
+
+
+def packaged_configs(kind: str) -> list[str]:
+    """The names of the packaged configs of `kind` (tokenizer | generator), e.g. ['tiny', 'vit_b16', ...]."""
+    folder = os.path.join(CONFIG_DIR, kind)
+    return sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".yaml")) if os.path.isdir(folder) else []
+
+
+def config_file(name: str, kind: str = "tokenizer") -> str:
+    """The YAML file of `config=NAME`: a path that exists, as given; else a config shipped with the package: a name
+    (`tiny` -> configs/<kind>/tiny.yaml), `<kind>/tiny`, or a checkout path (`configs/tokenizer/tiny.yaml`), so the
+    documented commands work after `pip install` outside the checkout."""
+    path = os.path.expanduser(name)
+    if os.path.isfile(path):
+        return path
+    rel = name[len("configs/"):] if name.startswith("configs/") else name
+    rel = rel if rel.endswith((".yaml", ".yml")) else rel + ".yaml"
+    for candidate in (os.path.join(CONFIG_DIR, kind, rel), os.path.join(CONFIG_DIR, rel)):
+        if os.path.isfile(candidate):
+            return candidate
+    names = ", ".join(packaged_configs(kind)) or "none"
+    raise UserError(f"config file {name} does not exist (a path, or a packaged {kind} config: {names})")
+
+
+def load_config(args: list[str], schema=Config, kind: str = "tokenizer"):
+    """`args`: optional `config=PATH|NAME` plus `key=value` overrides (later wins). Returns a DictConfig. `schema`: a
+    dataclass (typed keys), or a nested dict of defaults (untyped); either way a key it lacks is refused. `kind`: where
+    a config name is looked up among the packaged configs (`config_file`)."""
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)  # dataclasses already are; a dict schema too
-    files = [a.split("=", 1)[1] for a in args if a.startswith("config=")]
+    files = [config_file(a.split("=", 1)[1], kind) for a in args if a.startswith("config=")]
     overrides = [a for a in args if not a.startswith("config=")]
     for a in overrides:
         if "=" not in a:
             raise UserError(f"argument {a!r} is not of the form key=value (see --help)")
     try:
         for f in files:
-            if not os.path.exists(f):
-                raise UserError(f"config file {f} does not exist")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(f))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     except OmegaConfBaseException as e:
@@ -247,9 +273,6 @@ def parse_overrides(prog: str | None, doc: str, schema, argv: list[str] | None, 
     """The command line of every command (with `load_config`, or both at once with `parse_command`): `--help`
     prints `doc` and every key of `schema` with its default. Returns the overrides (unparsed strings); `argv` None
     reads sys.argv."""
-    import argparse
-    import sys
-
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Every key and its default:\n\n" + OmegaConf.to_yaml(OmegaConf.structured(schema)))
     p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
@@ -262,62 +285,63 @@ def parse_command(prog: str | None, doc: str, schema, argv: list[str] | None, ex
     return load_config(parse_overrides(prog, doc, schema, argv, example), schema=schema)
 
 
-def _require(ok: bool, key: str, allowed: str, value) -> None:
+def require(ok: bool, key: str, allowed: str, value) -> None:
+    """A UserError naming config key `key`, what it must be (`allowed`) and the value it got, unless `ok`."""
     if not ok:
         raise UserError(f"config key '{key}' must be {allowed} (got {value!r})")
 
 
 def validate(cfg) -> None:
-    _require(cfg.model.init_from is None or cfg.train.decoder_from is None, "model.init_from", "null with train.decoder_from (the encoder comes from that tokenizer)", cfg.model.init_from)
+    require(cfg.model.init_from is None or cfg.train.decoder_from is None, "model.init_from", "null with train.decoder_from (the encoder comes from that tokenizer)", cfg.model.init_from)
     if cfg.train.decoder_from is not None:
         use_decoder_source(cfg)
     m, v, d, a, r, o, t = cfg.model, cfg.views, cfg.data, cfg.align, cfg.recon, cfg.optim, cfg.train
-    _require(m.num_tokens >= 1, "model.num_tokens", "a positive integer", m.num_tokens)
-    _require(m.latent_channels >= 1, "model.latent_channels", "a positive integer", m.latent_channels)
-    _require(m.patch_size >= 1, "model.patch_size", "a positive integer", m.patch_size)
-    _require(m.image_size % m.patch_size == 0, "model.image_size", f"divisible by model.patch_size={m.patch_size}", m.image_size)
-    _require(m.width % m.heads == 0 and m.width % 4 == 0, "model.width", f"divisible by 4 and model.heads={m.heads}", m.width)
-    _require(m.decoder_width % m.decoder_heads == 0 and m.decoder_width % 2 == 0, "model.decoder_width", f"even and divisible by model.decoder_heads={m.decoder_heads}", m.decoder_width)
-    _require(m.tau > 0, "model.tau", "> 0", m.tau)
-    _require(m.stem in ("patch", "conv"), "model.stem", "patch or conv", m.stem)
-    _require(m.stem == "patch" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.patch_size", "a power of two >= 2 with model.stem=conv", m.patch_size)
-    _require(m.decoder_input in ("lowrank", "dense"), "model.decoder_input", "lowrank or dense", m.decoder_input)
-    _require(0 < m.loc_floor < 1, "model.loc_floor", "in (0, 1)", m.loc_floor)
-    _require(m.norm_eps > 0, "model.norm_eps", "> 0", m.norm_eps)
-    _require(d.name in ("shapes", "digits", "folder", "wds"), "data.name", "one of shapes, digits, folder, wds", d.name)
-    _require(d.name not in ("folder", "wds") or bool(d.path), "data.path", f"set for data.name={d.name}", d.path)
-    _require(d.val_path is None or d.name in ("folder", "wds"), "data.val_path", f"null for data.name={d.name} (it has its own val split)", d.val_path)
-    _require(d.resolution >= 8, "data.resolution", ">= 8", d.resolution)
+    require(m.num_tokens >= 1, "model.num_tokens", "a positive integer", m.num_tokens)
+    require(m.latent_channels >= 1, "model.latent_channels", "a positive integer", m.latent_channels)
+    require(m.patch_size >= 1, "model.patch_size", "a positive integer", m.patch_size)
+    require(m.image_size % m.patch_size == 0, "model.image_size", f"divisible by model.patch_size={m.patch_size}", m.image_size)
+    require(m.width % m.heads == 0 and m.width % 4 == 0, "model.width", f"divisible by 4 and model.heads={m.heads}", m.width)
+    require(m.decoder_width % m.decoder_heads == 0 and m.decoder_width % 2 == 0, "model.decoder_width", f"even and divisible by model.decoder_heads={m.decoder_heads}", m.decoder_width)
+    require(m.tau > 0, "model.tau", "> 0", m.tau)
+    require(m.stem in ("patch", "conv"), "model.stem", "patch or conv", m.stem)
+    require(m.stem == "patch" or (m.patch_size >= 2 and m.patch_size & (m.patch_size - 1) == 0), "model.patch_size", "a power of two >= 2 with model.stem=conv", m.patch_size)
+    require(m.decoder_input in ("lowrank", "dense"), "model.decoder_input", "lowrank or dense", m.decoder_input)
+    require(0 < m.loc_floor < 1, "model.loc_floor", "in (0, 1)", m.loc_floor)
+    require(m.norm_eps > 0, "model.norm_eps", "> 0", m.norm_eps)
+    require(d.name in ("shapes", "digits", "folder", "wds"), "data.name", "one of shapes, digits, folder, wds", d.name)
+    require(d.name not in ("folder", "wds") or bool(d.path), "data.path", f"set for data.name={d.name}", d.path)
+    require(d.val_path is None or d.name in ("folder", "wds"), "data.val_path", f"null for data.name={d.name} (it has its own val split)", d.val_path)
+    require(d.resolution >= 8, "data.resolution", ">= 8", d.resolution)
     for key, size in (("views.global_size", v.global_size), ("views.local_size", v.local_size)):
-        _require(size % m.patch_size == 0 and size > 0, key, f"a positive multiple of model.patch_size={m.patch_size}", size)
-    _require(v.global_size == m.image_size, "views.global_size", f"equal to model.image_size={m.image_size}", v.global_size)
-    _require(0 <= v.mask_ratio < 1, "views.mask_ratio", "in [0, 1)", v.mask_ratio)
+        require(size % m.patch_size == 0 and size > 0, key, f"a positive multiple of model.patch_size={m.patch_size}", size)
+    require(v.global_size == m.image_size, "views.global_size", f"equal to model.image_size={m.image_size}", v.global_size)
+    require(0 <= v.mask_ratio < 1, "views.mask_ratio", "in [0, 1)", v.mask_ratio)
     for key, rng in (("views.global_scale", v.global_scale), ("views.local_scale", v.local_scale), ("views.focal_sigma", v.focal_sigma), ("views.blur_sigma", v.blur_sigma)):
-        _require(len(rng) == 2 and 0 < rng[0] <= rng[1], key, "[lo, hi] with 0 < lo <= hi", list(rng))
-    _require(v.global_scale[1] <= 1 and v.local_scale[1] <= 1, "views.global_scale", "within (0, 1]", list(v.global_scale))
-    _require(v.global_crops >= 0 and v.local_crops >= 0, "views.global_crops", ">= 0 (and local_crops >= 0)", v.global_crops)
-    _require(v.blur_kernel % 2 == 1 and v.blur_kernel < v.local_size * 2, "views.blur_kernel", "odd and smaller than twice views.local_size", v.blur_kernel)
+        require(len(rng) == 2 and 0 < rng[0] <= rng[1], key, "[lo, hi] with 0 < lo <= hi", list(rng))
+    require(v.global_scale[1] <= 1 and v.local_scale[1] <= 1, "views.global_scale", "within (0, 1]", list(v.global_scale))
+    require(v.global_crops >= 0 and v.local_crops >= 0, "views.global_crops", ">= 0 (and local_crops >= 0)", v.global_crops)
+    require(v.blur_kernel % 2 == 1 and v.blur_kernel < v.local_size * 2, "views.blur_kernel", "odd and smaller than twice views.local_size", v.blur_kernel)
     for key in ("jitter_p", "grayscale_p", "blur_p", "noise_p", "focal_p"):
-        _require(0 <= v[key] <= 1, f"views.{key}", "a probability in [0, 1]", v[key])
-    _require(a.match in ("hungarian", "argmax"), "align.match", "hungarian or argmax", a.match)
-    _require(a.token_balance in ("all", "slot"), "align.token_balance", "all or slot", a.token_balance)
-    _require(a.image_loss in ("clustering", "contrastive"), "align.image_loss", "clustering or contrastive", a.image_loss)
-    _require(a.image_feature in ("cls", "tokens"), "align.image_feature", "cls or tokens", a.image_feature)
-    _require(a.prototype_std >= 0, "align.prototype_std", ">= 0 (0: head_bottleneck^-0.5)", a.prototype_std)
-    _require(a.contrastive_temp > 0, "align.contrastive_temp", "> 0", a.contrastive_temp)
-    _require(0 <= a.teacher_momentum < 1, "align.teacher_momentum", "in [0, 1)", a.teacher_momentum)
-    _require(a.token_prototypes >= 2 and a.cls_prototypes >= 2, "align.token_prototypes", ">= 2 (and cls_prototypes)", a.token_prototypes)
-    _require(a.enabled or r.enabled, "align.enabled", "true when recon.enabled is false (nothing to train)", a.enabled)
-    _require(r.pixel in ("l1", "l2"), "recon.pixel", "l1 or l2", r.pixel)
-    _require(r.lpips_net in ("vgg", "alex"), "recon.lpips_net", "vgg or alex", r.lpips_net)
-    _require(o.lr > 0, "optim.lr", "> 0", o.lr)
-    _require(o.batch_size >= 2, "optim.batch_size", ">= 2", o.batch_size)
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas))
-    _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
-    _require(t.epochs >= 0, "train.epochs", ">= 0 (0: train.steps counts the run)", t.epochs)
+        require(0 <= v[key] <= 1, f"views.{key}", "a probability in [0, 1]", v[key])
+    require(a.match in ("hungarian", "argmax"), "align.match", "hungarian or argmax", a.match)
+    require(a.token_balance in ("all", "slot"), "align.token_balance", "all or slot", a.token_balance)
+    require(a.image_loss in ("clustering", "contrastive"), "align.image_loss", "clustering or contrastive", a.image_loss)
+    require(a.image_feature in ("cls", "tokens"), "align.image_feature", "cls or tokens", a.image_feature)
+    require(a.prototype_std >= 0, "align.prototype_std", ">= 0 (0: head_bottleneck^-0.5)", a.prototype_std)
+    require(a.contrastive_temp > 0, "align.contrastive_temp", "> 0", a.contrastive_temp)
+    require(0 <= a.teacher_momentum < 1, "align.teacher_momentum", "in [0, 1)", a.teacher_momentum)
+    require(a.token_prototypes >= 2 and a.cls_prototypes >= 2, "align.token_prototypes", ">= 2 (and cls_prototypes)", a.token_prototypes)
+    require(a.enabled or r.enabled, "align.enabled", "true when recon.enabled is false (nothing to train)", a.enabled)
+    require(r.pixel in ("l1", "l2"), "recon.pixel", "l1 or l2", r.pixel)
+    require(r.lpips_net in ("vgg", "alex"), "recon.lpips_net", "vgg or alex", r.lpips_net)
+    require(o.lr > 0, "optim.lr", "> 0", o.lr)
+    require(o.batch_size >= 2, "optim.batch_size", ">= 2", o.batch_size)
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", list(o.betas))
+    require(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    require(t.epochs >= 0, "train.epochs", ">= 0 (0: train.steps counts the run)", t.epochs)
     check_precision(t)
-    _require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
-    _require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
+    require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
+    require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
 
 
 def cls_is_trained(cfg) -> bool:
@@ -355,8 +379,8 @@ DECODER_KEYS = ("decoder_width", "decoder_depth", "decoder_heads", "decoder_mlp_
 def use_decoder_source(cfg) -> None:
     """train.decoder_from=DIR: the encoder's model keys from DIR/config.json (the run's decoder keys stay), no alignment."""
     config_json = os.path.join(str(cfg.train.decoder_from), "config.json")
-    _require(os.path.isfile(config_json), "train.decoder_from", "an exported tokenizer folder with config.json", cfg.train.decoder_from)
-    _require(cfg.recon.enabled, "recon.enabled", "true with train.decoder_from (the decoder learns from the reconstruction losses)", cfg.recon.enabled)
+    require(os.path.isfile(config_json), "train.decoder_from", "an exported tokenizer folder with config.json", cfg.train.decoder_from)
+    require(cfg.recon.enabled, "recon.enabled", "true with train.decoder_from (the decoder learns from the reconstruction losses)", cfg.recon.enabled)
     with open(config_json) as f:
         source = json.load(f)
     for key in cfg.model:
@@ -364,22 +388,3 @@ def use_decoder_source(cfg) -> None:
             cfg.model[key] = source[key]
     cfg.align.enabled = False
     cfg.views.global_size = cfg.model.image_size
-
-
-def check_data_paths(cfg) -> None:
-    """The files a training run reads exist and fit: its data, and the ViT-MAE folder of model.init_from (a separate
-    step: configs are also loaded to build models)."""
-    m, d = cfg.model, cfg.data
-    if m.init_from is not None:
-        from stellar_tok.model.mae_init import GET_IT, check_mae_fits, mae_folder_problem
-
-        _require(mae_folder_problem(os.path.expanduser(m.init_from)) is None, "model.init_from", f"a Hugging Face ViT-MAE folder with config.json and model.safetensors (get one: {GET_IT}; null: random init)", m.init_from)
-        check_mae_fits(os.path.expanduser(m.init_from), m)  # its config.json only: a mismatch stops the run before any work
-    _require(d.name != "folder" or os.path.isdir(os.path.expanduser(str(d.path))), "data.path", "an existing folder of images", d.path)
-    if d.name == "wds":
-        from .data import DataError, wds_shards
-
-        try:
-            wds_shards(d, "train")
-        except DataError as e:
-            raise UserError(f"config key 'data.path': {e}") from None

@@ -2,9 +2,9 @@
 
     python -m stellar_tok.fid_stats data.name=shapes split=val n=1000 [out=ref.npz] [fid.weights=PATH] [num_workers=8]
 
-The images (`stellar_tok.evaluation.fid_reference.ReferenceImages`): every image of the split, read once and in order, or
+The images (`stellar_tok.data.reference.ReferenceImages`): every image of the split, read once and in order, or
 with `n` > 0 a subset of n drawn with `seed` and spread over the classes in proportion to their sizes
-(`stellar_tok.evaluation.probing.spread_subset`; never the first n of a class-sorted listing). Each is resized so that its
+(`stellar_tok.data.reference.spread_subset`; never the first n of a class-sorted listing). Each is resized so that its
 shorter side is `data.resolution` (bicubic, antialiased) and centre-cropped, for the train split too (never the
 random crops of training).
 WebDataset shards are read once each, in order (the held-out style pipeline; never the resampled,
@@ -33,6 +33,7 @@ import torch
 
 from .config import DataConfig, load_config, parse_overrides
 from .errors import UserError, cli_entry
+from stellar_tok.evaluation import fid
 from stellar_tok.evaluation.fid_reference import FIDConfig, reference_stats
 
 
@@ -51,8 +52,6 @@ class FIDStatsConfig:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> str:
-    from stellar_tok.evaluation.fid import build_inception
-
     overrides = parse_overrides("python -m stellar_tok.fid_stats", __doc__, FIDStatsConfig, argv, "data.name=shapes split=val n=1000")
     cfg = load_config(overrides, schema=FIDStatsConfig)
     if cfg.split not in ("train", "val"):
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> str:
     if cfg.out and os.path.exists(cfg.out):
         raise UserError(f"{cfg.out} exists; delete it or choose another out=")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    extractor = build_inception(cfg.fid.weights, device=device)
+    extractor = fid.build_inception(cfg.fid.weights, device=device)
     stats, path = reference_stats(extractor, cfg.data, cfg.split, cfg.n, cfg.out, cfg.fid.batch_size, cfg.keep_features, cfg.progress,
                                   seed=cfg.seed, num_workers=cfg.num_workers)
     print(f"{stats['n']} images ({stats['meta'].get('images', '')}) -> {path}")

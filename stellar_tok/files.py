@@ -22,6 +22,7 @@ import os
 import tempfile
 
 import torch
+from safetensors.torch import load_file
 
 from .errors import UserError
 
@@ -108,8 +109,6 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """A state dict from a `.safetensors` file, or from a torch pickle read with `weights_only=True` (tensors and
     plain containers only: never a full unpickle), on the CPU. Raises TypeError when the file holds no dict."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):

@@ -17,30 +17,26 @@ JPEG (quality 95) re-encodings whose shorter side is at most N (smaller images k
 The class list goes to ``OUT_DIR/classes.json``. If that file already exists (say from the train
 conversion) it is reused, so val labels match train labels even when val lacks some classes.
 
-The older flag form still works and means the same: ``SRC_FOLDER OUT_DIR`` as the first two arguments, and
-``--shard-size N``, ``--prefix P``, ``--max-size B``, ``--seed S``, ``--resize N``, ``--classes JSON``,
-``--workers W``, ``--overwrite``, ``--no-progress`` for the keys of the same names.
+The writer is `stellar_tok.data.shard_writer.make_shards`. The older flag form still works in this release and
+means the same, with a FutureWarning naming its key=value equivalent (it stops working in the next release):
+``SRC_FOLDER OUT_DIR`` as the first two arguments, and ``--shard-size N``, ``--prefix P``, ``--max-size B``,
+``--seed S``, ``--resize N``, ``--classes JSON``, ``--workers W``, ``--overwrite``, ``--no-progress`` for the
+keys of the same names.
 """
 from __future__ import annotations
 
-import glob
-import io
-import json
 import os
-import random
 import re
+import shlex
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from PIL import Image
-
 from .config import parse_command
-from .data import BadSample, DataError, find_images, load_rgb
+from .data import DataError
+from .data.shard_writer import make_shards
 from .errors import UserError, cli_entry
-from .files import atomic_write_json
-
-_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 def parse_size(text: str) -> float:
@@ -55,131 +51,6 @@ def parse_size(text: str) -> float:
     if value < 0:
         raise UserError(f"max_size must be >= 0 (got {text!r})")
     return value
-
-
-def encode_sample(path: str, resize: int | None = None) -> tuple[str, bytes]:
-    """Validate one image and return ``(extension, bytes)`` to store; raises `BadSample` if it is bad.
-
-    Without ``resize`` the original bytes are kept for JPEG, PNG and WebP files (other formats become
-    PNG). With ``resize`` the image is converted to RGB, shrunk so its shorter side is at most
-    ``resize`` and stored as JPEG quality 95.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    img = load_rgb(data)  # full decode: catches truncated and corrupt files, tiny images
-    if resize:
-        short = min(img.size)
-        if short > resize:
-            img = img.resize((max(1, round(img.width * resize / short)), max(1, round(img.height * resize / short))), Image.BICUBIC)
-        out = io.BytesIO()
-        img.save(out, format="JPEG", quality=95)
-        return "jpg", out.getvalue()
-    fmt = Image.open(io.BytesIO(data)).format
-    if fmt in _KEEP_FORMATS:
-        return _KEEP_FORMATS[fmt], data
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return "png", out.getvalue()
-
-
-def _encode_job(job: tuple[int, str, int, int | None]) -> tuple[int, int, str, bytes | str]:
-    """Worker: ``(index, path, label, resize)`` -> ``(index, label, ext or "", bytes or skip reason)``."""
-    index, path, label, resize = job
-    try:
-        ext, data = encode_sample(path, resize)
-        return index, label, ext, data
-    except BadSample as bad:
-        return index, label, "", bad.reason
-    except OSError:
-        return index, label, "", "decode_error"
-
-
-def _progress(total: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency of the package
-        return None
-    return tqdm(total=total, unit="img", desc="shards", disable=not enabled, dynamic_ncols=True)
-
-
-def _load_classes(path: str) -> list[str]:
-    try:
-        with open(path) as f:
-            classes = json.load(f)
-    except (OSError, ValueError) as exn:
-        raise DataError(f"cannot read the class list {path!r}: {exn}") from None
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise DataError(f"{path!r} must hold a JSON list of class names")
-    return classes
-
-
-def make_shards(src: str, out_dir: str, shard_size: int = 1000, prefix: str = "train", max_size: float = 0,
-                seed: int = 0, resize: int | None = None, classes_file: str | None = None,
-                workers: int = 1, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the shards; returns a summary dict (written, skipped by reason, shards, paths)."""
-    import webdataset as wds
-
-    if shard_size < 1:
-        raise DataError(f"shard_size must be >= 1 (got {shard_size})")
-    if not prefix or any(c in prefix for c in "/.{}%"):
-        raise DataError(f"prefix must be a plain name without / . {{ }} % (got {prefix!r})")
-    os.makedirs(out_dir, exist_ok=True)
-    existing = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{prefix}-*.tar")))
-    if existing and not overwrite:
-        raise DataError(f"{out_dir!r} already holds {len(existing)} {prefix}-*.tar shards; remove them or pass overwrite=true (--overwrite)")
-    classes_path = os.path.join(out_dir, "classes.json")
-    known = None
-    if classes_file:
-        known = _load_classes(classes_file)
-    elif os.path.isfile(classes_path) and not overwrite:
-        known = _load_classes(classes_path)
-    paths, labels, classes = find_images(src, known, what="SRC_FOLDER")
-    for path in existing:
-        os.remove(path)
-
-    order = list(range(len(paths)))
-    random.Random(seed).shuffle(order)
-    jobs = [(i, paths[j], labels[j], resize) for i, j in enumerate(order)]
-    skipped: dict[str, int] = {}
-    written = 0
-    pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
-    bar = _progress(len(jobs), progress)
-    pool = None
-    if workers > 1:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("spawn").Pool(workers)
-        results = pool.imap(_encode_job, jobs, chunksize=16)
-    else:
-        results = map(_encode_job, jobs)
-    writer = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=max_size or float("inf"), verbose=0,
-                             encoder=False, mtime=0.0, mode=0o644)
-    try:
-        for index, label, ext, payload in results:
-            if ext:
-                sample = {"__key__": f"{prefix}_{index:08d}", ext: payload}
-                if label >= 0:
-                    sample["cls"] = str(label).encode()
-                writer.write(sample)
-                written += 1
-            else:
-                skipped[payload] = skipped.get(payload, 0) + 1
-            if bar is not None:
-                bar.update(1)
-    finally:
-        writer.close()
-        if pool is not None:
-            pool.terminate()
-        if bar is not None:
-            bar.close()
-    shards = sorted(glob.glob(os.path.join(glob.escape(out_dir), f"{prefix}-*.tar")))
-    if written == 0:  # ShardWriter opens its first shard eagerly: do not leave an empty one behind
-        for path in shards:
-            os.remove(path)
-        shards = []
-    if classes and (known is None or classes_file):
-        atomic_write_json(classes_path, classes)
-    return {"written": written, "skipped": skipped, "shards": shards, "classes": classes, "classes_path": classes_path}
 
 
 @dataclass
@@ -204,8 +75,8 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
 
 
 def from_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The older flag form -> (`key=value` arguments, positional SRC_FOLDER / OUT_DIR). `key=value` arguments and
-    --help pass through unchanged."""
+    """The older flag form (deprecated: `warn_flag_form`) -> (`key=value` arguments, positional SRC_FOLDER / OUT_DIR).
+    `key=value` arguments and --help pass through unchanged."""
     args, positional = [], []
     it = iter(argv)
     for a in it:
@@ -228,9 +99,21 @@ def from_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return args, positional
 
 
+def warn_flag_form(argv: Sequence[str], args: list[str], positional: list[str]) -> None:
+    """A FutureWarning naming the key=value form of `argv` when it uses the older flag form (`from_flags` gave
+    `args` and `positional`); nothing for the key=value form."""
+    if not positional and not any(a.startswith("--") and a != "--help" for a in argv):
+        return
+    same = [f"{key}={value}" for key, value in zip(("src", "out"), positional)] + args
+    warnings.warn("the flag form of make_shards stops working in the next release; the same in key=value form: "
+                  f"python -m stellar_tok.make_shards {shlex.join(same)}", FutureWarning, stacklevel=2)
+
+
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    args, positional = from_flags(sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, positional = from_flags(argv)
+    warn_flag_form(argv, args, positional)
     cfg = parse_command("python -m stellar_tok.make_shards", __doc__, MakeShardsConfig, args,
                         "src=SRC_FOLDER out=OUT_DIR prefix=val shard_size=1250")
     for key, value in zip(("src", "out"), positional):  # set as given: a path is not parsed as a value

@@ -26,7 +26,7 @@ MOVED = {
     "reconstruction": "losses.reconstruction",
     "shapes": "data.shapes",
     "tokenizer": "model.tokenizer",
-    "tokenizer_training": "training.tokenizer_setup",
+    "tokenizer_training": "training.tokenizer_weights",
     "tokenizing": "latents.writer",
     "views": "data.views",
     "visual": "evaluation.pictures",

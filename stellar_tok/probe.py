@@ -51,23 +51,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-
-from .config import DataConfig
+from .config import DataConfig, load_config, parse_overrides
 from .errors import UserError, cli_entry
-from stellar_tok.evaluation.probing import (
-    CROP_SCALE,
-    FEATURE_KINDS,
-    PROTOCOLS,
-    augmented_probe,
-    cls_trained,
-    run_probes,
-)
+from stellar_tok.evaluation.probe_run import load_probe_tokenizer, probe_run, resolve_device
+from stellar_tok.evaluation.probing import FEATURE_KINDS, PROTOCOLS
 
 
 @dataclass
@@ -90,23 +80,8 @@ class ProbeConfig:
     progress: bool = True
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"device must be auto, cpu or cuda[:i] (got {name!r})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but CUDA is not available (use device=cpu or auto)")
-    return device
-
-
 @cli_entry
 def main(argv=None):
-    from .config import load_config, parse_overrides
-    from stellar_tok.model.tokenizer import StellarTokenizer
-
     overrides = parse_overrides("python -m stellar_tok.probe", __doc__, ProbeConfig, argv,
                                 "tokenizer=DIR data.name=shapes protocol=augmented epochs=30")
     cfg = load_config(overrides, schema=ProbeConfig)
@@ -120,47 +95,9 @@ def main(argv=None):
             raise UserError(f"{key} must be an integer >= {lo} (got {cfg[key]})")
     if cfg.lr <= 0 or cfg.weight_decay < 0:
         raise UserError(f"lr must be > 0 and weight_decay >= 0 (got lr={cfg.lr}, weight_decay={cfg.weight_decay})")
-    device = _resolve_device(str(cfg.device))
-    tok = None
-    if any(k != "pixels" for k in kinds):
-        if not cfg.tokenizer:
-            raise UserError("tokenizer=DIR is required (an exported tokenizer folder)")
-        tok = StellarTokenizer.from_pretrained(cfg.tokenizer).eval()
-        if cfg.random_init:  # same architecture, fresh weights
-            torch.manual_seed(cfg.seed)
-            tok = StellarTokenizer(**{k: v for k, v in tok.config.items() if not k.startswith("_")}).eval()
-        tok = tok.to(device)
-        if not any(a.startswith("data.resolution=") for a in overrides) and int(tok.config.image_size) != int(cfg.data.resolution):
-            if cfg.protocol == "augmented":
-                cfg.data.resolution = int(tok.config.image_size)
-            else:
-                warnings.warn(f"protocol=cached reads the images at data.resolution={cfg.data.resolution}, not at the tokenizer's "
-                              f"image_size={tok.config.image_size}; pass data.resolution={tok.config.image_size} to probe at its size")
-    size = int(tok.config.image_size) if tok is not None else int(cfg.data.resolution)
-    from .data import heldout_is_train
-
-    if heldout_is_train(cfg.data):
-        warnings.warn("the held-out (val) split resolves to training images (no val folder or val shards; data.val_path "
-                      "names one): the probes' top-1 is then measured on images they were trained on")
-    t = time.time()
-    common = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, n_train=cfg.n_train,
-                  n_eval=cfg.n_eval, seed=cfg.seed, device=device, progress=cfg.progress, log=lambda line: print(line, file=sys.stderr))
-    if cfg.protocol == "cached":
-        res = run_probes(tok, cfg.data, kinds, **common)
-    else:
-        res = augmented_probe(tok, cfg.data, kinds, knn=cfg.knn, amp=cfg.amp, **common)
-    res["n_eval"] = res["n_val"]
-    res["protocol"] = cfg.protocol
-    res["settings"] = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                       "schedule": "cosine", "seed": cfg.seed, "head": "LayerNorm+Linear"}
-    if cfg.protocol == "augmented":
-        res["settings"].update(crop_scale=list(CROP_SCALE), flip=True, image_size=size, data_resolution=int(cfg.data.resolution),
-                               amp=bool(cfg.amp and device.type == "cuda"))
-    if "cls" in kinds and not cfg.random_init and cls_trained(cfg.tokenizer) is False:
-        res["cls_untrained"] = True  # its numbers describe a feature no loss reached
-        print("note: no loss reached this tokenizer's CLS token in training (training.json): its 'cls' numbers are an untrained CLS",
-              file=sys.stderr)
-    res["seconds"] = round(time.time() - t, 1)
+    device = resolve_device(str(cfg.device))
+    tok = load_probe_tokenizer(cfg, kinds, device, resolution_given=any(a.startswith("data.resolution=") for a in overrides))
+    res = probe_run(cfg, tok, kinds, device, log=lambda line: print(line, file=sys.stderr))
     print(json.dumps(res))
     return res
 

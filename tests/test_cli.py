@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 
 import pytest
 
@@ -25,9 +26,9 @@ TYPOS = [
     ("probe", ["features=pixels", "epoch=3"], "epoch"),
     ("class_accuracy", ["samples=missing.npz", "epoch=3"], "epoch"),
     ("make_shards", ["src=SRC", "out=OUT", "shardsize=3"], "shardsize"),
-    ("make_shards", ["SRC", "OUT", "--shardsize", "3"], "--shardsize"),  # the older flag form
+    ("make_shards", ["SRC", "OUT", "--shardsize", "3"], "--shardsize"),  # the older flag form (deprecated)
     ("view_memory", ["batch=2", "batchsize=2"], "batchsize"),
-    ("imagenet_like", ["images", "out=DIR", "tran=8"], "tran"),
+    ("imagenet_like", ["stage=images", "out=DIR", "tran=8"], "tran"),
 ]
 
 
@@ -43,7 +44,7 @@ def test_unknown_key_stops_with_one_line(name, argv, key, capsys):
 
 
 @pytest.mark.parametrize("name,argv", [("probe", ["--help"]), ("class_accuracy", ["--help"]), ("make_shards", ["--help"]),
-                                       ("view_memory", ["--help"]), ("imagenet_like", ["run", "--help"])])
+                                       ("view_memory", ["--help"]), ("imagenet_like", ["stage=run", "--help"])])
 def test_help_lists_every_key(name, argv, capsys):
     with pytest.raises(SystemExit) as exc:
         _mains()[name](argv)
@@ -52,20 +53,40 @@ def test_help_lists_every_key(name, argv, capsys):
     assert "Every key and its default" in out and "[overrides ...]" in out
 
 
-def test_make_shards_flag_form_is_the_key_value_form():
-    from stellar_tok.make_shards import from_flags
+def test_make_shards_flag_form_is_the_key_value_form_with_a_future_warning(tmp_path, capsys):
+    from stellar_tok.make_shards import from_flags, main
 
-    args, positional = from_flags(["in/", "out/", "--prefix", "val", "--shard-size=3", "--no-progress", "--overwrite", "seed=2"])
+    flags = ["in/", "out/", "--prefix", "val", "--shard-size=3", "--no-progress", "--overwrite", "seed=2"]
+    args, positional = from_flags(flags)
     assert positional == ["in/", "out/"]
     assert args == ["prefix=val", "shard_size=3", "progress=false", "overwrite=true", "seed=2"]
+    # it still runs for one release, warned once with the key=value equivalent; the key=value form is not warned
+    src, out = str(tmp_path / "missing"), str(tmp_path / "out")
+    equivalent = f"python -m stellar_tok.make_shards src={src} out={out} prefix=val shard_size=3 progress=false overwrite=true seed=2"
+    with pytest.warns(FutureWarning) as warned:
+        assert main([src, out, *flags[2:]]) == 2  # SRC_FOLDER does not exist: the same error as key=value
+    assert [str(w.message).rpartition("key=value form: ")[2] for w in warned] == [equivalent]
+    flag_err = capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert main(equivalent.split()[3:]) == 2
+    assert capsys.readouterr().err == flag_err and "SRC_FOLDER" in flag_err
 
 
-def test_benchmark_values_come_back_as_text():
-    from benchmarks.common import parse_kv
+def test_benchmark_values_come_back_typed():
+    from benchmarks.common import parse_args
+    from benchmarks.fid_memory import FIDMemoryArgs
+    from benchmarks.train_speed import TrainSpeedArgs
+    from benchmarks.view_memory import ViewMemoryArgs
+    from stellar_tok.errors import UserError
 
-    defaults = {"n": "2000,10000", "keep": "false", "batch.tiny": "64", "overrides": ""}
-    got = parse_kv(["keep=true", "batch.tiny=8", "overrides=align.match=argmax;recon.pixel=l2"], defaults, "doc")
-    assert got == {"n": "2000,10000", "keep": "true", "batch.tiny": "8", "overrides": "align.match=argmax;recon.pixel=l2"}
+    fid = parse_args("prog", "doc", FIDMemoryArgs, ["keep=true"], "")
+    assert fid.n == "2000,10000" and fid.keep is True and fid.size == 256
+    speed = parse_args("prog", "doc", TrainSpeedArgs, ["batch.tiny=8", "overrides=align.match=argmax;recon.pixel=l2"], "")
+    assert speed.batch.tiny == 8 and speed.batch.vit_b16 == 2 and speed.overrides == "align.match=argmax;recon.pixel=l2"
+    assert parse_args("prog", "doc", ViewMemoryArgs, ["config=tiny"], "").config == "tiny"  # a name, not a file to merge
+    with pytest.raises(UserError, match="'size'"):
+        parse_args("prog", "doc", FIDMemoryArgs, ["size=big"], "")
 
 
 # ----------------------------------------------------------------------------------------------

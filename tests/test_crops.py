@@ -87,7 +87,7 @@ def test_exif_rotated_jpeg_boxes_follow_the_shown_orientation(tmp_path):
 
 
 def test_wds_training_loader_yields_views(tmp_path):
-    from stellar_tok.make_shards import make_shards
+    from stellar_tok.data.shard_writer import make_shards
 
     rng = np.random.default_rng(1)
     for c in ("a", "b"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -282,7 +283,8 @@ def test_make_shards_help():
     out = subprocess.run([sys.executable, "-m", "stellar_tok.make_shards", "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "SRC_FOLDER" in out.stdout and "--shard-size" in out.stdout and "--resize" in out.stdout
+    assert "SRC_FOLDER" in out.stdout and "shard_size" in out.stdout and "resize" in out.stdout
+    assert "--shard-size" in out.stdout and "FutureWarning" in out.stdout  # the older flag form, deprecated
 
 
 def _good_items(ds):
@@ -299,7 +301,7 @@ def _good_items(ds):
 
 def test_make_shards_round_trip(odd_folder, tmp_path, capsys):
     out = tmp_path / "shards"
-    assert make_shards_main([str(odd_folder), str(out), "--shard-size", "3", "--prefix", "val", "--seed", "1", "--no-progress"]) == 0
+    assert make_shards_main([f"src={odd_folder}", f"out={out}", "shard_size=3", "prefix=val", "seed=1", "progress=false"]) == 0
     summary = capsys.readouterr().out
     assert "wrote 7 images, skipped 2 (decode_error=1, too_small=1), 3 shards" in summary
     assert sorted(os.listdir(out)) == ["classes.json", "val-000000.tar", "val-000001.tar", "val-000002.tar"]
@@ -329,8 +331,11 @@ def test_make_shards_round_trip(odd_folder, tmp_path, capsys):
     assert got == expected  # same pixels, same labels
     assert build_dataset(cfg(name="wds", path=str(out), resolution=16), "val").classes == ["apple", "banana"]
 
-    # a second conversion into the same folder refuses to mix with existing shards
-    assert make_shards_main([str(odd_folder), str(out), "--prefix", "val", "--no-progress"]) == 2
+    # a second conversion into the same folder refuses to mix with existing shards; the older flag form means the
+    # same, with a FutureWarning naming its key=value equivalent
+    same = re.escape(f"python -m stellar_tok.make_shards src={odd_folder} out={out} prefix=val progress=false")
+    with pytest.warns(FutureWarning, match=f"stops working in the next release; the same in key=value form: {same}$"):
+        assert make_shards_main([str(odd_folder), str(out), "--prefix", "val", "--no-progress"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -338,7 +343,7 @@ def test_wds_bad_members_and_shards_skipped_and_counted(odd_folder, tmp_path, ca
     import webdataset as wds
 
     out = tmp_path / "shards"
-    make_shards_main([str(odd_folder), str(out), "--shard-size", "4", "--prefix", "val", "--no-progress"])
+    make_shards_main([f"src={odd_folder}", f"out={out}", "shard_size=4", "prefix=val", "progress=false"])
     capsys.readouterr()
     good = sorted(str(p) for p in out.glob("val-*.tar"))
     png = io.BytesIO()
@@ -370,7 +375,7 @@ def test_wds_bad_members_and_shards_skipped_and_counted(odd_folder, tmp_path, ca
 
 def test_wds_train_streams_epochs(odd_folder, tmp_path, capsys):
     out = tmp_path / "shards"
-    make_shards_main([str(odd_folder), str(out), "--shard-size", "2", "--prefix", "train", "--no-progress"])
+    make_shards_main([f"src={odd_folder}", f"out={out}", "shard_size=2", "prefix=train", "progress=false"])
     capsys.readouterr()
     data_cfg = cfg(name="wds", path=str(out / "train-{000000..000003}.tar"), resolution=16, epoch_size=10)
     loader = build_loader(data_cfg, batch_size=4, split="train")
@@ -405,7 +410,7 @@ def test_val_path_names_the_heldout_split(tmp_path):
     # wds
     shards = tmp_path / "shards"
     for split, src in (("train", train_dir), ("val", val_dir)):
-        assert make_shards_main([src, str(shards), "--prefix", split, "--shard-size", "2", "--no-progress"]) == 0
+        assert make_shards_main([f"src={src}", f"out={shards}", f"prefix={split}", "shard_size=2", "progress=false"]) == 0
     pattern = str(shards / "train-{000000..000001}.tar")
     count = lambda c, split: len(list(build_dataset(c, split)))  # noqa: E731
     same = cfg(name="wds", path=pattern, resolution=8)

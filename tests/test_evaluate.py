@@ -106,7 +106,8 @@ def _png_ok(path, min_side=32):
 
 
 def test_visualize_writes_valid_pngs(tok_dir, tmp_path):
-    from stellar_tok.visualize import main, read_scalars
+    from stellar_tok.evaluation.figures import read_scalars
+    from stellar_tok.visualize import main
 
     out = tmp_path / "pictures"
     written = main([f"tokenizer={tok_dir}", f"out={out}", *SMALL_DATA, "n=4", "swap_pairs=2", "heatmap_images=2", "dropout_tokens=3"])
@@ -148,7 +149,7 @@ def test_evaluate_semantics_and_baselines(tok_dir, tmp_path):
     from safetensors.torch import load_file
 
     from stellar_tok.data import build_dataset
-    from stellar_tok.evaluation.probing import spread_subset
+    from stellar_tok.data.reference import spread_subset
 
     val = build_dataset({"name": "shapes", "resolution": 32, "train_size": 96, "val_size": 48}, "val")
     pick = spread_subset(val.labels, 40, seed=0)
@@ -216,7 +217,7 @@ def test_evaluate_reconstruction_with_rfid(tok_dir, tmp_path, monkeypatch):
 def test_generator_evaluate_real_images_score_near_zero(tmp_path, monkeypatch):
     """Samples that are the reference images themselves: FID ~ 0 and KID ~ 0; noise: far away."""
     from generators.evaluate import main
-    from stellar_tok.evaluation.fid_reference import image_batches
+    from stellar_tok.data.reference import image_batches
     from stellar_tok.config import DataConfig
     from omegaconf import OmegaConf
 

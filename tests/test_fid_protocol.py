@@ -95,7 +95,7 @@ def rows(t):
 
 # ------------------------------------------------------------------ item 2: which images the reference reads
 def test_reference_train_split_is_centre_crops_of_every_image(tmp_path):
-    from stellar_tok.evaluation.fid_reference import image_batches
+    from stellar_tok.data.reference import image_batches
 
     root = make_folder(tmp_path / "imgs")
     cfg = data_cfg(name="folder", path=str(root), resolution=16)
@@ -109,7 +109,7 @@ def test_reference_train_split_is_centre_crops_of_every_image(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_reference_wds_reads_each_shard_once(tmp_path, workers):
     """The train shards are read once, in order, centre-cropped: never the resampled training stream."""
-    from stellar_tok.evaluation.fid_reference import image_batches
+    from stellar_tok.data.reference import image_batches
 
     made = make_shards(tmp_path / "wds", "train")
     make_shards(tmp_path / "wds", "val", shards=1)
@@ -122,8 +122,8 @@ def test_reference_wds_reads_each_shard_once(tmp_path, workers):
 
 
 def test_reference_subset_is_seeded_and_spread_over_classes(tmp_path):
-    from stellar_tok.evaluation.fid_reference import image_batches
-    from stellar_tok.evaluation.probing import spread_subset
+    from stellar_tok.data.reference import image_batches
+    from stellar_tok.data.reference import spread_subset
 
     root = make_folder(tmp_path / "imgs")  # 4 classes x 6, listed class by class
     cfg = data_cfg(name="folder", path=str(root), resolution=16)
@@ -176,7 +176,8 @@ def test_adm_reference_batch_used_as_given(tmp_path, fake_inception, monkeypatch
     import zipfile
 
     from generators.evaluate import main
-    from stellar_tok.evaluation import fid, fid_reference
+    from stellar_tok.data import reference
+    from stellar_tok.evaluation import fid
 
     rng = np.random.default_rng(0)
     samples = rng.integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
@@ -188,7 +189,7 @@ def test_adm_reference_batch_used_as_given(tmp_path, fake_inception, monkeypatch
     opened = []
     real_open = zipfile.ZipFile.open
     monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append((os.path.basename(str(self.filename)), getattr(name, "filename", name))) or real_open(self, name, *a, **k))
-    monkeypatch.setattr(fid_reference, "image_batches", lambda *a, **k: pytest.fail("statistics computed although fid.ref was given"))
+    monkeypatch.setattr(reference, "image_batches", lambda *a, **k: pytest.fail("statistics computed although fid.ref was given"))
     rep = main([f"samples={tmp_path / 'samples.npz'}", f"out={tmp_path / 'out'}", "data.name=wds", "data.path=/nowhere/x.tar",
                 f"fid.ref={tmp_path / 'VIRTUAL.npz'}", "class_accuracy=false", "progress=false"])
     assert ("VIRTUAL.npz", "arr_0.npy") not in opened  # the 10k reference images are never loaded
@@ -287,7 +288,7 @@ def test_probes_use_seeded_spread_subsets_of_centre_crops(tmp_path, tokenizer_di
     from safetensors.torch import load_file
 
     from stellar_tok.evaluate import main
-    from stellar_tok.evaluation.probing import spread_subset
+    from stellar_tok.data.reference import spread_subset
 
     root = make_folder(tmp_path / "imgs")  # 4 classes x 6 per split, listed class by class
     out = tmp_path / "eval"

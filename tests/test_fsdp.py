@@ -57,7 +57,7 @@ def test_fsdp2_trains_exports_and_resumes(tmp_path):
 
     from stellar_tok.config import load_config
     from stellar_tok.data import build_loader
-    from stellar_tok.training.tokenizer_setup import compute_latent_stats
+    from stellar_tok.training.tokenizer_weights import compute_latent_stats
 
     cfg = load_config(ARGS)
     loader = build_loader(OmegaConf.merge(cfg.data, {"resolution": cfg.model.image_size}), cfg.optim.batch_size, "val")

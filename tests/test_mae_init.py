@@ -135,7 +135,8 @@ def test_a_missing_folder_or_file_says_where_to_get_one(mae_dirs, tmp_path):
 
 
 def test_config_checks_init_from_before_any_work(mae_dirs, tmp_path):
-    from stellar_tok.config import check_data_paths, load_config, tokenizer_kwargs
+    from stellar_tok.config import load_config, tokenizer_kwargs
+    from stellar_tok.training.preflight import check_data_paths
 
     path, _ = mae_dirs["model"]
     base = ["config=configs/tokenizer/tiny.yaml", "model.width=64", "model.heads=4", "model.depth=2", "model.stem=patch", "model.norm_eps=1e-12"]

@@ -13,7 +13,10 @@ from PIL import Image
 
 from stellar_tok.data import build_dataset
 from stellar_tok.probe import main
-from stellar_tok.evaluation.probing import augmented_probe, run_probes, split_batches, spread_subset
+from stellar_tok.data.reference import spread_subset
+from stellar_tok.evaluation.augmented_probe import augmented_probe
+from stellar_tok.evaluation.probe_images import split_batches
+from stellar_tok.evaluation.probing import run_probes
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping a bad sample:UserWarning")
 
@@ -92,7 +95,7 @@ def test_augmented_cli_on_folder_data(class_folder, tokenizer_dir, capsys):
 
 
 def test_augmented_on_wds_shards(class_folder, tiny_tokenizer, tmp_path):
-    from stellar_tok.make_shards import make_shards
+    from stellar_tok.data.shard_writer import make_shards
 
     for split in ("train", "val"):
         make_shards(str(class_folder / split), str(tmp_path), shard_size=8, prefix=split, progress=False)
@@ -108,7 +111,7 @@ def test_cached_features_read_centre_crops_of_each_image_once_never_the_training
     """The cached protocol (and the kNN of the augmented one) on folder and wds data: the train split as centre crops,
     the same twice, every image once; wds subsets spread over the classes, not the first n of a resampled stream."""
     from stellar_tok.data import load_rgb, resize_and_crop
-    from stellar_tok.make_shards import make_shards
+    from stellar_tok.data.shard_writer import make_shards
 
     cfg = data_cfg(name="folder", path=str(class_folder))
     folder = build_dataset(cfg, "train")

@@ -147,7 +147,7 @@ def test_ema_decay_and_betas_are_what_the_configs_say(run):
 def test_a_retrained_decoder_decodes_the_generator_a_new_encoder_does_not(run, capsys):
     from generators.sample import main as sample_main
     from stellar_tok.latents.dataset import tokenizer_fingerprint
-    from stellar_tok.training.tokenizer_setup import load_frozen_encoder
+    from stellar_tok.training.tokenizer_weights import load_frozen_encoder
 
     root, tok = run
     gen = root / "run" / "generator"
@@ -182,7 +182,7 @@ def test_a_retrained_decoder_decodes_the_generator_a_new_encoder_does_not(run, c
 
 
 def test_latents_record_their_latent_fingerprint_so_a_generator_needs_no_tokenizer_at_hand(run, capsys):
-    from generators.train import latent_hash
+    from generators.training import latent_hash
     from stellar_tok.model.latent import latent_fingerprint
     from stellar_tok.latents.dataset import tokenizer_fingerprint
 

@@ -134,7 +134,7 @@ def test_gan_step_sees_only_the_hinge_gradient(tmp_path, monkeypatch):
 def test_a_step_leaves_its_scalars_on_the_device_and_log_steps_read_them(tmp_path, monkeypatch):
     """The step returns its losses and diagnostics as 0-d tensors (reading one would make the host wait for the GPU
     at every step); the engine reads them at log steps (one transfer) and writes exactly their values."""
-    from stellar_tok.train import TokenizerStep
+    from stellar_tok.training.tokenizer_trainer import TokenizerStep
 
     returned = []
     real = TokenizerStep.__call__
@@ -161,7 +161,7 @@ def test_a_step_leaves_its_scalars_on_the_device_and_log_steps_read_them(tmp_pat
 def test_latent_stats_at_the_model_size(tmp_path):
     """The exported statistics are those of held-out images at model.image_size, though training loads 48 px images."""
     from stellar_tok.data import build_loader
-    from stellar_tok.training.tokenizer_setup import compute_latent_stats
+    from stellar_tok.training.tokenizer_weights import compute_latent_stats
 
     out = str(tmp_path / "run")
     main(SMALL + ["data.resolution=48", "data.train_size=64", "train.steps=2", "train.image_every=1000", f"train.output_dir={out}"])
@@ -183,7 +183,7 @@ def test_latent_stats_on_val_path_images(tmp_path):
     from stellar_tok.config import load_config
     from stellar_tok.data import build_loader
     from stellar_tok.errors import UserError
-    from stellar_tok.training.tokenizer_setup import compute_latent_stats
+    from stellar_tok.training.tokenizer_weights import compute_latent_stats
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 16), ("val", 16)):

@@ -21,8 +21,8 @@ Four sources (``data_cfg.name``):
     side is ``R`` and cropped to ``R x R``: randomly for train, centrally for val (``folder.py``).
 ``wds``
     WebDataset tar shards (``<key>.jpg|jpeg|png|webp|...`` plus optional ``<key>.cls``), as written by
-    ``python -m stellar_tok.make_shards``. ``path`` is a brace pattern (``/data/train-{000000..000099}.tar``,
-    ``{split}`` is replaced by the split name), a list of shards, or a directory holding
+    ``python -m stellar_tok.make_shards`` (``shard_writer.py``). ``path`` is a brace pattern
+    (``/data/train-{000000..000099}.tar``, ``{split}`` is replaced by the split name), a list of shards, or a directory holding
     ``train-*.tar`` / ``val-*.tar`` (or only other ``*.tar``, used for both splits). Train streams forever
     from `webdataset.ResampledShards` through a shuffle buffer, cut into epochs of
     ``data_cfg.epoch_size // world_size`` samples per process; val reads every shard once, split by node
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .crops import ViewCropper
 from .embedded import DIGITS_TRAIN_SIZE, ArrayDataset, digits_dataset, shapes_dataset
 from .folder import FolderDataset, find_images, folder_dataset, folder_heldout_is_train
 from .images import (
@@ -173,8 +174,6 @@ def build_loader(data_cfg: Any, batch_size: int, split: str = "train", num_worke
                   drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
     cropper = None
     if views is not None and train and name in ("folder", "wds"):
-        from .crops import ViewCropper
-
         cropper = ViewCropper(views)
     if name == "wds":
         dataset = shard_pipeline(data, resolution, split, shuffle=shuffle, num_workers=num_workers, cropper=cropper)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stellar_tok.data import BadSample, load_rgb
+from .images import load_rgb
+from .skips import BadSample
 
 RATIO = (3 / 4, 4 / 3)
 _ORIENTATION_SWAPS = (5, 6, 7, 8)  # EXIF orientations that rotate by 90 degrees (width and height swap)

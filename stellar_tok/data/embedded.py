@@ -50,7 +50,7 @@ class ArrayDataset(Dataset):
 @functools.lru_cache(maxsize=4)
 def _digits_arrays(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits (fixed permutation) as uint8 ``(N, R, R, 3)`` plus labels; read-only, cached."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # optional (scikit-learn): only for data.name=digits
 
     digits = load_digits()
     order = np.random.default_rng(_DIGITS_PERMUTATION_SEED).permutation(len(digits.target))

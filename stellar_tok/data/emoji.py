@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont, features
 
 from stellar_tok.files import atomic_write_json
@@ -137,8 +138,6 @@ def build_emoji_shards(out_dir: str, font_path: str = FONT_PATH, emoji_test_path
     """Write ``train-*.tar``, ``val-*.tar``, ``classes.json`` and ``dataset.json`` to ``out_dir`` (see the module
     docstring); returns the summary written to ``dataset.json``. ``require_layout``: stop unless Pillow can shape
     multi-code-point sequences (libraqm with libfribidi), which most flags, families and professions need."""
-    import webdataset as wds
-
     for path in (font_path, emoji_test_path):
         if not os.path.isfile(path):
             raise DataError(f"{path} not found: {APT_HINT}")

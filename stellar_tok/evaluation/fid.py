@@ -18,6 +18,9 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from tqdm.auto import tqdm
 
 from stellar_tok.errors import UserError
 from stellar_tok.files import atomic_path, load_state_dict_file
@@ -39,7 +42,7 @@ def cache_dir() -> str:
 
 
 def _url() -> str:
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3  # heavy: torch-fidelity, only to name its weights URL
 
     return URL_INCEPTION_V3
 
@@ -102,8 +105,6 @@ def resolve_inception_weights(path: str | None = None) -> tuple[str, str]:
 
 
 def _save_safetensors(path: str, sd: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
 
@@ -114,7 +115,7 @@ def new_extractor(state_dict: dict[str, torch.Tensor] | None, features_list: lis
     Its constructor either downloads (weights path None) or fully unpickles the file at the path it is given, which may
     run code from the file. We pass no path and patch the download helper it imported to hand over the state dict we
     loaded safely ourselves."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    import torch_fidelity.feature_extractor_inceptionv3 as fe  # heavy: torch-fidelity, only to build an extractor
 
     if state_dict is None:  # layer names and shapes only
         with torch.device("meta"), mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
@@ -182,8 +183,6 @@ def _load_state_dict(file: str) -> dict[str, torch.Tensor]:
 
 def _fold_batch_norms(extractor: nn.Module) -> None:
     """Fold each BasicConv2d's frozen batch norm into its convolution (inference only)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     for m in extractor.modules():
         if isinstance(getattr(m, "conv", None), nn.Conv2d) and isinstance(getattr(m, "bn", None), nn.BatchNorm2d):
             m.conv, m.bn = fuse_conv_bn_eval(m.conv.eval(), m.bn.eval()), nn.Identity()
@@ -212,8 +211,6 @@ def build_inception(weights: str | None = None, device: str | torch.device = "cp
 def inception_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 50,
                        progress: bool = False) -> np.ndarray:
     """2048-d pool features (n, 2048) float64 of uint8 images (N,3,H,W), or of an iterable of such batches."""
-    from tqdm.auto import tqdm
-
     batches = [images] if torch.is_tensor(images) else images
     idx, dev = extractor.features_list.index(FEATURES), next(extractor.parameters()).device
     out = []
@@ -284,8 +281,6 @@ def feature_batches(extractor: nn.Module, batches: Iterable[torch.Tensor], batch
                     total: int | None = None, desc: str = "inception") -> Iterable[tuple[np.ndarray, torch.Tensor | None]]:
     """(pool features (b, 2048) float64, logits (b, 1008) or None) per Inception forward of batches of uint8 images
     (B,3,H,W): the images are never gathered, so any number of them streams through in bounded memory."""
-    from tqdm.auto import tqdm
-
     idx, dev = extractor.features_list.index(FEATURES), next(extractor.parameters()).device
     logits_idx = extractor.features_list.index("logits_unbiased") if getattr(extractor, "has_logits", False) else None
     with tqdm(total=total, disable=not progress, unit="img", desc=desc) as bar:
@@ -353,7 +348,7 @@ def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     """tr (S1 S2)^1/2 for covariances S1, S2. S1 = F F^T by rank-revealing pivoted Cholesky; the symmetric F^T S2 F has the
     non-zero eigenvalues of S1 S2. Exact for rank-deficient S1 (fewer samples than dimensions), where the general
     eigenvalues of S1 S2 (torch-fidelity) leave ~1e-3 of noise, and ~2x faster at 2048-d (2.3 s instead of 4.3 on 2 cores)."""
-    from scipy.linalg.lapack import dpstrf
+    from scipy.linalg.lapack import dpstrf  # heavy: scipy, only for the Fréchet distance
 
     c, piv, rank, info = dpstrf(s1, lower=1)
     if info < 0:
@@ -376,7 +371,7 @@ def fid_from_stats(a: dict, b: dict) -> float:
 def kid_from_features(fa: np.ndarray, fb: np.ndarray, subsets: int = 100, subset_size: int = 1000) -> tuple[float, float]:
     """Kernel Inception Distance (mean, std over subsets; cubic polynomial kernel), torch-fidelity's estimator.
     subset_size is clamped to the smaller sample count."""
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric  # heavy: torch-fidelity, only for KID
 
     fa, fb = (torch.from_numpy(np.asarray(f, np.float64)) for f in (fa, fb))
     m = kid_features_to_metric(fa, fb, kid_subsets=subsets, kid_subset_size=min(subset_size, len(fa), len(fb)), verbose=False)

@@ -8,32 +8,30 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+from torchvision.models import AlexNet_Weights, VGG16_Weights
 
 from stellar_tok.errors import UserError
+from stellar_tok.files import weights_only_loads
 
 
 def backbone_weights_path(net: str = "vgg") -> str:
     """Where torchvision caches the ImageNet weights that LPIPS's backbone loads."""
-    from torchvision.models import AlexNet_Weights, VGG16_Weights
-
     url = {"vgg": VGG16_Weights.IMAGENET1K_V1.url, "alex": AlexNet_Weights.IMAGENET1K_V1.url}[net]
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
 def build_lpips(random_backbone: bool, net: str = "vgg") -> nn.Module:
     """lpips.LPIPS with its shipped linear layers. net: vgg (the standard) or alex (about 20x cheaper)."""
-    import warnings
-
-    import lpips
+    import lpips  # heavy: only when a run uses LPIPS
 
     if net not in ("vgg", "alex"):
         raise UserError(f"recon.lpips_net must be 'vgg' or 'alex' (got {net!r})")
-    from stellar_tok.files import weights_only_loads
-
     with warnings.catch_warnings(), weights_only_loads():  # the backbone and linear-layer files are never fully unpickled
         warnings.simplefilter("ignore", UserWarning)  # torchvision's 'pretrained' deprecation notes
         if not random_backbone and not os.path.exists(backbone_weights_path(net)):
@@ -79,8 +77,6 @@ def frozen(module: nn.Module):
 
     FSDP2 modules are left as they are (FSDP2 fixes each parameter's requires_grad at its first all-gather): the
     term then also writes gradients into the module, which its owner clears before the module's own step."""
-    from torch.distributed.fsdp import FSDPModule
-
     if isinstance(module, FSDPModule):
         yield module
         return

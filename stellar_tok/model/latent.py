@@ -21,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import warnings
 from dataclasses import dataclass, replace
 
-import warnings
-
 import torch
+
+from stellar_tok.config import DECODER_KEYS  # the keys train.decoder_from lets a run choose
 
 
 @dataclass
@@ -173,8 +174,6 @@ def latent_fingerprint(tokenizer: torch.nn.Module) -> str:
     statistics the tokenizer ships. They are re-measured on export (a decoder_from run gets its own, which move
     with its batch size and device), they do not change a single latent value, and a generator denormalises its
     samples with its own statistics (LatentDiT.latent_stats), not the tokenizer's."""
-    from stellar_tok.config import DECODER_KEYS  # the keys train.decoder_from lets a run choose
-
     skip = tuple(getattr(tokenizer, "DECODER_PREFIXES", ()))
     h = hashlib.sha256(b"stellar latent v1")
     hash_state_dict(h, {k: t for k, t in tokenizer.state_dict().items() if not (k.startswith(skip) or k in LATENT_STATS_BUFFERS)})

@@ -33,6 +33,7 @@ import math
 import os
 
 import torch
+from safetensors import safe_open
 
 from stellar_tok.errors import UserError
 from .vit import interpolate_pos_embed
@@ -61,8 +62,6 @@ def _read_tensors(path: str, wanted) -> tuple[dict, str]:
     st = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(st) or os.path.isfile(index):
-        from safetensors import safe_open
-
         if os.path.isfile(st):
             files, shown = [st], "model.safetensors"
         else:

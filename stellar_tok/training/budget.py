@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 import time
 
+from tqdm.auto import tqdm
+
 
 def cosine_factor(frac: float, min_ratio: float) -> float:
     """Cosine decay from 1 to min_ratio as frac goes from 0 to 1 (clamped)."""
@@ -83,8 +85,6 @@ class RunProgress:
     will cut short (`train.steps=100000 train.max_minutes=4` shows about 4 minutes, not hours)."""
 
     def __init__(self, budget: Budget, total_steps: int, step: int, enabled: bool, desc: str):
-        from tqdm.auto import tqdm
-
         self.budget, self.total = budget, total_steps
         if budget.timed:
             self.bar = tqdm(total=100.0, initial=round(self.fraction(step) * 100, 1), disable=not enabled, dynamic_ncols=True,

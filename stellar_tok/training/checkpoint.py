@@ -29,6 +29,8 @@ import time
 import warnings
 
 import torch
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
 
 from stellar_tok.errors import UserError
 from stellar_tok.files import atomic_write_json, fsync_dir
@@ -196,9 +198,6 @@ class Checkpointer:
 
     # --- save -----------------------------------------------------------------------------
     def save(self) -> str:
-        from accelerate.utils import gather_object
-        from safetensors.torch import save_file
-
         acc = self.accelerator
         final = os.path.join(self.dir, f"step-{self.state.step:07d}")
         tmp = final + ".tmp"
@@ -237,8 +236,6 @@ class Checkpointer:
     # --- resume ---------------------------------------------------------------------------
     def resume(self, resume: str | None) -> str | None:
         """`resume`: None (start fresh), "auto" (the newest valid checkpoint, if any) or a checkpoint folder."""
-        from safetensors.torch import load_file
-
         if not resume:
             return None
         if resume == "auto":

@@ -32,6 +32,15 @@ import os
 import time
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    ProjectConfiguration,
+    set_seed,
+)
+from omegaconf import OmegaConf
 
 from .budget import Budget, RunProgress
 from .checkpoint import Checkpointer, TrainState, epoch_batches
@@ -50,10 +59,6 @@ def make_accelerator(train_cfg, cfg, cpu_fsdp: bool = False, **kwargs):
     samplers), seeded with train_cfg.seed on every process; the main process writes `cfg` to config.yaml and makes
     images/. `cpu_fsdp`: an FSDP launch config on a machine without GPUs runs FSDP2 (`fsdp_on_cpu`). `kwargs`: more
     Accelerator arguments (kwargs_handlers)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from omegaconf import OmegaConf
-
     out_dir = train_cfg.output_dir
     accelerator = Accelerator(
         # several processes without GPUs (`accelerate launch --multi_gpu` or torchrun on a CPU machine):
@@ -86,9 +91,6 @@ def fsdp_on_cpu(accelerator) -> None:
     group (MULTI_CPU) but switches FSDP on only for accelerator devices, so training would silently fall back to DDP.
     FSDP2 (`torch.distributed.fsdp.fully_shard`) runs on the CPU: turn accelerate's own FSDP2 path on, with the
     plugin the launcher's FSDP_* variables describe. FSDP1 needs a GPU and is refused with one line."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment the launcher set
@@ -105,8 +107,6 @@ def fsdp_on_cpu(accelerator) -> None:
 def no_block_wrapping(accelerator):
     """Under FSDP, `accelerator.prepare` within the block shards the model as one unit: accelerate's transformer
     wrap policy refuses a model without the configured layer class (a discriminator has no `Block`)."""
-    from accelerate.utils import DistributedType
-
     plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
     if plugin is None:
         yield

@@ -1,0 +1,153 @@
+"""Scoring generated samples against a data set's statistics: the work of `python -m generators.evaluate`.
+
+    evaluate_samples  gFID, KID, Inception Score and class accuracy of a set of samples (a `GenEvalConfig`);
+                      writes out/metrics.json and out/metrics.md and returns the report
+    markdown_table    the report as a one-row Markdown table and a line naming the reference and the extractor
+
+What is compared with what, in words: `python -m generators.evaluate --help`. The samples are read by
+`generators.sample_files`; the reference statistics are `stellar_tok.evaluation.fid_reference`'s.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from stellar_tok.data.reference import ReferenceImages
+from stellar_tok.errors import UserError
+from stellar_tok.evaluation import fid
+from stellar_tok.evaluation.fid import FeatureStats, feature_batches, fid_from_stats, kid_from_features, load_stats
+from stellar_tok.evaluation.fid_reference import reference_identity, reference_stats
+from stellar_tok.files import atomic_write_json, atomic_write_text
+
+from . import judge
+from .sample_files import open_samples
+
+
+def _check_size(samples, cfg) -> int:
+    """The samples' (square) side; refuses a data.resolution or a reference made at another size."""
+    h, w = samples.size
+    if h != w:
+        raise UserError(f"samples={cfg.samples} are {h}x{w} px: gFID needs square samples (the reference is centre-cropped squares)")
+    res = int(cfg.data.resolution or 0)
+    if res and res != h:
+        raise UserError(f"data.resolution={res} but the samples are {h}x{h} px: the reference must be made at the samples' size "
+                        f"(leave data.resolution unset, or set it to {h})")
+    return h
+
+
+def _check_request(cfg) -> None:
+    if not cfg.samples:
+        raise UserError("samples=PATH is required (a samples.npz or a folder of images)")
+    if not cfg.out:
+        raise UserError("out=DIR is required (where metrics.json and metrics.md go)")
+    if cfg.split not in ("train", "val"):
+        raise UserError(f"split must be train or val (got {cfg.split!r})")
+
+
+def evaluate_samples(cfg) -> dict:
+    """Score the samples of a `GenEvalConfig`; writes out/metrics.json and out/metrics.md, returns the report."""
+    _check_request(cfg)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    t0 = time.time()
+    samples = open_samples(cfg.samples, int(cfg.data.resolution or 0))
+    side = _check_size(samples, cfg)
+    if len(samples) < 2:
+        raise UserError(f"samples={cfg.samples} holds {len(samples)} image(s); FID needs at least 2")
+    cfg.data.resolution = side
+    ref = None
+    if cfg.fid.ref and os.path.exists(cfg.fid.ref):  # given statistics (ours, or ADM's mu/sigma): the data is not read
+        ref, ref_path = load_stats(cfg.fid.ref), cfg.fid.ref
+        made_at = (ref["meta"].get("data") or {}).get("resolution")
+        if made_at and int(made_at) != side:
+            raise UserError(f"fid.ref={cfg.fid.ref} was made at {made_at} px but the samples are {side} px; use a reference at the samples' size")
+    extractor = fid.build_inception(cfg.fid.weights, device=device)
+    batch = cfg.fid.batch_size or (100 if device.type == "cuda" else 10)
+    if ref is None:
+        ref, ref_path = reference_stats(extractor, cfg.data, cfg.split, cfg.n_ref, cfg.fid.ref, batch, progress=cfg.progress,
+                                        seed=cfg.seed, num_workers=cfg.num_workers)
+    res, notes = _feature_scores(extractor, samples, ref, batch, cfg)
+    _class_accuracy(cfg, samples, ref, res, notes)
+    report = {"samples": cfg.samples, "n_samples": int(len(samples)), "sample_size": side,
+              "reference": {"path": ref_path, "n": int(ref["n"]), "data": _reference_data(cfg, ref, extractor)},
+              "extractor": extractor.weights_source, "results": res, "notes": notes, "seconds": round(time.time() - t0, 1)}
+    os.makedirs(cfg.out, exist_ok=True)
+    atomic_write_json(os.path.join(cfg.out, "metrics.json"), report, indent=2)
+    atomic_write_text(os.path.join(cfg.out, "metrics.md"), markdown_table(report))
+    return report
+
+
+def _feature_scores(extractor, samples, ref: dict, batch: int, cfg) -> tuple[dict, list[str]]:
+    """gFID, and KID (when the reference keeps features) and the Inception Score (when the extractor has a
+    classifier): (results, notes on what was left out)."""
+    keep = "features" in ref  # sample features are kept only for KID
+    acc, feats, logits = FeatureStats(), [], []
+    for f, lg in feature_batches(extractor, samples.batches(batch), batch, progress=cfg.progress, total=len(samples), desc="inception (samples)"):
+        acc.add(f)
+        if keep:
+            feats.append(f.astype(np.float32))
+        if lg is not None:
+            logits.append(lg)
+    res: dict = {"fid": float(fid_from_stats(acc.stats(), ref))}
+    notes = []
+    if keep:
+        feats = np.concatenate(feats)
+        kid, kid_std = kid_from_features(feats, ref["features"], subset_size=min(cfg.kid_subset_size, len(feats), len(ref["features"])))
+        res["kid"], res["kid_std"] = float(kid), float(kid_std)
+    else:
+        notes.append("KID left out: the reference keeps no features")
+    if logits:
+        from torch_fidelity.metric_isc import isc_features_to_metric  # heavy: torch-fidelity, only for the Inception Score
+
+        isc = isc_features_to_metric(torch.cat(logits))
+        res["is"], res["is_std"] = float(isc["inception_score_mean"]), float(isc["inception_score_std"])
+    else:
+        notes.append("Inception Score left out: these Inception weights have no classifier")
+    return res, notes
+
+
+def _class_accuracy(cfg, samples, ref: dict, res: dict, notes: list[str]) -> None:
+    """The judge's accuracy on labelled samples of an embedded set, into `res`; a note in `notes` when it cannot be."""
+    labels = samples.labels
+    ref_name = ((ref.get("meta") or {}).get("data") or {}).get("name")  # the data set the reference was made of
+    judged = cfg.class_accuracy and labels is not None and cfg.data.name in ("shapes", "digits") and ref_name == cfg.data.name
+    if cfg.class_accuracy and labels is not None and not judged:
+        notes.append(f"class accuracy left out: it needs samples and a reference of an embedded set (data.name=shapes|digits), "
+                     f"the reference here is {ref_name or 'not of one'}")
+    if judged:
+        data_cfg = {"name": cfg.data.name, "resolution": int(cfg.data.resolution)}
+        if cfg.data.name == "shapes":
+            data_cfg.update(train_size=int(cfg.data.train_size), val_size=int(cfg.data.val_size), seed=int(cfg.data.seed))
+        model, judge_acc, classes = judge.judge(data_cfg, cfg.classifier_cache, progress=cfg.progress)
+        acc_cls = judge.class_accuracy(np.asarray(samples.array()), labels, model, classes)
+        res["class_accuracy"], res["judge_val_accuracy"], res["per_class_accuracy"] = acc_cls["accuracy"], judge_acc, acc_cls["per_class"]
+
+
+def _reference_data(cfg, ref: dict, extractor) -> dict:
+    """What the reference statistics were made of, for the report."""
+    meta = ref.get("meta", {})
+    if meta.get("format") == "adm":
+        return {"format": "adm", "note": "ADM reference batch: mu/sigma as given (ImageNet train, centre crops, TF Inception pool3)"}
+    if cfg.fid.ref and "data" not in meta:
+        return {"format": meta.get("format", "unknown")}
+    return meta.get("data") or reference_identity(ReferenceImages(cfg.data, cfg.split, cfg.n_ref, cfg.seed), extractor)
+
+
+def markdown_table(report: dict) -> str:
+    """The report as a Markdown table (one row) and a line naming the reference, the extractor and the notes."""
+    r = report["results"]
+    cols = [(k, name, fmt) for k, name, fmt in [("fid", "gFID", ".2f"), ("kid", "KID", ".4f"), ("is", "IS", ".2f"), ("class_accuracy", "class accuracy (%)", ".2f")] if k in r]
+    ref, d = report["reference"], report["reference"]["data"]
+    if d.get("format") == "adm":
+        what = f"ADM reference batch {os.path.basename(ref['path'])} (mu/sigma as given)"
+    elif "name" in d:
+        what = (f"{ref['n']} images ({d['name']}, {d['split']}, {d.get('crop', 'centre')} crops at {d['resolution']} px"
+                f"{', seeded subset spread over the classes' if d.get('n') else ''})")
+    else:
+        what = os.path.basename(ref["path"])
+    lines = ["| samples | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols),
+             f"| {report['n_samples']} ({report.get('sample_size', '?')} px) | " + " | ".join(format(r[c[0]], c[2]) for c in cols) + " |", "",
+             f"Reference: {what}; extractor: {report['extractor']} (2048-d pool3). " + " ".join(n + "." for n in report["notes"]), ""]
+    return "\n".join(lines)
