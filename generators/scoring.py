@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from generators import judge
 from stellar_tok.data.reference import ReferenceImages
 from stellar_tok.errors import UserError
 from stellar_tok.evaluation import fid
@@ -22,7 +23,6 @@ from stellar_tok.evaluation.fid import FeatureStats, feature_batches, fid_from_s
 from stellar_tok.evaluation.fid_reference import reference_identity, reference_stats
 from stellar_tok.files import atomic_write_json, atomic_write_text
 
-from . import judge
 from .sample_files import open_samples
 
 

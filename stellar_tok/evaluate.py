@@ -32,11 +32,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import DataConfig, load_tokenizer_command_config, parse_overrides
-from .errors import cli_entry
 from stellar_tok.evaluation.fid_reference import FIDConfig
 from stellar_tok.evaluation.report import markdown_table
 from stellar_tok.evaluation.tokenizer_eval import evaluate
+
+from .config import DataConfig, load_tokenizer_command_config, parse_overrides
+from .errors import cli_entry
 
 
 @dataclass

@@ -31,10 +31,11 @@ from typing import Optional
 
 import torch
 
+from stellar_tok.evaluation.fid_reference import FIDConfig, reference_stats
+
 from .config import DataConfig, load_config, parse_overrides
 from .errors import UserError, cli_entry
-from stellar_tok.evaluation import fid
-from stellar_tok.evaluation.fid_reference import FIDConfig, reference_stats
+from .evaluation import fid
 
 
 @dataclass

@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .config import parse_command
 from stellar_tok.data.emoji import EMOJI_TEST_PATH, FONT_PATH, build_emoji_shards, count_summary
+
+from .config import parse_command
 from .errors import UserError, cli_entry
 
 

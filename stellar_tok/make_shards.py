@@ -33,9 +33,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from stellar_tok.data.shard_writer import make_shards
+
 from .config import parse_command
 from .data import DataError
-from .data.shard_writer import make_shards
 from .errors import UserError, cli_entry
 
 

@@ -54,10 +54,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import DataConfig, load_config, parse_overrides
-from .errors import UserError, cli_entry
 from stellar_tok.evaluation.probe_run import load_probe_tokenizer, probe_run, resolve_device
 from stellar_tok.evaluation.probing import FEATURE_KINDS, PROTOCOLS
+
+from .config import DataConfig, load_config, parse_overrides
+from .errors import UserError, cli_entry
 
 
 @dataclass

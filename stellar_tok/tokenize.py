@@ -20,9 +20,10 @@ class (label -1) are kept and counted in the summary; class-conditional training
 """
 from __future__ import annotations
 
+from stellar_tok.latents.writer import TokenizeConfig, tokenize
+
 from .config import load_tokenizer_command_config, parse_overrides
 from .errors import cli_entry
-from stellar_tok.latents.writer import TokenizeConfig, tokenize
 
 
 @cli_entry

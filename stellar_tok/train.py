@@ -26,10 +26,11 @@ from __future__ import annotations
 import os
 import sys
 
+from stellar_tok.training.preflight import check_data_paths
+from stellar_tok.training.tokenizer_trainer import train
+
 from .config import Config, inert_settings, load_config, parse_overrides
 from .errors import cli_entry
-from .training.preflight import check_data_paths
-from .training.tokenizer_trainer import train
 
 USAGE = __doc__
 

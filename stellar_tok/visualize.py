@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from stellar_tok.evaluation.figures import visualize
+
 from .config import DataConfig, load_tokenizer_command_config, parse_overrides
 from .errors import cli_entry
-from stellar_tok.evaluation.figures import visualize
 
 
 @dataclass

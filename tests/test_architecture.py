@@ -88,30 +88,29 @@ def _imports(module: str, path: pathlib.Path):
 GRAPH = {m: sorted({t for t, _, _ in _imports(m, p) if t != m}) for m, p in MODULES.items()}
 
 
-def test_layers_import_only_downward():
+def upward_imports(graph: dict) -> list[str]:
+    """'importer (layer) imports target (layer)' for every import that does not go down the layers."""
     wrong = []
-    for module, targets in GRAPH.items():
+    for module, targets in graph.items():
         if module in FACADES:
             continue
         level, layer = _layer(module)
-        own_package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
-        for target in targets:
-            if target.rpartition(".")[0] == own_package or target == own_package:
-                continue  # a sibling in the same package
+        for target in targets:  # a module of the same layer (its own package) is fine
             t_level, t_layer = _layer(target)
             if t_level >= level and t_layer != layer:
                 wrong.append(f"{module} ({layer}) imports {target} ({t_layer})")
-    assert not wrong, "imports that do not go down the layers:\n" + "\n".join(wrong)
+    return wrong
 
 
-def test_no_import_circle():
+def find_cycle(graph: dict) -> list[str] | None:
+    """One import circle of `graph` (module -> imported modules) as [a, b, ..., a], or None."""
     state: dict = {}  # module -> "open" while on the DFS stack, "done" after
 
     def visit(module, stack):
         state[module] = "open"
-        for target in GRAPH.get(module, []):
+        for target in graph.get(module, []):
             if state.get(target) == "open":
-                return stack[stack.index(target):] + [module, target]
+                return stack[stack.index(target):] + [module, target] if target in stack else [module, target]
             if target not in state:
                 cycle = visit(target, stack + [module])
                 if cycle:
@@ -119,9 +118,41 @@ def test_no_import_circle():
         state[module] = "done"
         return None
 
-    for module in sorted(GRAPH):
+    for module in sorted(graph):
         cycle = None if module in state else visit(module, [])
-        assert not cycle, "import circle: " + " -> ".join(dict.fromkeys(cycle)) + f" -> {cycle[-1]}"
+        if cycle:
+            return cycle
+    return None
+
+
+def test_the_checks_catch_what_they_look_for():
+    assert find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": ["b", "c"], "b": ["c"], "c": []}) is None
+    assert upward_imports({"stellar_tok.model.tokenizer": ["stellar_tok.training.engine"]}) == [
+        "stellar_tok.model.tokenizer (model) imports stellar_tok.training.engine (training)"]
+    assert upward_imports({"stellar_tok.model.vit": ["stellar_tok.data.views"]})  # same level, other package
+    assert upward_imports({"stellar_tok.config": ["stellar_tok.data"]})  # the ground imports a loader
+    assert not upward_imports({"stellar_tok.training.engine": ["stellar_tok.model.tokenizer", "stellar_tok.training.budget"]})
+
+
+def test_layers_import_only_downward():
+    wrong = upward_imports(GRAPH)
+    assert not wrong, "imports that do not go down the layers:\n" + "\n".join(wrong)
+
+
+def test_no_import_circle():
+    cycle = find_cycle(GRAPH)
+    assert not cycle, "import circle: " + " -> ".join(cycle)
+
+
+def test_names_that_cross_modules_are_public():
+    private = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in PROJECT):
+                private += [f"{path.relative_to(ROOT)}:{node.lineno} imports {a.name}" for a in node.names
+                            if a.name.startswith("_")]
+    assert not private, "private names imported from another module:\n" + "\n".join(private)
 
 
 def test_no_command_is_imported_as_a_library():

@@ -182,7 +182,7 @@ def test_a_retrained_decoder_decodes_the_generator_a_new_encoder_does_not(run, c
 
 
 def test_latents_record_their_latent_fingerprint_so_a_generator_needs_no_tokenizer_at_hand(run, capsys):
-    from generators.training import latent_hash
+    from generators.trainer import latent_hash
     from stellar_tok.model.latent import latent_fingerprint
     from stellar_tok.latents.dataset import tokenizer_fingerprint
 

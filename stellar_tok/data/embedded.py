@@ -17,9 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from stellar_tok.config import DataConfig
-from .shapes import SHAPE_CLASSES, render_shapes
+
 from .images import ImageSample
 from .settings import positive_int
+from .shapes import SHAPE_CLASSES, render_shapes
 
 DIGITS_TRAIN_SIZE = 1500
 _DIGITS_PERMUTATION_SEED = 0  # fixed, so the digits val split never depends on the run's seed

@@ -35,6 +35,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont, features
 
 from stellar_tok.files import atomic_write_json
+
 from .settings import DataError
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"

@@ -17,6 +17,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from stellar_tok.config import DataConfig
+
 from .images import IMAGE_EXTENSIONS, ImageSample, is_image_file, load_rgb, resize_and_crop
 from .settings import SPLITS, DataError, held_out_path, require_path
 from .skips import BadSample, SkipCounter, skip_counter

@@ -25,8 +25,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Subset
 from webdataset.tariterators import base_plus_ext
 
+from stellar_tok.data import build_dataset
 from stellar_tok.errors import UserError
-from . import build_dataset
+
 from .folder import FolderDataset
 from .images import collate_samples
 from .shards import WDS_IMAGE_KEYS, decode_shard_samples, tar_samples, wds_shards

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from stellar_tok.config import DataConfig
 from stellar_tok.errors import UserError
+
 from .images import MIN_IMAGE_SIDE
 
 DATA_NAMES = ("shapes", "digits", "folder", "wds")

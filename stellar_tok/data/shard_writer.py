@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from stellar_tok.files import atomic_write_json
+
 from .folder import find_images
 from .images import load_rgb
 from .settings import DataError

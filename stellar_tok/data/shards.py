@@ -23,6 +23,7 @@ import torch
 import webdataset as wds
 
 from stellar_tok.config import DataConfig
+
 from .images import IMAGE_EXTENSIONS, ImageSample, load_rgb, resize_and_crop
 from .settings import SPLITS, DataError, as_data_config, held_out_path, positive_int, require_path
 from .skips import BadSample, SkipCounter, skip_counter

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from stellar_tok.data import build_dataset
 from stellar_tok.errors import UserError
-from stellar_tok.evaluation.probe_images import (
+
+from .probe_images import (
     CROP_SCALE,
     AugmentedBatches,
     augmented_train_batches,
@@ -25,7 +26,7 @@ from stellar_tok.evaluation.probe_images import (
     is_stream,
     split_batches,
 )
-from stellar_tok.evaluation.probing import (
+from .probing import (
     batch_features,
     check_labels,
     cosine_schedule,

@@ -13,8 +13,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from stellar_tok.data.reference import ReferenceImages
-from stellar_tok.evaluation.recon_meter import pixel_baseline
 from stellar_tok.files import atomic_path
+
+from .recon_meter import pixel_baseline
 
 
 def probe_features(tok, x: torch.Tensor, labels: torch.Tensor, kinds, baselines: bool, k_down: int, f: dict | None = None) -> dict:

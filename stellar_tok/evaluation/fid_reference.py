@@ -22,14 +22,8 @@ import numpy as np
 
 from stellar_tok.data.reference import ReferenceImages
 from stellar_tok.errors import UserError
-from stellar_tok.evaluation.fid import (
-    FeatureStats,
-    cache_dir,
-    extractor_identity,
-    feature_batches,
-    load_stats,
-    save_stats,
-)
+
+from .fid import FeatureStats, cache_dir, extractor_identity, feature_batches, load_stats, save_stats
 
 
 @dataclass

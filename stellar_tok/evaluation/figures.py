@@ -16,9 +16,10 @@ import torch
 
 from stellar_tok.data.reference import image_batches
 from stellar_tok.errors import UserError
-from stellar_tok.evaluation.pictures import loc_map, reconstruction_grid, token_palette
 from stellar_tok.model.latent import Latent
 from stellar_tok.model.tokenizer import StellarTokenizer
+
+from .pictures import loc_map, reconstruction_grid, token_palette
 
 
 def _plt():

@@ -12,10 +12,11 @@ import torch
 
 from stellar_tok.data import heldout_is_train
 from stellar_tok.errors import UserError
-from stellar_tok.evaluation.augmented_probe import augmented_probe
-from stellar_tok.evaluation.probe_images import CROP_SCALE
-from stellar_tok.evaluation.probing import cls_trained, run_probes
 from stellar_tok.model.tokenizer import StellarTokenizer
+
+from .augmented_probe import augmented_probe
+from .probe_images import CROP_SCALE
+from .probing import cls_trained, run_probes
 
 
 def resolve_device(name: str) -> torch.device:

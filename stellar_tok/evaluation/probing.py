@@ -23,7 +23,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from stellar_tok.errors import UserError
-from stellar_tok.evaluation.probe_images import describe_images, split_batches
+
+from .probe_images import describe_images, split_batches
 
 PROTOCOLS = ("cached", "augmented")
 FEATURE_KINDS = ("tokens", "cls", "lowrank", "pixels")

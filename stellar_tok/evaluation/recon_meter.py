@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from stellar_tok.errors import UserError
-from stellar_tok.evaluation.fid import feature_stats, fid_from_stats, inception_features, kid_from_features
-from stellar_tok.evaluation.metrics import psnr, ssim, to_uint8, to_unit
 from stellar_tok.losses.reconstruction import backbone_weights_path, build_lpips
+
+from .fid import feature_stats, fid_from_stats, inception_features, kid_from_features
+from .metrics import psnr, ssim, to_uint8, to_unit
 
 
 def downsample_size(tokenizer, resolution: int) -> int:

@@ -22,15 +22,16 @@ from stellar_tok.data import heldout_is_train
 from stellar_tok.data.reference import ReferenceImages
 from stellar_tok.errors import UserError
 from stellar_tok.evaluation import fid
-from stellar_tok.evaluation.feature_cache import probe_features, train_features
-from stellar_tok.evaluation.fid_reference import cache_root, default_ref_path, reference_identity
-from stellar_tok.evaluation.pictures import reconstruction_grid
-from stellar_tok.evaluation.probing import knn_classify, linear_probe
-from stellar_tok.evaluation.recon_meter import ReconMeter, build_eval_lpips, downsample_size, pixel_baseline
-from stellar_tok.evaluation.report import markdown_table
 from stellar_tok.files import atomic_write_json, atomic_write_text
 from stellar_tok.latents.dataset import tokenizer_fingerprint
 from stellar_tok.model.tokenizer import StellarTokenizer
+
+from .feature_cache import probe_features, train_features
+from .fid_reference import cache_root, default_ref_path, reference_identity
+from .pictures import reconstruction_grid
+from .probing import knn_classify, linear_probe
+from .recon_meter import ReconMeter, build_eval_lpips, downsample_size, pixel_baseline
+from .report import markdown_table
 
 TASKS = ("recon", "linear", "knn")
 

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from stellar_tok.config import check_precision
 from stellar_tok.data import ArrayDataset, FolderDataset, build_dataset, wds_shards
 from stellar_tok.errors import UserError
+
 from .dataset import DTYPES, FORMAT, SHARD_DIR
 from .sources import WorkUnit
 

@@ -26,6 +26,7 @@ from stellar_tok.files import atomic_write_json
 from stellar_tok.launch import describe_launch
 from stellar_tok.model.latent import latent_fingerprint
 from stellar_tok.model.tokenizer import StellarTokenizer
+
 from .dataset import DTYPES, FORMAT, SHARD_DIR, StatsAccumulator, read_shard_meta, tokenizer_fingerprint, write_shard
 from .plan import check_existing, check_settings, plan_work, run_identity, shard_done
 from .sources import UnitRead, WorkUnit, unit_batches

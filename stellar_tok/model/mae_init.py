@@ -36,6 +36,7 @@ import torch
 from safetensors import safe_open
 
 from stellar_tok.errors import UserError
+
 from .vit import interpolate_pos_embed
 
 GET_IT = "hf download facebook/vit-mae-base --local-dir DIR"  # (vit-mae-large / vit-mae-huge for L / H)

@@ -32,6 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 
 from stellar_tok.files import SafetensorsOnly
+
 from .latent import Latent, LatentStatsBuffers
 from .vit import Block, FourierPositionEncoding, interpolate_pos_embed, sincos_pos_embed
 

@@ -42,12 +42,13 @@ from accelerate.utils import (
 )
 from omegaconf import OmegaConf
 
-from .budget import Budget, RunProgress
-from .checkpoint import Checkpointer, TrainState, epoch_batches
 from stellar_tok.errors import UserError
 from stellar_tok.files import atomic_write_json, atomic_write_text
-from .guards import GracefulStop, NonFiniteGuard
 from stellar_tok.launch import describe_launch
+
+from .budget import Budget, RunProgress
+from .checkpoint import Checkpointer, TrainState, epoch_batches
+from .guards import GracefulStop, NonFiniteGuard
 
 
 # ----------------------------------------------------------------------------------------------

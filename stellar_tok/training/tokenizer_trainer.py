@@ -20,6 +20,7 @@ from stellar_tok.data import build_loader, reset_skipped_samples, skipped_sample
 from stellar_tok.data.views import make_views, to_unit_range
 from stellar_tok.evaluation.pictures import reconstruction_grid
 from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss
+
 from .engine import TrainingRun, announce, make_accelerator, no_block_wrapping, param_groups
 from .objective import TokenizerWithHeads
 from .tokenizer_weights import build_tokenizer, export_tokenizer, heldout_loader

@@ -27,6 +27,7 @@ from stellar_tok.errors import UserError
 from stellar_tok.latents.dataset import StatsAccumulator
 from stellar_tok.model.mae_init import load_mae_encoder
 from stellar_tok.model.tokenizer import StellarTokenizer
+
 from .checkpoint import export_pretrained
 
 
