@@ -3,7 +3,6 @@ running a command as a logged child process, and writing a section of a page und
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import platform
 import re
@@ -13,11 +12,9 @@ import time
 
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.utils.flop_counter import FlopCounterMode
 
-from stellar_tok.config import config_file, load_config, parse_overrides
-from stellar_tok.errors import UserError
+from stellar_tok.config import config_file, parse_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "BENCHMARKS.md")
@@ -74,19 +71,11 @@ def write_section(name: str, body: str, doc: str = DOC) -> None:
 
 def parse_args(prog: str, doc: str, schema, argv: list[str] | None, example: str):
     """A benchmark's `key=value` arguments as an instance of the dataclass `schema` (typed values), read by the
-    commands' own parser (`stellar_tok.config.parse_overrides` + `load_config`, i.e. `parse_command`): `--help`
-    prints `doc` and every key with its default; an unknown key or a wrong type raises a UserError naming it (one
-    line and exit status 2 under `stellar_tok.errors.cli_entry`). `argv` None reads sys.argv. Unlike the commands'
-    `config=FILE`, a benchmark's `config=NAME` names a packaged config: it is an ordinary key of `schema`."""
-    overrides = parse_overrides(prog, doc, schema, argv, example)
-    has_config = any(f.name == "config" for f in dataclasses.fields(schema))
-    names = [a for a in overrides if a.startswith("config=")] if has_config else []
-    cfg = load_config([a for a in overrides if a not in names], schema=schema)
-    try:
-        cfg.merge_with(OmegaConf.from_dotlist(names[-1:]))  # the last one wins, as for any key
-    except OmegaConfBaseException as e:
-        raise UserError(f"config key 'config': {str(e).splitlines()[0]}") from None
-    return OmegaConf.to_object(cfg)
+    commands' own parser (`stellar_tok.config.parse_command`): `--help` prints `doc` and every key with its default;
+    an unknown key or a wrong type raises a UserError naming it (one line and exit status 2 under
+    `stellar_tok.errors.cli_entry`). `argv` None reads sys.argv. A benchmark's `config=NAME` is a key of `schema`
+    (a packaged config's name), not a file to merge."""
+    return OmegaConf.to_object(parse_command(prog, doc, schema, argv, example))
 
 
 def arg_text(value) -> str:

@@ -232,11 +232,13 @@ def config_file(name: str, kind: str = "tokenizer") -> str:
 def load_config(args: list[str], schema=Config, kind: str = "tokenizer"):
     """`args`: optional `config=PATH|NAME` plus `key=value` overrides (later wins). Returns a DictConfig. `schema`: a
     dataclass (typed keys), or a nested dict of defaults (untyped); either way a key it lacks is refused. `kind`: where
-    a config name is looked up among the packaged configs (`config_file`)."""
+    a config name is looked up among the packaged configs (`config_file`). A schema with a key of its own named
+    `config` (a benchmark's `config=NAME`) reads `config=` as that key, not as a file to merge."""
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)  # dataclasses already are; a dict schema too
-    files = [config_file(a.split("=", 1)[1], kind) for a in args if a.startswith("config=")]
-    overrides = [a for a in args if not a.startswith("config=")]
+    is_file = (lambda a: False) if "config" in cfg else (lambda a: a.startswith("config="))
+    files = [config_file(a.split("=", 1)[1], kind) for a in args if is_file(a)]
+    overrides = [a for a in args if not is_file(a)]
     for a in overrides:
         if "=" not in a:
             raise UserError(f"argument {a!r} is not of the form key=value (see --help)")
