@@ -31,7 +31,9 @@
 # SCALE=cpu shrinks every stage (a few dozen images, tiny ViTs through model.* overrides, 2-3 steps, fp32) and runs
 # the same commands; FSDP2 then runs with 2 gloo processes (one CPU process is not distributed, and accelerate
 # would train it without FSDP). Environment: WORK (scratch; default /tmp/imagenet_rehearsal on gpu,
-# runs/imagenet_rehearsal_cpu on cpu), OUT (results; default $WORK/out), GLOBAL_S (time budget of all stages).
+# runs/imagenet_rehearsal_cpu on cpu), OUT (results; default $WORK/out), GLOBAL_S (time budget of all stages),
+# SKIP_H14=1 (leave out stage 4; benchmarks/gpu_check.sh runs the chain this way), REPORT_EACH=0 (the report once, at
+# the end, not after every stage), and the sizes named in the SCALE blocks below.
 #
 # Wheels (Python 3.12, for the GPU machine; its image already has torch, torchvision, accelerate, einops,
 # safetensors, tqdm, tensorboard, scipy, numpy, pillow, pyyaml, huggingface-hub, filelock, regex, requests, zipp):
@@ -63,7 +65,7 @@ if [ "$SCALE" = gpu ]; then
   TOK_ARGS=(batch_size=256)
   GEN_ARGS=(optim.batch_size=256 train.steps=400 train.max_minutes=0.5 data.num_workers=4 sample.steps=25)
   SAMPLE_ARGS=(n=64 steps=25 batch_size=256)
-  FID_N=1000 FID_RES=256
+  FID_N=${FID_N:-1000} FID_RES=256
 else
   W=${WORK:-runs/imagenet_rehearsal_cpu}
   GLOBAL_S=${GLOBAL_S:-1500}
@@ -72,7 +74,7 @@ else
   # stellar_tok.tokenize then refuses it ("config key 'mixed_precision' must be no, bf16 or fp16 (got 'False')")
   PREC=no AMP=()
   # tiny ViTs: the ImageNet configs with model.*/views.*/align.* shrunk (what tests/test_fsdp.py does to tiny.yaml)
-  TINY=(model.width=64 model.depth=2 model.heads=2 model.latent_channels=8 model.decoder_width=64 model.decoder_depth=1
+  TINY=(model.width=64 model.depth=2 model.heads=2 train.activation_checkpointing=1 model.latent_channels=8 model.decoder_width=64 model.decoder_depth=1
         model.decoder_heads=2 views.global_crops=2 views.local_crops=2 align.head_hidden=128 align.head_bottleneck=64
         align.token_prototypes=256 align.cls_prototypes=256 recon.disc_channels=16 optim.batch_size=4 train.stats_batches=2)
   MAE_ARGS=(width=64 depth=2 heads=2 patch=4 image_size=24)
@@ -128,7 +130,7 @@ skip() {  # skip NAME WHY
   echo "=== [$1] SKIPPED: $2"
   echo "SKIPPED: $2" > "$W/logs/$1.log"
   record "$1" '"skipped"' 0
-  report
+  [ "${REPORT_EACH:-1}" = 0 ] || report
 }
 ok() { for s in "$@"; do [ "${RC[$s]:-missing}" = 0 ] || return 1; done; }
 stage() {  # stage NAME LIMIT_S NEED_S CMD... : run CMD under `timeout` (SIGTERM: the trainers checkpoint and export)
@@ -148,7 +150,7 @@ stage() {  # stage NAME LIMIT_S NEED_S CMD... : run CMD under `timeout` (SIGTERM
   record "$name" "$rc" "$wall"
   if [ "$rc" = 0 ]; then grep -v '^\s*$' "$log" | tail -n 2 | cut -c1-400; else echo "FAILED (rc $rc; 124: timed out):"; tail -n 40 "$log"; fi
   echo "    -> rc $rc, ${wall}s"
-  report
+  [ "${REPORT_EACH:-1}" = 0 ] || report
 }
 words() { printf '%q ' "$@"; }  # the arguments as one string that benchmarks.imagenet_like's args= splits back as a shell would
 run_measured() {  # run_measured NAME LIMIT NEED [split_at=N] MODULE ARGS...: MODULE.main(ARGS) in this process, measured
@@ -193,7 +195,9 @@ H14=("$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp_h
 H14_CFG=(config=configs/tokenizer/vit_h14.yaml data.path="$SHARDS" model.init_from=null recon.lpips_random_backbone=true
          train.epochs=0 train.mixed_precision="$PREC" train.progress=false train.log_every=1 train.ckpt_every=100000
          train.keep_ckpts=1 train.output_dir="$W/h14" "${H14_ARGS[@]}")
-if ok data_shards_train data_shards_val; then
+if [ "${SKIP_H14:-0}" = 1 ]; then
+  echo "=== [h14] not run (SKIP_H14=1)"
+elif ok data_shards_train data_shards_val; then
   stage h14_start 180 90 env OMP_NUM_THREADS="$H14_OMP" "${H14[@]}" -m benchmarks.imagenet_like stage=run module=stellar_tok.train \
     stats="$W/stats/h14_start.json" args="$(words "${H14_CFG[@]}" train.steps="$H14_STEPS")"
   if ok h14_start; then

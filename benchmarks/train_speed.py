@@ -30,32 +30,23 @@ scipy, losses) stays eager. Attention already goes through `F.scaled_dot_product
 from __future__ import annotations
 
 import json
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch._dynamo.utils import counters
-from torch.profiler import ProfilerActivity
-from torch.profiler import profile as torch_profile
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import ROOT, changed_args, child_env, device_setup, machine, median, parse_args, write_section
-from stellar_tok.config import load_config, tokenizer_kwargs
-from stellar_tok.data.views import make_views
+from benchmarks.common import ROOT, changed_args, child_env, machine, median, parse_args, write_section
+from benchmarks.train_step import measure_rows, peak_bf16, worker
+from stellar_tok.config import load_config
 from stellar_tok.errors import UserError, cli_entry
-from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss
-from stellar_tok.model.tokenizer import StellarTokenizer
-from stellar_tok.training.engine import param_groups
-from stellar_tok.training.objective import TokenizerWithHeads
 
 LABELS = {"tiny": "`tiny.yaml` (ViT 4x96, patch 4, conv stem, decoder 2x96), 32 px",
-          "vit_b16": "`vit_b16.yaml` (ViT-B/16, decoder 6x512), 256 px"}
+          "vit_b16": "`vit_b16.yaml` (ViT-B/16, decoder 6x512), 256 px",
+          "vit_l16": "`vit_l16.yaml` (ViT-L/16, decoder 6x512), 256 px",
+          "vit_h14": "`vit_h14.yaml` (ViT-H/14, decoder 6x512), 252 px"}
 
 
 @dataclass
@@ -64,6 +55,8 @@ class PerConfig:
 
     tiny: int  # configs/tokenizer/tiny.yaml
     vit_b16: int  # configs/tokenizer/vit_b16.yaml
+    vit_l16: int = 0  # configs/tokenizer/vit_l16.yaml (0: its config's optim.batch_size)
+    vit_h14: int = 0  # configs/tokenizer/vit_h14.yaml (0: its config's optim.batch_size)
 
 
 @dataclass
@@ -76,11 +69,14 @@ class TrainSpeedArgs:
     timeout: float = 0  # seconds each process may take; 0: no limit
     overrides: Optional[str] = None  # extra config keys for every process, ';'-separated: 'align.match=argmax;recon.pixel=l2'
     batch: PerConfig = field(default_factory=lambda: PerConfig(tiny=64, vit_b16=2))  # images per step
-    warmup: PerConfig = field(default_factory=lambda: PerConfig(tiny=5, vit_b16=3))  # untimed steps first (and the compilation)
-    steps: PerConfig = field(default_factory=lambda: PerConfig(tiny=20, vit_b16=5))  # timed steps
+    warmup: PerConfig = field(default_factory=lambda: PerConfig(tiny=5, vit_b16=3, vit_l16=3, vit_h14=3))  # untimed steps first (and the compilation)
+    steps: PerConfig = field(default_factory=lambda: PerConfig(tiny=20, vit_b16=5, vit_l16=5, vit_h14=5))  # timed steps
     worker: bool = False  # one measurement in this process (one name in configs), printed as a JSON line
     mode: str = "eager"  # with worker=true: eager | compile
     profile: Optional[str] = None  # with worker=true: a file for a torch.profiler table of 2 more steps
+    # with worker=true: ';'-separated settings measured one after another in this process, each printed as a JSON
+    # line when done (benchmarks/train_step.py: base, ckpt=N, fused, channels_last, batch=N, compile; '+' joins)
+    rows: Optional[str] = None
 
 
 def read_args(argv: list[str] | None) -> TrainSpeedArgs:
@@ -95,122 +91,6 @@ def read_args(argv: list[str] | None) -> TrainSpeedArgs:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda: no CUDA GPU is visible to torch")
     return args
-
-
-def max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-# ----------------------------------------------------------------------------------------------
-# one measurement (runs in its own process)
-# ----------------------------------------------------------------------------------------------
-
-
-# bf16 dense tensor-core peak (no sparsity) of the GPUs MFU is reported for, FLOP/s
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "A10G": 70e12}
-
-
-def peak_bf16(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
-
-
-class TrainStep:
-    """The trainer's step, built as `stellar_tok.train` builds it, on `batch` random images of the config's data
-    resolution. `step(i)` runs step i and returns its seconds; each phase's seconds go to `phases`."""
-
-    def __init__(self, name: str, batch: int, device: str, precision: str, overrides: tuple[str, ...] = ()):
-        self.cuda, self.autocast = device_setup(device, precision)
-        cfg = load_config([f"config=configs/tokenizer/{name}.yaml", "recon.lpips_random_backbone=true", f"optim.batch_size={batch}", *overrides])
-        torch.manual_seed(0)
-        self.cfg, self.tok = cfg, StellarTokenizer(**tokenizer_kwargs(cfg.model))
-        self.objective = TokenizerWithHeads(self.tok, cfg.align).train().to(device)
-        self.recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
-        gan = cfg.recon.enabled and cfg.recon.gan_weight > 0
-        self.disc = PatchDiscriminator(cfg.recon.disc_channels, cfg.recon.disc_layers).to(device) if gan else None
-        self.opt = torch.optim.AdamW(param_groups(self.objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-        self.gen = torch.Generator(device=device).manual_seed(0)
-        res = cfg.data.resolution
-        self.images = torch.randint(0, 256, (batch, 3, res, res), generator=self.gen, dtype=torch.uint8, device=device)
-        self.phases: dict[str, list[float]] = {k: [] for k in ("views", "objective", "recon_loss", "backward", "optimizer")}
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def step(self, i: int) -> float:
-        cfg = self.cfg
-        t = [self.now()]
-        x = self.images.float() / 127.5 - 1
-        with torch.no_grad():
-            views = make_views(x, cfg.views, self.gen, cfg.model.patch_size)
-        t.append(self.now())
-        with self.autocast():
-            out = self.objective(views)  # encoder over every view, alignment heads and losses, decoder
-            loss = cfg.align.weight * out["align_loss"]
-        t.append(self.now())
-        if self.recon_loss is not None:
-            with self.autocast():
-                rl, _ = self.recon_loss.generator_loss(out["recon"], views["main"], i, self.disc, self.tok.last_layer)
-            loss = loss + cfg.recon.weight * rl
-        t.append(self.now())
-        loss.backward()
-        t.append(self.now())
-        torch.nn.utils.clip_grad_norm_(self.objective.parameters(), cfg.optim.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        t.append(self.now())
-        for k, a, b in zip(self.phases, t[:-1], t[1:]):
-            self.phases[k].append(b - a)
-        return t[-1] - t[0]
-
-    def profile(self, first: int, path: str) -> None:
-        """A torch.profiler table (self time, top 40) of steps first, first + 1, written to `path`."""
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
-        with torch_profile(activities=acts) as prof:
-            for i in range(2):
-                self.step(first + i)
-        key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
-        with open(path, "w") as f:
-            f.write(prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
-
-
-def worker(name: str, mode: str, batch: int, warmup: int, steps: int, threads: int, device: str = "cpu", precision: str = "fp32",
-           overrides: tuple[str, ...] = (), profile: str | None = None) -> dict:
-    """One measurement; `overrides` are extra config `key=value`s, `profile` a file for a torch.profiler table of 2 steps."""
-    torch.set_num_threads(threads)
-    rss_start = max_rss_mib()
-    run = TrainStep(name, batch, device, precision, overrides)
-    # FLOPs of one training step (forward + backward; matmuls, convolutions, attention), counted eagerly
-    with FlopCounterMode(display=False) as fc:
-        run.step(0)
-    step_flops = fc.get_total_flops()
-    counts = fc.get_flop_counts()  # per module (outermost names); the LPIPS network's own
-    if mode == "compile":
-        run.tok.compile_blocks()
-    if run.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    warm = [run.step(1 + i) for i in range(warmup)]
-    graphs_before = counters["stats"]["unique_graphs"]
-    for v in run.phases.values():
-        v.clear()
-    timed = [run.step(1 + warmup + i) for i in range(steps)]
-    graphs_after = counters["stats"]["unique_graphs"]
-    med = statistics.median(timed)
-    if profile:
-        run.profile(1 + warmup + steps, profile)
-    r = {"config": name, "mode": mode, "batch": batch, "threads": threads, "device": device, "precision": precision,
-         "warmup_s": round(sum(warm), 2), "first_step_s": round(warm[0], 2) if warm else None, "step_s": med, "steps": steps,
-         "dynamo_events_while_timed": graphs_after - graphs_before, "phases_s": {k: statistics.median(v) for k, v in run.phases.items()},
-         "params_m": round(sum(p.numel() for p in run.tok.parameters()) / 1e6, 1), "step_tflop": step_flops / 1e12,
-         "lpips_tflop": sum(counts.get("LPIPS", {}).values()) / 1e12, "flop_modules": sorted(k for k in counts if "." not in k),
-         "achieved_tflops": step_flops / med / 1e12, "rss_start_mib": round(rss_start), "peak_rss_mib": round(max_rss_mib())}
-    if run.cuda:
-        r["gpu"] = torch.cuda.get_device_name(0)
-        r["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        peak = peak_bf16(r["gpu"])
-        r["mfu"] = step_flops / med / peak if peak and precision == "bf16" else None
-    return r
 
 
 def run_worker(name: str, mode: str, args: TrainSpeedArgs) -> dict:
@@ -380,7 +260,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = read_args(argv)
     if args.worker:
         overrides = tuple(o for o in (args.overrides or "").split(";") if o)
-        print(json.dumps(worker(args.configs, args.mode, getattr(args.batch, args.configs), getattr(args.warmup, args.configs),
+        batch = getattr(args.batch, args.configs) or load_config([f"config={args.configs}"]).optim.batch_size
+        if args.rows:
+            measure_rows(args.configs, args.rows.split(";"), batch, getattr(args.warmup, args.configs), getattr(args.steps, args.configs),
+                         args.threads, args.device, args.precision, overrides, emit=lambda r: print(json.dumps(r), flush=True))
+            return []
+        print(json.dumps(worker(args.configs, args.mode, batch, getattr(args.warmup, args.configs),
                                 getattr(args.steps, args.configs), args.threads, args.device, args.precision, overrides, args.profile)))
         return []
     torch.set_num_threads(args.threads)

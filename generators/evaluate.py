@@ -7,8 +7,12 @@
 `generators.sample`) or a folder of images (searched recursively). `arr_0` is read once, batch by batch,
 straight from the file (a stored member is read at its offset, a compressed one through the zip stream):
 it is never held in memory whole, so 50,000 samples at 256 px (9.8 GB) score in bounded memory.
-The reference is built at the samples' size: `data.resolution` defaults to it (0) and a different value is
-refused. The reference is `fid.ref=FILE` when given (ours, or ADM's reference batch
+Sizes: the samples are scored at the reference's size where its file says it (our statistics' meta; the
+(N,H,W,3) images of ADM's reference batch, read from the file's header: 256 for `VIRTUAL_imagenet256_labeled.npz`),
+else at `data.resolution`, else at their own (the default, 0: the reference is built at the samples' size). Samples
+of another size are refused, or with `resize=bicubic` resized to it as they are read (bicubic on the uint8 samples,
+as LlamaGen's sampler does before ADM's evaluator; the ViT-H/14 tokenizer's 252-px samples against ADM's 256-px
+batch); both sizes are in the report. The reference is `fid.ref=FILE` when given (ours, or ADM's reference batch
 `VIRTUAL_imagenet256_labeled.npz`, whose mu/sigma are used and whose 10,000 images are never read), else the
 FID statistics of the centre crops of every image of `split` (`n_ref` > 0: a subset drawn with `seed` and
 spread over the classes), computed once and cached by `stellar_tok.fid_stats` (`num_workers` processes read
@@ -44,6 +48,7 @@ class GenEvalConfig:
     num_workers: int = -1  # processes reading the reference images; -1: data.num_workers if > 0, else min(8, CPUs) for folder/wds, 0 otherwise
     fid: FIDConfig = field(default_factory=FIDConfig)
     kid_subset_size: int = 1000
+    resize: str = "none"  # samples of another size than the reference: none (refused) | bicubic (resized to it)
     class_accuracy: bool = True  # labelled samples of shapes/digits only
     classifier_cache: str = "runs/classifiers"
     device: str = "auto"

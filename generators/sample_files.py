@@ -3,6 +3,7 @@
     NpzSamples    `arr_0` (uint8 N,H,W,3) of a .npz read once in order, straight from the file (a stored member at its
                   offset, a compressed one through the zip stream): never whole in memory; `arr_1`: the labels
     FolderSamples a folder of images (searched recursively), centre-cropped to one resolution
+    ResizedSamples either, resized to another side as it is read (bicubic, as LlamaGen does for ADM's evaluator)
     open_samples  the one or the other, from a path
 
 Scored by `generators.scoring` (the command: `python -m generators.evaluate`).
@@ -10,27 +11,16 @@ Scored by `generators.scoring` (the command: `python -m generators.evaluate`).
 from __future__ import annotations
 
 import os
-import struct
 import zipfile
 from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stellar_tok.data import is_image_file, load_rgb, resize_and_crop
 from stellar_tok.errors import UserError
-
-
-def _npy_member_offset(path: str, info: zipfile.ZipInfo) -> int:
-    """Where a stored (uncompressed) member's bytes start in the zip file: after its local header, whose extra
-    field (zip64) may differ from the central directory's."""
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        head = f.read(30)
-    if head[:4] != b"PK\x03\x04":
-        raise UserError(f"{path}: corrupt zip (no local header for {info.filename})")
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+from stellar_tok.evaluation.fid_reference import npy_member
 
 
 class NpzSamples:
@@ -39,32 +29,24 @@ class NpzSamples:
     def __init__(self, path: str):
         self.path = path
         try:
-            zf = zipfile.ZipFile(path)
+            member = npy_member(path)
         except (OSError, zipfile.BadZipFile) as e:
             raise UserError(f"samples={path} is not a readable .npz ({type(e).__name__})") from None
-        with zf:
-            if "arr_0.npy" not in zf.namelist():
+        if member is None:
+            with zipfile.ZipFile(path) as zf:
                 raise UserError(f"{path}: no arr_0 (uint8 images N,H,W,3); members: {', '.join(zf.namelist())}")
-            self.info = zf.getinfo("arr_0.npy")
-            with zf.open(self.info) as f:
-                version = np.lib.format.read_magic(f)
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                if read_header is None:
-                    raise UserError(f"{path}: arr_0 has .npy format version {version}; expected 1.0 or 2.0 (np.save, np.savez)")
-                shape, fortran, dtype = read_header(f)
-                header = f.tell()
-            self.labels = None
-            if "arr_1.npy" in zf.namelist():
-                with zf.open("arr_1.npy") as f:
-                    self.labels = np.lib.format.read_array(f, allow_pickle=False)
+        self.labels = None
+        with np.load(path, allow_pickle=False) as z:
+            if "arr_1" in z.files:
+                self.labels = z["arr_1"]
+        shape, dtype = member.shape, member.dtype
         if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
             raise UserError(f"{path}: arr_0 must be uint8 images of shape (N,H,W,3) (got {dtype} {shape})")
-        if fortran:
+        if member.fortran:
             raise UserError(f"{path}: arr_0 is stored in Fortran order; write it C-contiguous (np.ascontiguousarray)")
-        self.shape = tuple(int(d) for d in shape)
-        self.stored = self.info.compress_type == zipfile.ZIP_STORED
-        self.offset = _npy_member_offset(path, self.info) + header if self.stored else None
-        self.header = header
+        self.shape, self.info, self.header = shape, member.info, member.header
+        self.stored = member.data_offset is not None
+        self.offset = member.data_offset
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -133,6 +115,31 @@ class FolderSamples:
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for a in range(0, len(self.files), batch_size):
             yield torch.stack([resize_and_crop(load_rgb(f), self.resolution, False) for f in self.files[a : a + batch_size]])
+
+    def array(self) -> np.ndarray:
+        return torch.cat(list(self.batches(256))).permute(0, 2, 3, 1).numpy()
+
+
+class ResizedSamples:
+    """Samples resized to side x side as they are read (`resize=bicubic` of `generators.evaluate`): bicubic
+    interpolation (torch, align_corners=False, no antialiasing) of the uint8 values, rounded back to uint8. This is
+    how LlamaGen's sampler brings 384-px samples to ADM's 256-px evaluator (F.interpolate(mode="bicubic") before
+    writing the .npz); here it runs on the stored uint8 samples."""
+
+    def __init__(self, samples, side: int):
+        self.samples, self.side, self.labels = samples, side, samples.labels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.side, self.side
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        for x in self.samples.batches(batch_size):  # uint8 (B,3,h,w) -> uint8 (B,3,side,side)
+            y = F.interpolate(x.float(), size=(self.side, self.side), mode="bicubic", align_corners=False)
+            yield y.round_().clamp_(0, 255).to(torch.uint8)
 
     def array(self) -> np.ndarray:
         return torch.cat(list(self.batches(256))).permute(0, 2, 3, 1).numpy()

@@ -20,25 +20,42 @@ from stellar_tok.data.reference import ReferenceImages
 from stellar_tok.errors import UserError
 from stellar_tok.evaluation import fid
 from stellar_tok.evaluation.fid import FeatureStats, feature_batches, fid_from_stats, kid_from_features, load_stats
-from stellar_tok.evaluation.fid_reference import reference_identity, reference_stats
+from stellar_tok.evaluation.fid_reference import reference_identity, reference_side, reference_stats
 from stellar_tok.files import atomic_write_json, atomic_write_text
 
-from .sample_files import open_samples
+from .sample_files import ResizedSamples, open_samples
 
 
-def _check_size(samples, cfg) -> int:
-    """The samples' (square) side; refuses a data.resolution or a reference made at another size."""
+def _square_side(samples, cfg) -> int:
+    """The samples' (square) side; refuses other shapes."""
     h, w = samples.size
     if h != w:
         raise UserError(f"samples={cfg.samples} are {h}x{w} px: gFID needs square samples (the reference is centre-cropped squares)")
-    res = int(cfg.data.resolution or 0)
-    if res and res != h:
-        raise UserError(f"data.resolution={res} but the samples are {h}x{h} px: the reference must be made at the samples' size "
-                        f"(leave data.resolution unset, or set it to {h})")
     return h
 
 
+def scoring_side(cfg, side: int, ref: dict | None) -> tuple[int, str]:
+    """The side the samples are scored at, and what set it: the reference file's (`reference_side`: our meta, ADM's
+    arr_0), else data.resolution, else the samples' own `side`. Samples of another side need `resize=bicubic`
+    (`ResizedSamples`); without it the mismatch is refused in one line."""
+    made_at = reference_side(ref, cfg.fid.ref) if ref is not None else None
+    if made_at:
+        target, source = made_at, f"the reference fid.ref={cfg.fid.ref} was made at {made_at} px"
+    elif ref is None and cfg.data.resolution:
+        target, source = int(cfg.data.resolution), f"data.resolution={cfg.data.resolution}"
+    elif ref is not None:
+        target, source = side, f"fid.ref={cfg.fid.ref} does not say its image size (scored at the samples' own)"
+    else:
+        target, source = side, "the samples' own size"
+    if target != side and cfg.resize != "bicubic":
+        raise UserError(f"the samples are {side} px but {source}: pass resize=bicubic to score them resized to {target} px "
+                        f"(bicubic, as LlamaGen's sampler does for ADM's evaluator), or use a reference made at {side} px")
+    return target, source
+
+
 def _check_request(cfg) -> None:
+    if cfg.resize not in ("none", "bicubic"):
+        raise UserError(f"resize must be none or bicubic (got {cfg.resize!r})")
     if not cfg.samples:
         raise UserError("samples=PATH is required (a samples.npz or a folder of images)")
     if not cfg.out:
@@ -52,17 +69,17 @@ def evaluate_samples(cfg) -> dict:
     _check_request(cfg)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     t0 = time.time()
-    samples = open_samples(cfg.samples, int(cfg.data.resolution or 0))
-    side = _check_size(samples, cfg)
+    samples = open_samples(cfg.samples)
+    side = _square_side(samples, cfg)
     if len(samples) < 2:
         raise UserError(f"samples={cfg.samples} holds {len(samples)} image(s); FID needs at least 2")
-    cfg.data.resolution = side
     ref = None
     if cfg.fid.ref and os.path.exists(cfg.fid.ref):  # given statistics (ours, or ADM's mu/sigma): the data is not read
         ref, ref_path = load_stats(cfg.fid.ref), cfg.fid.ref
-        made_at = (ref["meta"].get("data") or {}).get("resolution")
-        if made_at and int(made_at) != side:
-            raise UserError(f"fid.ref={cfg.fid.ref} was made at {made_at} px but the samples are {side} px; use a reference at the samples' size")
+    target, source = scoring_side(cfg, side, ref)
+    cfg.data.resolution = target
+    if target != side:
+        samples = ResizedSamples(samples, target)
     extractor = fid.build_inception(cfg.fid.weights, device=device)
     batch = cfg.fid.batch_size or (100 if device.type == "cuda" else 10)
     if ref is None:
@@ -70,7 +87,8 @@ def evaluate_samples(cfg) -> dict:
                                         seed=cfg.seed, num_workers=cfg.num_workers)
     res, notes = _feature_scores(extractor, samples, ref, batch, cfg)
     _class_accuracy(cfg, samples, ref, res, notes)
-    report = {"samples": cfg.samples, "n_samples": int(len(samples)), "sample_size": side,
+    report = {"samples": cfg.samples, "n_samples": int(len(samples)), "sample_size": side, "scored_size": target,
+              "resize": "bicubic" if target != side else None, "scored_size_from": source,
               "reference": {"path": ref_path, "n": int(ref["n"]), "data": _reference_data(cfg, ref, extractor)},
               "extractor": extractor.weights_source, "results": res, "notes": notes, "seconds": round(time.time() - t0, 1)}
     os.makedirs(cfg.out, exist_ok=True)
@@ -129,10 +147,16 @@ def _reference_data(cfg, ref: dict, extractor) -> dict:
     """What the reference statistics were made of, for the report."""
     meta = ref.get("meta", {})
     if meta.get("format") == "adm":
-        return {"format": "adm", "note": "ADM reference batch: mu/sigma as given (ImageNet train, centre crops, TF Inception pool3)"}
+        return {"format": "adm", "resolution": reference_side(ref, cfg.fid.ref),
+                "note": "ADM reference batch: mu/sigma as given (ImageNet train, centre crops, TF Inception pool3)"}
     if cfg.fid.ref and "data" not in meta:
         return {"format": meta.get("format", "unknown")}
     return meta.get("data") or reference_identity(ReferenceImages(cfg.data, cfg.split, cfg.n_ref, cfg.seed), extractor)
+
+
+def _sizes(report: dict) -> str:
+    side, scored = report.get("sample_size", "?"), report.get("scored_size")
+    return f"{side} px" if scored in (None, side) else f"{side} px, bicubic to {scored}"
 
 
 def markdown_table(report: dict) -> str:
@@ -141,13 +165,15 @@ def markdown_table(report: dict) -> str:
     cols = [(k, name, fmt) for k, name, fmt in [("fid", "gFID", ".2f"), ("kid", "KID", ".4f"), ("is", "IS", ".2f"), ("class_accuracy", "class accuracy (%)", ".2f")] if k in r]
     ref, d = report["reference"], report["reference"]["data"]
     if d.get("format") == "adm":
-        what = f"ADM reference batch {os.path.basename(ref['path'])} (mu/sigma as given)"
+        what = f"ADM reference batch {os.path.basename(ref['path'])} (mu/sigma as given, images of {d.get('resolution') or '?'} px)"
     elif "name" in d:
         what = (f"{ref['n']} images ({d['name']}, {d['split']}, {d.get('crop', 'centre')} crops at {d['resolution']} px"
                 f"{', seeded subset spread over the classes' if d.get('n') else ''})")
     else:
         what = os.path.basename(ref["path"])
     lines = ["| samples | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---:|" * len(cols),
-             f"| {report['n_samples']} ({report.get('sample_size', '?')} px) | " + " | ".join(format(r[c[0]], c[2]) for c in cols) + " |", "",
-             f"Reference: {what}; extractor: {report['extractor']} (2048-d pool3). " + " ".join(n + "." for n in report["notes"]), ""]
+             f"| {report['n_samples']} ({_sizes(report)}) | " + " | ".join(format(r[c[0]], c[2]) for c in cols) + " |", "",
+             f"Reference: {what}; extractor: {report['extractor']} (2048-d pool3). " + " ".join(n + "." for n in report["notes"]),
+             f"Sizes: samples {report.get('sample_size', '?')} px, scored at {report.get('scored_size', '?')} px "
+             f"({report.get('scored_size_from', '?')}){'; samples resized bicubic' if report.get('resize') else ''}.", ""]
     return "\n".join(lines)

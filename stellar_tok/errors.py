@@ -9,6 +9,12 @@ class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, missing weights); the message says how."""
 
 
+def require(ok: bool, key: str, allowed: str, value) -> None:
+    """A UserError naming config key `key`, what it must be (`allowed`) and the value it got, unless `ok`."""
+    if not ok:
+        raise UserError(f"config key '{key}' must be {allowed} (got {value!r})")
+
+
 def cli_entry(fn):
     """Wrap a `main(argv)`: UserError -> one line on stderr and exit status 2."""
 

@@ -23,6 +23,10 @@ Protocol (written to metrics.json with the numbers):
   files, none for shapes/digits).
 - Baselines (`baselines=true`): raw pixels (linear, kNN), and pixels area-downsampled to the largest square
   with no more values than the latent (r*c + N*r), upsampled bicubically: the same metrics at equal size.
+  Their probes hold every image's pixels (3*R*R floats: 786 KB at 256 px), so where the probes read more than
+  `baseline_n` images of a split (n_eval=0 or n_train=0 on ImageNet), the baselines' probes read their own seeded
+  subset of `baseline_n` spread over the classes (stated in metrics.json: probe_n_train / probe_n_eval). Probe
+  features that would not fit in the memory available are refused in one line before any work.
 
 Writes `out/metrics.json`, `out/metrics.md` (a Markdown table) and `out/reconstructions.png`.
 """
@@ -51,6 +55,7 @@ class EvalConfig:
     num_workers: int = -1  # processes decoding images; -1: data.num_workers if > 0, else min(8, CPUs) for folder/wds, 0 otherwise
     features: str = "tokens,cls"  # tokenizer features for the probes: tokens (mean of S), cls, lowrank (mean of L·S)
     baselines: bool = True  # raw-pixel and downsampled-pixel baselines
+    baseline_n: int = 5000  # at most this many images per split in the pixel baselines' probes (a seeded class-spread subset)
     probe_epochs: int = 30
     probe_lr: float = 1.0e-3
     probe_weight_decay: float = 1.0e-4

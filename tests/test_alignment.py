@@ -6,7 +6,9 @@ from omegaconf import OmegaConf
 
 from stellar_tok.losses.alignment import AlignmentLoss, clustering_loss, koleo, match_tokens, ot_plan, sinkhorn_knopp
 from stellar_tok.config import ViewsConfig
-from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss, adaptive_weight, hinge_d_loss
+from stellar_tok.errors import UserError
+from stellar_tok.losses.reconstruction import (PatchDiscriminator, ReconstructionLoss, adaptive_weight, describe_gan_start,
+                                               gan_start_step, hinge_d_loss)
 from stellar_tok.data.views import make_views, sample_keep
 
 
@@ -137,6 +139,24 @@ def test_hinge_loss_and_gan_start():
     _, logs = rl_capped.generator_loss(out, torch.zeros(2, 3, 32, 32), step=10, disc=disc, last_layer=layer.weight)
     assert logs["gan_adaptive_weight"].item() == pytest.approx(0.5 * w.item(), rel=1e-5)
 
+
+
+def test_gan_start_is_a_fraction_of_the_run_or_a_step():
+    """recon.gan_start in [0, 1) is a fraction of the run's length, resolved at start; >= 1 a step; a start the run
+    never reaches (vit_b16's old 100,000 on 16 GPUs: 93,836 steps) is refused in one line."""
+    cfg = OmegaConf.create({"pixel": "l1", "pixel_weight": 1.0, "lpips_weight": 0.0, "lpips_random_backbone": True,
+                            "gan_weight": 0.5, "gan_start": 0.5, "gan_max_adaptive": 1e4})
+    assert gan_start_step(cfg, 93836) == 46918
+    assert describe_gan_start(cfg, 93836) == "GAN from step 46,918 (recon.gan_start=0.5 of 93,836 steps)"
+    rl = ReconstructionLoss(cfg, total_steps=10)
+    assert [rl.gan_active(s) for s in (4, 5, 9)] == [False, True, True]
+    steps = OmegaConf.merge(cfg, {"gan_start": 150})  # a step count: the rehearsal's recon.gan_start=150 of 300 steps
+    assert gan_start_step(steps, 300) == 150 and describe_gan_start(steps, 300) == "GAN from step 150 (recon.gan_start=150)"
+    assert ReconstructionLoss(steps, total_steps=300).gan_start == 150
+    with pytest.raises(UserError, match=r"recon.gan_start=100000 starts the GAN at step 100,000, which a run of 93,836 steps never reaches"):
+        gan_start_step(OmegaConf.merge(cfg, {"gan_start": 100000}), 93836)
+    assert ReconstructionLoss(OmegaConf.merge(cfg, {"gan_start": 0.96}), total_steps=10).gan_start == 9  # a fraction: always reached
+    assert gan_start_step(OmegaConf.merge(cfg, {"gan_start": 0.533}), 1) == 0  # a one-step smoke run of the ImageNet configs
 
 
 def test_generator_gan_term_leaves_the_discriminator_alone():

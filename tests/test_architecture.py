@@ -11,8 +11,8 @@ PROJECT = ("stellar_tok", "generators", "benchmarks")
 
 # The layers, lowest first. A module may import from its own package (siblings) and from lower layers only.
 LAYERS = [
-    ("ground", ["stellar_tok.config", "stellar_tok.errors", "stellar_tok.files", "stellar_tok.launch",
-                "stellar_tok.moved_modules"]),
+    ("ground", ["stellar_tok.config", "stellar_tok.tokenizer_config", "stellar_tok.errors", "stellar_tok.files",
+                "stellar_tok.launch", "stellar_tok.moved_modules"]),
     ("model", ["stellar_tok.model"]),
     ("data", ["stellar_tok.data"]),
     ("losses", ["stellar_tok.losses"]),
@@ -28,7 +28,7 @@ LAYERS = [
 SAME_LEVEL = {"model": 1, "data": 1, "losses": 1}
 COMMANDS = {"stellar_tok.train", "stellar_tok.tokenize", "stellar_tok.evaluate", "stellar_tok.probe",
             "stellar_tok.visualize", "stellar_tok.fid_stats", "stellar_tok.make_shards", "stellar_tok.make_emoji",
-            "stellar_tok.demo_report", "generators.train", "generators.sample", "generators.evaluate",
+            "stellar_tok.demo_report", "stellar_tok.convert_reference", "generators.train", "generators.sample", "generators.evaluate",
             "generators.class_accuracy"}
 FACADES = {"stellar_tok", "generators"}  # package __init__ files that re-export the public API
 MAX_MODULE_LINES = 400

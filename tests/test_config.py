@@ -61,6 +61,20 @@ def test_mixed_precision_no_survives_yaml(tmp_path):
     assert load_generator_config([f"data.latents={tmp_path}", "train.mixed_precision=no"]).train.mixed_precision == "no"
 
 
+def test_gan_start_is_a_fraction_or_a_step_the_run_reaches():
+    """The ImageNet configs hold the GAN's start as a fraction of the run (step 100,000 of 187,671 at a global batch
+    of 1,024); a step count at or past train.steps is refused before any work, unless the GAN is off."""
+    for name in ("vit_b16", "vit_l16", "vit_h14"):
+        assert load_config([f"config={name}"]).recon.gan_start == 0.533
+    b16 = ["config=vit_b16", "train.epochs=0", "train.steps=300"]
+    assert load_config([*b16, "recon.gan_start=150"]).recon.gan_start == 150  # the rehearsal's
+    with pytest.raises(UserError, match=r"^config key 'recon.gan_start' must be a fraction of the run in \[0, 1\) or a whole step it reaches \(< train.steps=300;"):
+        load_config([*b16, "recon.gan_start=300"])
+    with pytest.raises(UserError, match="recon.gan_start"):
+        load_config([*b16, "recon.gan_start=1.5"])
+    load_config([*b16, "recon.gan_start=300", "recon.gan_weight=0"])  # the GAN off: the key is inert, not wrong
+
+
 def test_a_key_without_effect_is_named_in_one_warning_line(capsys):
     """tiny.yaml sets align.cls_prototypes, which align.image_loss=contrastive never reads, and trains no CLS."""
     from stellar_tok.config import inert_settings

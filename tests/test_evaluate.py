@@ -169,6 +169,61 @@ def test_evaluate_semantics_and_baselines(tok_dir, tmp_path):
     assert cache.stat().st_mtime_ns == mtime
 
 
+def test_pixel_baselines_read_a_capped_spread_subset_and_refuse_what_would_not_fit(tok_dir, tmp_path, capsys, monkeypatch):
+    """All held-out and train images (n_eval=0, n_train=0, as on ImageNet, where raw pixels would take 39 GB and 1 TB):
+    the tokenizer's probes read every image, the pixel baselines' probes a seeded subset of baseline_n per split
+    spread over the classes. Probe features that would not fit in the memory available are refused in one line
+    before any image is read."""
+    from safetensors.torch import load_file
+
+    from stellar_tok.data import build_dataset
+    from stellar_tok.data.reference import ReferenceImages, spread_subset
+    from stellar_tok.evaluate import main
+    from stellar_tok.evaluation import feature_cache
+
+    out = tmp_path / "eval"
+    args = [f"tokenizer={tok_dir}", *SMALL_DATA, "tasks=knn", "n_eval=0", "n_train=0", "baseline_n=24", "progress=false"]
+    rep = main([*args, f"out={out}"])
+    assert rep["data"]["n_eval"] == 48 and rep["data"]["n_train"] == 96
+    pixels = rep["results"]["pixels"]
+    assert (pixels["probe_n_train"], pixels["probe_n_eval"]) == (24, 24)
+    assert "pixels" not in load_file(str(out / "cache" / "features-train.safetensors"))  # the probes' own: no pixels
+
+    def subset(split):
+        ds = build_dataset({"name": "shapes", "resolution": 32, "train_size": 96, "val_size": 48}, split)
+        pick = spread_subset(ds.labels, 24, seed=0)
+        x = torch.from_numpy(np.ascontiguousarray(ds.images[pick])).permute(0, 3, 1, 2).flatten(1).float() / 127.5 - 1
+        return x, torch.from_numpy(np.asarray(ds.labels[pick])).long()
+
+    (xtr, ytr), (xva, yva) = subset("train"), subset("val")
+    assert pixels["knn_pixels"] == pytest.approx(knn_classify(xtr, ytr, xva, yva), abs=1e-4)
+    assert "pixel probes on 24 train / 24 held-out images" in (out / "metrics.md").read_text()
+
+    monkeypatch.setattr(feature_cache, "available_memory", lambda: 10**6)  # 1 MB: the 96 + 48 images' features need more
+    monkeypatch.setattr(ReferenceImages, "loader", lambda *a, **k: pytest.fail("images read before the memory check"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([*args, f"out={tmp_path / 'refused'}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err, err
+    assert "the probes' features need about" in err and "1.0 MB is available: lower baseline_n=24" in err, err
+
+
+def test_cached_probe_refuses_features_that_would_not_fit(monkeypatch):
+    """python -m stellar_tok.probe's cached protocol holds every image's features too: raw pixels of 96 + 48 images at
+    32 px (3,072 floats each) against 100 kB available are refused before any feature is extracted."""
+    from conftest import data_cfg
+
+    from stellar_tok.errors import UserError
+    from stellar_tok.evaluation import feature_cache, probing
+
+    monkeypatch.setattr(feature_cache, "available_memory", lambda: 10**5)
+    monkeypatch.setattr(probing, "extract_features", lambda *a, **k: pytest.fail("features extracted before the memory check"))
+    cfg = data_cfg(name="shapes", resolution=32, train_size=96, val_size=48)
+    with pytest.raises(UserError, match=r"need about 3\.5 MB of memory \(train 96 x 3,072, val 48 x 3,072 float32 values, twice\)"):
+        probing.run_probes(None, cfg, kinds=("pixels",))
+
+
 def test_evaluate_user_errors_are_one_line(tok_dir, tmp_path, capsys):
     from stellar_tok.evaluate import main
 

@@ -167,9 +167,10 @@ def test_reference_cache_key_covers_what_changes_the_pixels(tmp_path, monkeypatc
     assert p1 not in paths and s1["n"] == 25
 
 
-def _adm_batch(path, dim, mu, sigma):
-    """The layout of ADM's VIRTUAL_imagenet256_labeled.npz: arr_0 (the 10k reference images), mu, sigma, mu_s, sigma_s."""
-    np.savez(path, arr_0=np.zeros((4, 8, 8, 3), np.uint8), mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
+def _adm_batch(path, dim, mu, sigma, side=16):
+    """The layout of ADM's VIRTUAL_imagenet256_labeled.npz: arr_0 (the 10k reference images, here 4 of side x side),
+    mu, sigma, mu_s, sigma_s."""
+    np.savez(path, arr_0=np.zeros((4, side, side, 3), np.uint8), mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
 
 
 def test_adm_reference_batch_used_as_given(tmp_path, fake_inception, monkeypatch):
@@ -214,6 +215,41 @@ def test_gfid_reference_at_the_samples_size(tmp_path, fake_inception, capsys):
     assert "24" in err and "32" in err and "\n" not in err
 
 
+def test_gfid_at_the_adm_batch_size_resized_on_request(tmp_path, fake_inception, capsys, monkeypatch):
+    """ADM's reference batch says its size in arr_0 (N,H,W,3), read from the header alone: 14-px samples against a
+    16-px batch (the ViT-H/14 tokenizer's 252 against ADM's 256) are refused in one line; with resize=bicubic they are
+    scored resized to 16 px (torch bicubic on the uint8 samples, rounded), and the report gives both sizes."""
+    import zipfile
+
+    from generators.evaluate import main
+    from stellar_tok.evaluation import fid
+
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (30, 14, 14, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    resized = F.interpolate(torch.from_numpy(samples).permute(0, 3, 1, 2).float(), size=(16, 16), mode="bicubic", align_corners=False)
+    with torch.no_grad():
+        feats = FakeInception()(resized.round().clamp(0, 255).to(torch.uint8))[0].double().numpy()
+    ref = {"mu": feats.mean(0) + 0.1, "sigma": np.cov(feats, rowvar=False) * 2}
+    _adm_batch(tmp_path / "VIRTUAL.npz", feats.shape[1], ref["mu"], ref["sigma"], side=16)
+    common = [f"samples={tmp_path / 'samples.npz'}", f"out={tmp_path / 'out'}", f"fid.ref={tmp_path / 'VIRTUAL.npz'}",
+              "class_accuracy=false", "progress=false"]
+    with pytest.raises(SystemExit) as e:
+        main(common)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err, err
+    assert "the samples are 14 px but the reference" in err and "was made at 16 px: pass resize=bicubic" in err, err
+    opened = []
+    real_open = zipfile.ZipFile.open
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: opened.append((os.path.basename(str(self.filename)), getattr(name, "filename", name))) or real_open(self, name, *a, **k))
+    rep = main([*common, "resize=bicubic"])
+    assert ("VIRTUAL.npz", "arr_0.npy") not in opened  # its size comes from the header, its images are never read
+    assert (rep["sample_size"], rep["scored_size"], rep["resize"], rep["reference"]["data"]["resolution"]) == (14, 16, "bicubic", 16)
+    assert rep["results"]["fid"] == pytest.approx(fid.fid_from_stats(fid.feature_stats(feats), ref), rel=1e-6)
+    out = capsys.readouterr().out
+    assert "| 30 (14 px, bicubic to 16) |" in out and "Sizes: samples 14 px, scored at 16 px" in out, out
+
+
 # ------------------------------------------------------------------ item 4: 50k samples fit in memory
 RSS_SCRIPT = r"""
 import json, os, resource, sys
@@ -245,7 +281,7 @@ def test_samples_are_read_in_batches_without_a_copy(tmp_path):
     rng = np.random.default_rng(0)
     chunk = rng.integers(0, 256, (100, side, side, 3), dtype=np.uint8)
     save_npz_streamed(str(tmp_path / "s.npz"), (n, side, side, 3), (chunk for _ in range(n // 100)), np.zeros(n, np.int64))
-    _adm_batch(tmp_path / "ref.npz", 15, np.zeros(15), np.eye(15))
+    _adm_batch(tmp_path / "ref.npz", 15, np.zeros(15), np.eye(15), side=side)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, os.path.dirname(__file__), str(tmp_path / "s.npz"), str(tmp_path / "o"),
                           str(tmp_path / "ref.npz")], capture_output=True, text=True, env=env, timeout=120)

@@ -226,3 +226,35 @@ def test_compile_blocks_keeps_outputs_and_weights(tiny_tokenizer, images, tmp_pa
     again = type(eager).from_pretrained(tmp_path / "tok").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(images)["recon"], a["recon"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks", [1, -1])
+def test_activation_checkpointing_is_exact_and_keeps_less(blocks, images):
+    """train.activation_checkpointing: the same loss and gradients, fewer tensors kept for the backward; no effect
+    where autograd does not record (encode)."""
+    torch.manual_seed(0)
+    plain = StellarTokenizer(**TINY_MODEL)
+    ckpt = StellarTokenizer(**TINY_MODEL).set_activation_checkpointing(blocks)
+    ckpt.load_state_dict(plain.state_dict())
+
+    def loss_grads_kept(tok):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            out = tok(images)
+            loss = out["recon"].square().mean() + out["log_loc"].exp().square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in tok.named_parameters() if p.grad is not None}, sum(kept)
+
+    l0, g0, kept0 = loss_grads_kept(plain)
+    l1, g1, kept1 = loss_grads_kept(ckpt)
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert kept1 < kept0
+    assert ckpt.checkpoint_blocks == (len(ckpt.blocks) if blocks == -1 else blocks)
+    assert torch.equal(ckpt.encode(images).z, plain.encode(images).z)
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        ckpt.set_activation_checkpointing(len(ckpt.blocks) + 1)
+    # the diffusers switch turns on every block
+    plain.enable_gradient_checkpointing()
+    assert plain.checkpoint_blocks == len(plain.blocks) and plain.is_gradient_checkpointing

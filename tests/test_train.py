@@ -131,6 +131,27 @@ def test_gan_step_sees_only_the_hinge_gradient(tmp_path, monkeypatch):
     assert len(seen) == 2 and all(all(step) for step in seen)
 
 
+def test_gan_start_as_a_fraction_is_resolved_on_the_first_line(tmp_path, capsys, monkeypatch):
+    """recon.gan_start=0.5 of a 4-step run: the first line says step 2 and the discriminator trains at steps 2 and 3
+    only. With train.epochs the run's length is known at start: a step it never reaches stops it there, in one line."""
+    from stellar_tok.losses.reconstruction import ReconstructionLoss
+
+    calls = []
+    real = ReconstructionLoss.discriminator_loss
+    monkeypatch.setattr(ReconstructionLoss, "discriminator_loss", lambda self, *a: calls.append(1) or real(self, *a))
+    gan = ["recon.gan_weight=0.5", "recon.disc_channels=8", "recon.disc_layers=2"]
+    main(SMALL + gan + ["train.steps=4", "recon.gan_start=0.5", f"train.output_dir={tmp_path / 'run'}"])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("running: ") and first.endswith("4 steps; GAN from step 2 (recon.gan_start=0.5 of 4 steps)"), first
+    assert len(calls) == 2
+    with pytest.raises(SystemExit):  # 0.25 epochs of 1,024 images at batch 32: 8 steps, the GAN at step 8 never runs
+        main(SMALL + gan + ["train.epochs=0.25", "recon.gan_start=8", f"train.output_dir={tmp_path / 'x'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: recon.gan_start=8 starts the GAN at step 8, which a run of 8 steps never reaches: give a fraction "
+                       "of the run in [0, 1) (e.g. 0.5) or an earlier step, or recon.gan_weight=0"), err
+    assert not os.path.exists(tmp_path / "x" / "checkpoints")
+
+
 def test_a_step_leaves_its_scalars_on_the_device_and_log_steps_read_them(tmp_path, monkeypatch):
     """The step returns its losses and diagnostics as 0-d tensors (reading one would make the host wait for the GPU
     at every step); the engine reads them at log steps (one transfer) and writes exactly their values."""

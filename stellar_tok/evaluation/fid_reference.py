@@ -4,6 +4,9 @@
                      or the cache, else computed batch by batch and saved (.npz: mu, sigma, n, and the features up
                      to `keep_features`)
     FIDConfig        the `fid.*` keys of every command that scores images (weights, ref, batch_size)
+    reference_side   the side of the images a reference file was made of, where the file says it (our meta's
+                     data.resolution; the arr_0 (N,H,W,3) of ADM's reference batch, from its header only)
+    npy_member       the shape, dtype and offsets of a .npz member, read from its headers (a few hundred bytes)
 
 Which images a reference is made of (every image of a split once, or n spread over the classes; centre crops):
 `stellar_tok.data.reference`. The cache (`$STELLAR_TOK_CACHE/fid_refs`) names a reference by a hash of everything
@@ -15,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
+import zipfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -85,3 +90,61 @@ def reference_stats(extractor, data_cfg, split: str, n: int, path: str | None = 
     stats = compute_stats(extractor, (x for x, _ in images.loader(batch_size, num_workers)), batch_size, keep_features, progress, images.size_hint())
     save_stats(path, stats, meta={"data": identity, "extractor": getattr(extractor, "weights_source", "?"), "images": images.describe()})
     return load_stats(path), path
+
+
+class NpyMember(NamedTuple):
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    header: int  # bytes of the .npy header at the start of the member
+    data_offset: int | None  # where the array's bytes start in the file when the member is stored; None: compressed
+    info: zipfile.ZipInfo
+
+
+def _stored_member_offset(path: str, info: zipfile.ZipInfo) -> int:
+    """Where a stored (uncompressed) member's bytes start in the zip file: after its local header, whose extra
+    field (zip64) may differ from the central directory's."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        head = f.read(30)
+    if head[:4] != b"PK\x03\x04":
+        raise UserError(f"{path}: corrupt zip (no local header for {info.filename})")
+    name_len, extra_len = struct.unpack("<HH", head[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def npy_member(path: str, name: str = "arr_0.npy") -> NpyMember | None:
+    """The layout of the .npy member `name` of the .npz at `path`, read from its headers only (the array is never
+    read); None when the file has no such member. A stored member's header is read from the file at its offset."""
+    with zipfile.ZipFile(path) as zf:
+        if name not in zf.namelist():
+            return None
+        info = zf.getinfo(name)
+        start = _stored_member_offset(path, info) if info.compress_type == zipfile.ZIP_STORED else None
+        if start is not None:
+            f = open(path, "rb")
+            f.seek(start)
+        else:
+            f = zf.open(info)
+        with f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise UserError(f"{path}: {name} has .npy format version {version}; expected 1.0 or 2.0 (np.save, np.savez)")
+            shape, fortran, dtype = read_header(f)
+            header = f.tell() - (start or 0)
+    return NpyMember(tuple(int(d) for d in shape), fortran, dtype, header, None if start is None else start + header, info)
+
+
+def reference_side(ref: dict, path: str | None) -> int | None:
+    """The side of the (square) images the reference statistics `ref` (from `load_stats(path)`) were made of, where
+    the file says it: our meta's data.resolution, or the arr_0 (N,H,W,3) images of an ADM reference batch (from its
+    header; the images are never read). None when the file does not say."""
+    meta = ref.get("meta") or {}
+    made_at = (meta.get("data") or {}).get("resolution")
+    if made_at:
+        return int(made_at)
+    images = npy_member(path) if path and meta.get("format") == "adm" else None
+    if images is not None and len(images.shape) == 4 and images.shape[1] == images.shape[2]:
+        return images.shape[1]
+    return None

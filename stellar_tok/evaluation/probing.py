@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from stellar_tok.errors import UserError
 
+from .feature_cache import check_probe_memory
 from .probe_images import describe_images, split_batches
 
 PROTOCOLS = ("cached", "augmented")
@@ -182,6 +183,7 @@ def run_probes(tokenizer, data_cfg, kinds=("tokens", "cls"), epochs: int = 30, b
         log(probe_summary("cached", describe_images(data_cfg, "train", n_train, train_loader.dataset),
                           describe_images(data_cfg, "val", n_eval, val_loader.dataset), features=",".join(kinds), epochs=epochs,
                           batch_size=batch_size, lr=f"{lr:g}", weight_decay=f"{weight_decay:g}", device=device))
+    _check_memory(tokenizer, data_cfg, kinds, {"train": train_loader, "val": val_loader})
     tr = extract_features(tokenizer, train_loader, kinds, device, n_train or None, progress=progress, desc="train features")
     va = extract_features(tokenizer, val_loader, kinds, device, n_eval or None, progress=progress, desc="val features")
     check_labels(tr["labels"], "train")
@@ -193,6 +195,20 @@ def run_probes(tokenizer, data_cfg, kinds=("tokens", "cls"), epochs: int = 30, b
         res[f"knn_{k}"] = round(knn_classify(tr[k], tr["labels"], va[k], va["labels"]), 2)
     res["n_train"], res["n_val"] = len(tr["labels"]), len(va["labels"])
     return res
+
+
+def _check_memory(tokenizer, data_cfg, kinds, loaders: dict) -> None:
+    """Refuses, before extraction, features that would not fit in memory: every image's features are held (raw
+    pixels: 3·R² floats an image, 786 KB at 256 px). Shards read whole have no count before reading: left out."""
+    res, width = int(data_cfg.resolution), int(tokenizer.config.width) if tokenizer is not None else 0
+    dim = sum(3 * res * res if k == "pixels" else width for k in kinds)
+    counts = {}
+    for split, loader in loaders.items():
+        try:
+            counts[split] = len(loader.dataset)
+        except TypeError:
+            counts[split] = None
+    check_probe_memory(counts, {s: dim for s in counts}, "lower n_train / n_eval, or leave pixels out of features")
 
 
 def cls_trained(tokenizer_dir: str) -> bool | None:

@@ -9,6 +9,15 @@ COLUMNS = [("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 4), ("lpips", "LPIPS", 4),
            ("knn_tokens", "kNN S-mean", 2), ("knn_cls", "kNN CLS", 2), ("knn_lowrank", "kNN L·S", 2), ("knn_pixels", "kNN pixels", 2)]
 
 
+def _pixel_probes(report: dict) -> str:
+    """Where the pixel baselines' probes read a subset of their own: its size, in words."""
+    r = report["results"].get("pixels") or {}
+    if "probe_n_train" not in r or report["protocol"].get("pixel_probes") == "the probes' own images":
+        return ""
+    return (f"; pixel probes on {r['probe_n_train']:,} train / {r['probe_n_eval']:,} held-out images (seeded subsets spread "
+            "over the classes, baseline_n)")
+
+
 def markdown_table(report: dict) -> str:
     """The results as a Markdown table (only the columns that have a value), with the protocol below."""
     res = report["results"]
@@ -29,5 +38,6 @@ def markdown_table(report: dict) -> str:
     lines += ["", f"Held-out: {d['n_eval']} images, {d.get('held_out') or 'val split'} ({d['val']['name']}); probes trained on {train}. "
               f"Tokenizer {report['tokenizer']['fingerprint']}: r = {report['tokenizer']['num_tokens']}"
               f"{' (dense decoder: reads all N patch features)' if report['tokenizer'].get('decoder_input') == 'dense' else ''}, {report['tokenizer']['latent_values']} latent values; "
-              f"baseline: {p['pixels_down']}. LPIPS: {p['lpips']}. FID extractor: {p['fid_extractor']}. {report['seconds'].get('total')} s.", ""]
+              f"baseline: {p['pixels_down']}{_pixel_probes(report)}. LPIPS: {p['lpips']}. FID extractor: {p['fid_extractor']}. "
+              f"{report['seconds'].get('total')} s.", ""]
     return "\n".join(lines)

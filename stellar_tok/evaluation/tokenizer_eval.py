@@ -26,7 +26,7 @@ from stellar_tok.files import atomic_write_json, atomic_write_text
 from stellar_tok.latents.dataset import tokenizer_fingerprint
 from stellar_tok.model.tokenizer import StellarTokenizer
 
-from .feature_cache import probe_features, train_features
+from .feature_cache import check_probe_memory, pixel_features, pixel_subset, probe_features, train_features
 from .fid_reference import cache_root, default_ref_path, reference_identity
 from .pictures import reconstruction_grid
 from .probing import knn_classify, linear_probe
@@ -51,7 +51,7 @@ def check_eval_config(cfg) -> tuple[list[str], list[str]]:
         raise UserError(f"lpips must be auto, vgg, alex or none (got {cfg.lpips!r})")
     if not cfg.out:
         raise UserError("out=DIR is required (where metrics.json and metrics.md go)")
-    for key, lo in (("n_eval", 0), ("n_train", 0), ("probe_epochs", 1), ("knn_k", 1), ("batch_size", 1), ("grid", 0)):
+    for key, lo in (("n_eval", 0), ("n_train", 0), ("baseline_n", 1), ("probe_epochs", 1), ("knn_k", 1), ("batch_size", 1), ("grid", 0)):
         if cfg[key] < lo:
             raise UserError(f"{key} must be an integer >= {lo} (got {cfg[key]})")
     return tasks, kinds
@@ -68,10 +68,16 @@ class _Run:
     kinds: list
     k_down: int
     held_out: ReferenceImages
+    train_images: ReferenceImages | None = None  # the probes' train images
+    pixel_sets: dict = field(default_factory=dict)  # split -> the pixel baselines' own subset (None: the probes' images)
 
     @property
     def semantics(self) -> list:
         return [t for t in self.tasks if t in ("linear", "knn")]
+
+    def pixels_in_pass(self, split: str) -> bool:
+        """Whether the pixel baselines' features of `split` come with the probes' own (the same images)."""
+        return bool(self.cfg.baselines) and self.pixel_sets.get(split) is None
 
 
 @dataclass
@@ -141,7 +147,7 @@ def _held_out_pass(run: _Run, recon: _Recon) -> dict[str, list]:
                 reconstruction_grid(x, rec, latent.probs(), os.path.join(cfg.out, "reconstructions.png"), n=cfg.grid)
                 grid_done = True
         if semantics:
-            for k, v in probe_features(tok, x, labels, run.kinds, cfg.baselines, run.k_down, f).items():
+            for k, v in probe_features(tok, x, labels, run.kinds, run.pixels_in_pass("val"), run.k_down, f).items():
                 val.setdefault(k, []).append(v)
     return val
 
@@ -173,18 +179,55 @@ def _recon_results(run: _Run, recon: _Recon, n_eval: int, split_label: str) -> d
     return results
 
 
+def _plan_probes(run: _Run) -> None:
+    """The probes' images (train; held-out: run.held_out) and the pixel baselines' (`pixel_subset`: their own class-
+    spread subset of baseline_n where the probes read more); refuses, before any work, features that would not fit in
+    memory (`check_probe_memory`)."""
+    cfg = run.cfg
+    if not run.semantics:
+        return
+    run.train_images = ReferenceImages(cfg.data, "train", cfg.n_train, cfg.seed)
+    if cfg.baselines:
+        run.pixel_sets = {"val": pixel_subset(cfg, "val", run.held_out), "train": pixel_subset(cfg, "train", run.train_images)}
+    res, width = int(cfg.data.resolution), int(run.tok.config.width)
+    counts, dims = {}, {}
+    for split, own in (("val", run.held_out), ("train", run.train_images)):
+        counts[f"{split} features"], dims[f"{split} features"] = own.size_hint(), len(run.kinds) * width
+        if cfg.baselines:
+            n = own.size_hint() if run.pixels_in_pass(split) else cfg.baseline_n  # at most: the subset of a smaller split is smaller
+            counts[f"{split} pixels"], dims[f"{split} pixels"] = n, 3 * res * res + 3 * run.k_down**2
+    check_probe_memory(counts, dims, f"lower baseline_n={cfg.baseline_n} (the pixel baselines' images per split), n_train={cfg.n_train} "
+                                     f"or n_eval={cfg.n_eval}, or set baselines=false")
+
+
 def _probe_results(run: _Run, results: dict, tr: dict, val: dict[str, list]) -> None:
-    """Linear probe and kNN of every feature kind (and the pixel baselines) into `results`."""
+    """Linear probe and kNN of every feature kind (and the pixel baselines, on their own images) into `results`."""
     cfg, semantics = run.cfg, run.semantics
     va = {k: torch.cat(v) for k, v in val.items()}
-    probes = [("stellar", k, k) for k in run.kinds] + ([("pixels", "pixels", "pixels"), ("pixels_down", "pixels_down", "pixels")] if cfg.baselines else [])
-    for row, feat, col in probes:
+    probes = [("stellar", k, k, tr, va) for k in run.kinds]
+    if cfg.baselines:
+        ptr, pva = ({"train": tr, "val": va}[s] if run.pixels_in_pass(s) else pixel_features(cfg, run.pixel_sets[s], run.k_down, run.device)
+                    for s in ("train", "val"))
+        probes += [("pixels", "pixels", "pixels", ptr, pva), ("pixels_down", "pixels_down", "pixels", ptr, pva)]
+    for row, feat, col, a, b in probes:
         suffix = col if row == "stellar" else "pixels"
         if "linear" in semantics:
-            results[row][f"linear_{suffix}"] = linear_probe(tr[feat].float(), tr["labels"], va[feat].float(), va["labels"], epochs=cfg.probe_epochs,
+            results[row][f"linear_{suffix}"] = linear_probe(a[feat].float(), a["labels"], b[feat].float(), b["labels"], epochs=cfg.probe_epochs,
                                                              lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay, seed=cfg.seed)
         if "knn" in semantics:
-            results[row][f"knn_{suffix}"] = knn_classify(tr[feat], tr["labels"], va[feat], va["labels"], k=cfg.knn_k, temperature=cfg.knn_temperature)
+            results[row][f"knn_{suffix}"] = knn_classify(a[feat], a["labels"], b[feat], b["labels"], k=cfg.knn_k, temperature=cfg.knn_temperature)
+        if row != "stellar":
+            results[row]["probe_n_train"], results[row]["probe_n_eval"] = len(a["labels"]), len(b["labels"])
+
+
+def _pixel_probes(run: _Run) -> str | None:
+    """Which images the pixel baselines' probes read, in words (None: no baselines or no probes)."""
+    if not (run.cfg.baselines and run.semantics):
+        return None
+    if not any(run.pixel_sets.values()):
+        return "the probes' own images"
+    return (f"a seeded subset of at most baseline_n={run.cfg.baseline_n} images per split, spread over the classes, where the "
+            "probes read more (the rows' probe_n_train / probe_n_eval)")
 
 
 def _report(run: _Run, recon: _Recon, fingerprint: str, results: dict, times: dict, n_eval: int, split_label: str,
@@ -203,7 +246,8 @@ def _report(run: _Run, recon: _Recon, fingerprint: str, results: dict, times: di
                      "lpips": recon.lpips_note, "fid_reference": recon.ref_path, "fid_extractor": getattr(recon.extractor, "weights_source", None),
                      "linear": {"epochs": cfg.probe_epochs, "lr": cfg.probe_lr, "weight_decay": cfg.probe_weight_decay, "batch_size": 256, "head": "LayerNorm+Linear"},
                      "knn": {"k": cfg.knn_k, "temperature": cfg.knn_temperature, "similarity": "cosine"},
-                     "pixels_down": f"area-downsampled to {k_down}x{k_down} ({3 * k_down * k_down} values), bicubic back to {res}"},
+                     "pixels_down": f"area-downsampled to {k_down}x{k_down} ({3 * k_down * k_down} values), bicubic back to {res}",
+                     "pixel_probes": _pixel_probes(run)},
         "results": {k: {m: round(v, 4) if isinstance(v, float) else v for m, v in r.items()} for k, r in results.items()},
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "config": OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else None,
@@ -224,6 +268,7 @@ def evaluate(cfg) -> dict:
     held_out = ReferenceImages(cfg.data, "val", cfg.n_eval, cfg.seed)  # centre crops, a seeded subset spread over the classes
     run = _Run(cfg, tok, device, tasks, kinds, downsample_size(tok, int(cfg.data.resolution)), held_out)
     split_label = "val (falls back to train images)" if heldout_is_train(cfg.data) else "val"
+    _plan_probes(run)  # refuses probe features that would not fit in memory, before any work
     recon = _recon_setup(run)
     t = time.time()
     val = _held_out_pass(run, recon)
@@ -235,8 +280,8 @@ def evaluate(cfg) -> dict:
     train_images, n_train = None, 0
     if run.semantics:
         t = time.time()
-        train_images = ReferenceImages(cfg.data, "train", cfg.n_train, cfg.seed)
-        tr = train_features(tok, cfg, kinds, run.k_down, fingerprint, device, train_images)
+        train_images = run.train_images
+        tr = train_features(tok, cfg, kinds, run.k_down, fingerprint, device, train_images, baselines=run.pixels_in_pass("train"))
         times["train_features"] = time.time() - t
         t = time.time()
         _probe_results(run, results, tr, val)

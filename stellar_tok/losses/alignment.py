@@ -35,9 +35,18 @@ class ClusteringHead(nn.Module):
         if self.prototypes is not None:  # std 0: bottleneck^-0.5 (rows of norm ~1); the reference's CAPI heads: 1.0
             nn.init.normal_(self.prototypes.weight, std=prototype_std or bottleneck**-0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> logits (..., K), or the embedding (..., bottleneck)
-        z = F.normalize(self.mlp(x), dim=-1)
-        return z if self.prototypes is None else self.prototypes(z)
+    def forward(self, x: torch.Tensor, float32: bool = False) -> torch.Tensor:
+        """(..., d) -> logits (..., K), or the embedding (..., bottleneck). float32: the whole head in float32 whatever
+        autocast or FSDP's parameter dtype (the logits Sinkhorn turns into targets: under bf16 they move 1.5-2.3% of
+        the targets' top prototypes, docs/RECIPE.md "precision")."""
+        if not float32:
+            z = F.normalize(self.mlp(x), dim=-1)
+            return z if self.prototypes is None else self.prototypes(z)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        with torch.autocast("cuda" if x.is_cuda else "cpu", enabled=False):  # (also for meta tensors)
+            h = F.gelu(F.linear(x.float(), fc1.weight.float(), fc1.bias.float()))  # (..., hidden)
+            z = F.normalize(F.linear(h, fc2.weight.float(), fc2.bias.float()), dim=-1)  # (..., bottleneck)
+            return z if self.prototypes is None else F.linear(z, self.prototypes.weight.float())  # (..., K)
 
 
 @torch.no_grad()
@@ -161,8 +170,9 @@ class AlignmentLoss(nn.Module):
         s0, c0 = main["sparse"], main["cls"]  # (B,r,d), (B,d)
         contrastive = c.image_loss == "contrastive"
         pool = (lambda cls, sparse: sparse.mean(1)) if c.image_feature == "tokens" else (lambda cls, sparse: cls)  # noqa: E731
-        tok0 = self.token_head(s0)  # (B,r,K)
-        cls0 = self.cls_head(pool(c0, s0))  # (B,Kc) prototype logits, or (B,bottleneck) embedding when contrastive
+        # the main view's logits are the Sinkhorn targets' (without a teacher): float32, 1/(1 + views) of the heads' FLOPs
+        tok0 = self.token_head(s0, float32=teacher is None)  # (B,r,K)
+        cls0 = self.cls_head(pool(c0, s0), float32=teacher is None)  # (B,Kc) prototype logits, or (B,bottleneck) embedding when contrastive
         if teacher is None:
             q_tok, q_cls = self.targets(tok0, None if contrastive else cls0)
             ref = s0.detach()

@@ -1,4 +1,5 @@
-"""Reconstruction losses: L1/L2 + LPIPS + PatchGAN hinge loss with the VQGAN adaptive weight.
+"""Reconstruction losses: L1/L2 + LPIPS + PatchGAN hinge loss with the VQGAN adaptive weight, from the step
+`recon.gan_start` resolves to in the run (`gan_start_step`: a fraction of the run, or a step count).
 
 LPIPS uses the `lpips` package (VGG). Its linear layers ship with the package; the VGG backbone comes from
 torchvision's weight cache. Without those weights and without a network, construction fails with one line
@@ -100,16 +101,41 @@ def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.T
     return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+def gan_start_step(cfg, total_steps: int) -> int:
+    """The step at which the GAN starts in a run of `total_steps`: `recon.gan_start` in [0, 1) is a fraction of the
+    run (rounded down to a step: always one the run reaches), >= 1 a step count. A step count the run never reaches
+    is refused in one line."""
+    value = float(cfg.gan_start)
+    step = int(value * total_steps + 1e-9) if value < 1 else int(value)  # 1e-9: 0.29 * 100 is 28.999...
+    if step >= total_steps:
+        raise UserError(f"recon.gan_start={value:g} starts the GAN at step {step:,}, which a run of {total_steps:,} steps never "
+                        "reaches: give a fraction of the run in [0, 1) (e.g. 0.5) or an earlier step, or recon.gan_weight=0")
+    return step
+
+
+def describe_gan_start(cfg, total_steps: int) -> str:
+    """For the run's first line: "GAN from step 46,918 (recon.gan_start=0.5 of 93,836 steps)"; refuses as `gan_start_step`."""
+    value = float(cfg.gan_start)
+    given = f"{value:g} of {total_steps:,} steps" if value < 1 else f"{int(value)}"
+    return f"GAN from step {gan_start_step(cfg, total_steps):,} (recon.gan_start={given})"
+
+
 class ReconstructionLoss(nn.Module):
-    def __init__(self, cfg):
+    """`total_steps`: the run's length, against which a fractional `recon.gan_start` is resolved (`gan_start_step`);
+    None (a benchmark of single steps): a fraction is never reached, a step count is used as it is."""
+
+    def __init__(self, cfg, total_steps: int | None = None):
         super().__init__()
         self.cfg = cfg
         if cfg.pixel not in ("l1", "l2"):
             raise UserError(f"recon.pixel must be 'l1' or 'l2' (got {cfg.pixel!r})")
         self.lpips = build_lpips(cfg.lpips_random_backbone, cfg.get("lpips_net", "vgg")) if cfg.lpips_weight > 0 else None
+        start = float(cfg.gan_start)
+        self.gan_start = (gan_start_step(cfg, total_steps) if total_steps is not None and cfg.gan_weight > 0
+                          else int(start) if start >= 1 or start == 0 else float("inf"))
 
     def gan_active(self, step: int) -> bool:
-        return self.cfg.gan_weight > 0 and step >= self.cfg.gan_start
+        return self.cfg.gan_weight > 0 and step >= self.gan_start
 
     def generator_loss(self, recon, target, step: int, disc: nn.Module | None = None, last_layer=None):
         """recon, target (B,3,H,W) in [-1,1] -> (loss, logs: 0-d tensors, read at log steps only).

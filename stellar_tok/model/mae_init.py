@@ -25,6 +25,9 @@ Each of q, k, v is laid out (heads, head_dim) along its output rows (HF views it
 concatenation is exactly the "(three h d)" our Attention splits. The sparse tokens, the localisation, the
 bottleneck and the decoder keep their initialisation. LayerNorm eps: MAE's is `layer_norm_eps` (1e-12), the
 tokenizer's `model.norm_eps` must equal it (default 1e-6: pass model.norm_eps=1e-12); see `load_mae_encoder`.
+
+model.init_from may also name a tokenizer folder (an export, or `python -m stellar_tok.convert_reference`'s output):
+`check_tokenizer_fits` checks its encoder keys here, stellar_tok.training.tokenizer_weights loads it.
 """
 from __future__ import annotations
 
@@ -47,8 +50,36 @@ def _fail(path: str, msg: str) -> UserError:
     return UserError(f"model.init_from={path}: {msg}")
 
 
+def is_tokenizer_folder(path: str) -> bool:
+    """Whether `path` is a StellarTokenizer folder (an export, or stellar_tok.convert_reference's output): model.init_from's
+    other kind, read whole by stellar_tok.training.tokenizer_weights.load_tokenizer_start, not here."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("_class_name") == "StellarTokenizer"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+ENCODER_KEYS = ("patch_size", "width", "depth", "heads", "mlp_ratio", "num_tokens", "stem", "decoder_input", "norm_eps",
+                "imagenet_norm", "tau")  # what a tokenizer folder's encoder and latent are; image_size may differ (interpolated)
+
+
+def check_tokenizer_fits(path: str, c) -> None:
+    """A tokenizer folder's config.json against `c` (a ModelConfig or a tokenizer's config): every encoder key must
+    agree (one line naming the first that does not); the decoder keys and latent_channels may differ."""
+    with open(os.path.join(path, "config.json")) as f:
+        theirs = json.load(f)
+    for key in ENCODER_KEYS:
+        ours = getattr(c, key)
+        if key in theirs and theirs[key] != ours and not (isinstance(ours, float) and math.isclose(theirs[key], ours, rel_tol=1e-6)):
+            raise _fail(path, f"its {key} {theirs[key]!r} != model.{key} {ours!r} (a tokenizer folder's encoder keys must be the run's)")
+
+
 def mae_folder_problem(path: str) -> str | None:
-    """None when `path` is a folder with config.json and a weight file, else what is wrong and how to get one (one line)."""
+    """None when `path` is a folder with config.json and a weight file (or a tokenizer folder), else what is wrong and
+    how to get one (one line)."""
+    if is_tokenizer_folder(path):
+        return None
     if not os.path.isdir(path):
         return f"no such folder (get one with: {GET_IT})"
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -86,6 +117,9 @@ def check_mae_fits(path: str, c) -> None:
     problem = mae_folder_problem(path)
     if problem:
         raise _fail(path, problem)
+    if is_tokenizer_folder(path):
+        check_tokenizer_fits(path, c)
+        return
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
     if hf.get("model_type") != "vit_mae":
@@ -131,46 +165,21 @@ def load_mae_encoder(tokenizer, path: str) -> dict:
     else:
         raise _fail(path, f"{file} holds no ViT-MAE encoder (no embeddings.cls_token, with or without 'vit.')")
 
-    def get(name: str, optional: bool = False):
+    def get(name: str, optional: bool = False):  # a tensor by its name under the ViT's root
         t = tensors.get(prefix + name)
         if t is None and not optional:
             raise _fail(path, f"{file} lacks {prefix + name} (a truncated or non-ViT-MAE file?)")
         return t
 
     ours = tokenizer.state_dict()
-    new: dict[str, torch.Tensor] = {}
-
-    def put(key: str, value: torch.Tensor) -> None:
+    try:
+        new, old_grid = vit_encoder_tensors(get, len(tokenizer.blocks), tokenizer.grid, tokenizer.config.width,
+                                            patch_stem=tokenizer.config.stem == "patch", qkv_bias=hf.get("qkv_bias", True))
+    except ValueError as e:
+        raise _fail(path, str(e)) from None
+    for key, value in new.items():
         if tuple(value.shape) != tuple(ours[key].shape):
             raise _fail(path, f"{key} has shape {tuple(value.shape)} in {file}, the tokenizer's is {tuple(ours[key].shape)}")
-        new[key] = value
-
-    def linear(ours_name: str, theirs: str) -> None:
-        put(f"{ours_name}.weight", get(f"{theirs}.weight"))
-        put(f"{ours_name}.bias", get(f"{theirs}.bias"))
-
-    if tokenizer.config.stem == "patch":
-        linear("patch_embed", "embeddings.patch_embeddings.projection")
-    pos = get("embeddings.position_embeddings")  # (1, 1 + G0*G0, d)
-    old_grid = math.isqrt(pos.shape[1] - 1)
-    if old_grid * old_grid != pos.shape[1] - 1:
-        raise _fail(path, f"its position_embeddings have {pos.shape[1] - 1} patch rows, not a square grid")
-    put("cls_token", get("embeddings.cls_token"))  # (1, 1, d)
-    put("cls_pos", pos[:, :1])  # (1, 1, d)
-    put("pos_embed", interpolate_pos_embed(pos[:, 1:].float(), tokenizer.grid))  # (1, G*G, d)
-    for i in range(len(tokenizer.blocks)):
-        L, B = f"encoder.layer.{i}.", f"blocks.{i}."
-        linear(B + "norm1", L + "layernorm_before")
-        linear(B + "norm2", L + "layernorm_after")
-        qkv = [L + f"attention.attention.{n}" for n in ("query", "key", "value")]
-        put(B + "attn.qkv.weight", torch.cat([get(n + ".weight") for n in qkv]))  # (3d, d): rows (three h d)
-        biases = [get(n + ".bias", optional=not hf.get("qkv_bias", True)) for n in qkv]  # qkv_bias=false: zeros
-        put(B + "attn.qkv.bias", torch.cat([b if b is not None else torch.zeros(tokenizer.config.width) for b in biases]))
-        linear(B + "attn.proj", L + "attention.output.dense")
-        linear(B + "mlp.fc1", L + "intermediate.dense")
-        linear(B + "mlp.fc2", L + "output.dense")
-    linear("norm", "layernorm")
-
     for key, value in new.items():  # in place: keeps parameters, devices and dtypes
         ours[key].copy_(value.to(ours[key].dtype))
     loaded = sorted(new)
@@ -188,3 +197,50 @@ def load_mae_encoder(tokenizer, path: str) -> dict:
         "layer_norm_eps": tokenizer.norm.eps,
         "summary": summary,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# the transformers 4.x ViT layout (ViTModel, ViTMAEModel), shared with stellar_tok.model.convert_reference
+# ----------------------------------------------------------------------------------------------
+
+def vit_layer_tensors(get, theirs: str, ours: str, width: int, qkv_bias: bool = True) -> dict:
+    """One transformers 4.x ViT layer (`theirs`, e.g. 'encoder.layer.3.') as our `Block`'s tensors (`ours`, e.g.
+    'blocks.3.'). `get(name, optional=False)` returns a tensor by its full name (None for a missing optional one);
+    qkv_bias=False: zero q, k, v biases (the file holds none)."""
+    new = {}
+
+    def linear(o: str, t: str) -> None:
+        new[f"{ours}{o}.weight"], new[f"{ours}{o}.bias"] = get(f"{theirs}{t}.weight"), get(f"{theirs}{t}.bias")
+
+    linear("norm1", "layernorm_before")
+    linear("norm2", "layernorm_after")
+    qkv = [f"{theirs}attention.attention.{n}" for n in ("query", "key", "value")]
+    new[ours + "attn.qkv.weight"] = torch.cat([get(n + ".weight") for n in qkv])  # (3d, d): rows (three h d)
+    biases = [get(n + ".bias", optional=not qkv_bias) for n in qkv]
+    new[ours + "attn.qkv.bias"] = torch.cat([b if b is not None else torch.zeros(width) for b in biases])  # (3d,)
+    linear("attn.proj", "attention.output.dense")
+    linear("mlp.fc1", "intermediate.dense")
+    linear("mlp.fc2", "output.dense")
+    return new
+
+
+def vit_encoder_tensors(get, depth: int, grid: int, width: int, patch_stem: bool = True, qkv_bias: bool = True) -> tuple[dict, int]:
+    """A transformers 4.x ViT encoder (`embeddings.*`, `encoder.layer.N.*`, `layernorm.*`, names relative to `get`'s
+    root, see `vit_layer_tensors`) as our tokenizer's encoder tensors (the table of the module doc), the patch position
+    embeddings resized bicubically to `grid` x `grid`. Returns them and the file's own grid side; a ValueError when its
+    position embeddings are not [CLS] + a square grid. patch_stem=False (model.stem=conv): no patch embedding."""
+    new = {}
+    if patch_stem:
+        new["patch_embed.weight"] = get("embeddings.patch_embeddings.projection.weight")
+        new["patch_embed.bias"] = get("embeddings.patch_embeddings.projection.bias")
+    pos = get("embeddings.position_embeddings")  # (1, 1 + G0*G0, d)
+    old_grid = math.isqrt(pos.shape[1] - 1)
+    if old_grid * old_grid != pos.shape[1] - 1:
+        raise ValueError(f"its position_embeddings have {pos.shape[1] - 1} patch rows, not a square grid")
+    new["cls_token"] = get("embeddings.cls_token")  # (1, 1, d)
+    new["cls_pos"] = pos[:, :1]  # (1, 1, d)
+    new["pos_embed"] = interpolate_pos_embed(pos[:, 1:].float(), grid)  # (1, G*G, d)
+    for i in range(depth):
+        new.update(vit_layer_tensors(get, f"encoder.layer.{i}.", f"blocks.{i}.", width, qkv_bias))
+    new["norm.weight"], new["norm.bias"] = get("layernorm.weight"), get("layernorm.bias")
+    return new, old_grid

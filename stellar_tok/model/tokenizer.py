@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
@@ -60,6 +61,7 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
     """The STELLAR tokenizer. Saves/loads like a `diffusers` model: safetensors weights + config.json."""
 
     config_name = "config.json"
+    _supports_gradient_checkpointing = True  # diffusers' enable_gradient_checkpointing(): every encoder block
 
     @register_to_config
     def __init__(
@@ -126,6 +128,9 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN if imagenet_norm else (0.5,) * 3).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD if imagenet_norm else (0.5,) * 3).view(1, 3, 1, 1))
         self._init_weights()
+        # activation checkpointing (a training option, not saved): the first `checkpoint_blocks` encoder blocks keep
+        # only their input for the backward and recompute the rest there (`set_activation_checkpointing`)
+        self.checkpoint_blocks = 0
 
     @staticmethod
     def _init_linear_and_norm(modules) -> None:
@@ -167,6 +172,24 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
             blk.compile(**kwargs)
         return self
 
+    def set_activation_checkpointing(self, blocks: int) -> "StellarTokenizer":
+        """Recompute the activations of the first `blocks` encoder blocks in the backward instead of keeping them
+        (-1 or the depth: all; 0: none). Exact: the same numbers, less memory, about one more forward of those
+        blocks per step. Only where autograd records (training); `encode`, `features` and a teacher are unaffected."""
+        depth = len(self.blocks)
+        if not -1 <= blocks <= depth:
+            raise ValueError(f"activation checkpointing: blocks must be in [-1, {depth}] (got {blocks})")
+        self.checkpoint_blocks = depth if blocks == -1 else blocks
+        return self
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # the diffusers name, read and set by ModelMixin
+        return self.checkpoint_blocks > 0
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        self.checkpoint_blocks = len(self.blocks) if on else 0
+
     def encode_features(self, images: torch.Tensor, keep: torch.Tensor | None = None):
         """images (B,3,H,W) in [-1,1]; keep (B,K) indices of visible patches for a masked view.
 
@@ -181,8 +204,9 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         cls = (self.cls_token + self.cls_pos).expand(b, -1, -1)  # (B, 1, d)
         sparse = self.sparse_tokens.expand(b, -1, -1)  # (B, r, d), no position embedding
         x = torch.cat([cls, x, sparse], dim=1)  # (B, 1 + N + r, d)
-        for blk in self.blocks:
-            x = blk(x)
+        recompute = self.checkpoint_blocks if torch.is_grad_enabled() else 0
+        for i, blk in enumerate(self.blocks):  # (B, 1 + N + r, d)
+            x = checkpoint(blk, x, use_reentrant=False) if i < recompute else blk(x)
         x = self.norm(x)
         return x[:, 0], x[:, 1 : 1 + n], x[:, 1 + n :]  # cls (B,d), dense (B,N,d), S (B,r,d)
 
@@ -191,11 +215,13 @@ class StellarTokenizer(SafetensorsOnly, ModelMixin, ConfigMixin, LatentStatsBuff
         return self.config.decoder_input == "dense"
 
     def localize(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """log L (B,N,r): log-softmax over the r tokens of the cosine similarity / tau."""
-        d = F.normalize(self.loc_dense(dense), dim=-1)  # (B, N, d)
-        s = F.normalize(self.loc_sparse(sparse), dim=-1)  # (B, r, d)
-        logits = torch.einsum("bnd,brd->bnr", d, s) / self.config.tau  # (B, N, r)
-        return logits.float().log_softmax(dim=-1)
+        """log L (B,N,r): log-softmax over the r tokens of the cosine similarity / tau, in float32 end to end, also
+        under bf16 autocast (a cosine of 1/tau = 16.7 times bf16's rounding moves log L by up to 0.15 nats)."""
+        with torch.autocast("cuda" if dense.is_cuda else "cpu", enabled=False):  # (also for meta tensors)
+            d = F.normalize(F.linear(dense.float(), self.loc_dense.weight.float(), self.loc_dense.bias.float()), dim=-1)  # (B, N, d)
+            s = F.normalize(F.linear(sparse.float(), self.loc_sparse.weight.float(), self.loc_sparse.bias.float()), dim=-1)  # (B, r, d)
+            logits = torch.einsum("bnd,brd->bnr", d, s) / self.config.tau  # (B, N, r)
+            return logits.log_softmax(dim=-1)
 
     # --- the one place where the dense-decoder ablation differs: what the decoder reads --------
     def factorize(self, dense: torch.Tensor, sparse: torch.Tensor, log_loc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,8 @@ class TokenizerWithHeads(nn.Module):
                 with torch.no_grad():
                     t_cls, _, t_sparse = self.teacher["tokenizer"].encode_features(views["main"])
                     ta = self.teacher["align"]
-                    teacher = {"cls": t_cls, "sparse": t_sparse, "token_logits": ta.token_head(t_sparse), "cls_logits": ta.cls_head(t_sparse.mean(1) if self.align_cfg.image_feature == "tokens" else t_cls)}
+                    teacher = {"cls": t_cls, "sparse": t_sparse, "token_logits": ta.token_head(t_sparse, float32=True),
+                               "cls_logits": ta.cls_head(t_sparse.mean(1) if self.align_cfg.image_feature == "tokens" else t_cls, float32=True)}
             out["align_loss"], out["align_logs"] = self.align(tok.encode_features, out, views, teacher)
         return out
 

@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from stellar_tok.data import build_loader, reset_skipped_samples, skipped_samples
 from stellar_tok.data.views import make_views, to_unit_range
 from stellar_tok.evaluation.pictures import reconstruction_grid
-from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss
+from stellar_tok.losses.reconstruction import PatchDiscriminator, ReconstructionLoss, describe_gan_start
 
 from .engine import TrainingRun, announce, make_accelerator, no_block_wrapping, param_groups
 from .objective import TokenizerWithHeads
-from .tokenizer_weights import build_tokenizer, export_tokenizer, heldout_loader
+from .tokenizer_weights import build_tokenizer, export_tokenizer, heldout_loader, load_align_heads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,16 +98,19 @@ def train(cfg) -> dict:
     device = accelerator.device
 
     # --- model, losses, optimisers, data --------------------------------------------------------
-    tokenizer = build_tokenizer(cfg, accelerator)
+    tokenizer = build_tokenizer(cfg, accelerator).set_activation_checkpointing(cfg.train.activation_checkpointing)
     objective = TokenizerWithHeads(tokenizer, cfg.align)
+    heads_note = load_align_heads(objective, cfg)  # a converted published checkpoint's clustering heads, if any
+    if heads_note and accelerator.is_main_process:
+        print(heads_note, flush=True)
     if cfg.train.compile:  # after the objective: a deep-copied EMA teacher stays eager
         tokenizer.compile_blocks()
-    recon_loss = ReconstructionLoss(cfg.recon).to(device) if cfg.recon.enabled else None
     opt = torch.optim.AdamW(param_groups(objective, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     views_cfg = cfg.views if cfg.align.enabled else OmegaConf.merge(cfg.views, {"global_crops": 0, "local_crops": 0})
     # file-backed data: the loader cuts the views from each decoded original (stellar_tok.data.crops)
     loader = build_loader(cfg.data, cfg.optim.batch_size, "train", num_workers=cfg.data.num_workers, seed=cfg.data.seed, views=views_cfg)
     run = TrainingRun(accelerator, cfg.train, cfg.optim, run_length(cfg, loader, accelerator), "train")
+    recon_loss = ReconstructionLoss(cfg.recon, run.total).to(device) if cfg.recon.enabled else None  # the GAN's start: a step of this run
     sched = run.lr_scheduler(opt)
     stats_loader = heldout_loader(cfg, accelerator)
     disc = opt_d = None
@@ -147,13 +150,15 @@ def train(cfg) -> dict:
 
 def run_length(cfg, loader, accelerator) -> int:
     """The run's steps: train.steps, or train.epochs passes over the data (data.epoch_size for wds, the train
-    split's size otherwise) at this launch's global batch. Prints what is running, on the main process."""
+    split's size otherwise) at this launch's global batch. Prints what is running, and when the GAN starts, on the main process."""
     world, batch = accelerator.num_processes, cfg.optim.batch_size
     total, length = cfg.train.steps, f"{cfg.train.steps:,} steps"
     if cfg.train.epochs > 0:
         per_epoch = cfg.data.epoch_size if cfg.data.name == "wds" else len(loader.dataset)
         total = max(1, math.ceil(cfg.train.epochs * per_epoch / (batch * world)))
         length = f"{cfg.train.epochs:g} epochs of {per_epoch:,} images = {total:,} steps"
+    if cfg.recon.enabled and cfg.recon.gan_weight > 0:  # refuses a start the run never reaches
+        length += f"; {describe_gan_start(cfg.recon, total)}"
     announce(accelerator, batch, length)
     return total
 
