@@ -62,6 +62,9 @@ class GenTrainConfig:
     ckpt_every: int = 10000
     keep_ckpts: int = 3
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops (with a checkpoint)
+    # seconds a collective waits for a lost process (killed, its machine gone) before the others stop with one line
+    # naming it (stellar_tok.training.lost_process); resume with train.resume=auto
+    collective_timeout: float = 600.0
     progress: bool = True
 
 
@@ -96,6 +99,7 @@ def load_config(args: list[str]):
     require(0 <= t.ema < 1, "train.ema", "in [0, 1)", t.ema)
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
     require(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    require(t.collective_timeout > 0, "train.collective_timeout", "> 0 seconds", t.collective_timeout)
     check_precision(t)
     require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
     require(cfg.sample.tokenizer is None or os.path.isdir(cfg.sample.tokenizer), "sample.tokenizer", "an exported tokenizer folder", cfg.sample.tokenizer)

@@ -20,6 +20,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 
+from stellar_tok.data import worker_options
 from stellar_tok.errors import UserError
 from stellar_tok.evaluation.pictures import enlarged_grid
 from stellar_tok.latents.dataset import LatentDataset, collate_latents, latent_shapes, tokenizer_fingerprint
@@ -181,7 +182,8 @@ def train(cfg) -> dict:
         raise UserError(f"{cfg.data.latents} has no class labels: the generator is class-conditional")
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=len(ds) >= cfg.optim.batch_size,
                                          num_workers=cfg.data.num_workers, collate_fn=collate_latents,
-                                         generator=torch.Generator().manual_seed(cfg.train.seed))
+                                         generator=torch.Generator().manual_seed(cfg.train.seed),
+                                         **worker_options(cfg.data.num_workers))  # a stop signal to the group: the main process decides
 
     # --- model, EMA, optimizer -----------------------------------------------------------------
     model = build_model(cfg, ds)

@@ -8,6 +8,8 @@ never a partial one; a writer that raises (or a kill) leaves the old file untouc
     with atomic_path("out/x.safetensors") as tmp:    # for writers that take a path (save_file, tarfile, zipfile)
         save_file(tensors, tmp)
     atomic_write_json("out/manifest.json", {...})    # and atomic_write_text, atomic_write_bytes
+    with writing_folder("out/ckpt.tmp", "out/ckpt", needed=lambda: 2**30):   # a folder written whole or not at all
+        ...                                          # (removed if the block raises; a full disk: one line)
 
 Loading: weights are read from safetensors, or with `torch.load(..., weights_only=True)`; never unpickled with code
 execution. `load_state_dict_file` (one weight file), `SafetensorsOnly` (a mixin for `diffusers` models),
@@ -17,8 +19,10 @@ hold that policy; models import it from here without importing any training code
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -98,6 +102,45 @@ def atomic_write_json(path: str, obj, indent: int | None = 1, **kwargs) -> None:
     """`json.dump(obj)` to `path` atomically (see `atomic_path`); `kwargs` go to json.dump (e.g. sort_keys)."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, **kwargs)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent); None if unknown."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def human_bytes(n: int | None) -> str:
+    """'1.5 GB', '20.0 MB', '512 B'; 'unknown' for None."""
+    if n is None:
+        return "unknown"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+@contextlib.contextmanager
+def writing_folder(tmp: str, path: str, needed, hint: str = ""):
+    """For a folder written under the temporary name `tmp` and renamed onto `path` within the block: when the block
+    raises, `tmp` is removed (nothing half-written is left) and a full disk (ENOSPC, EDQUOT) becomes a `UserError`
+    of one line naming `path`, the space it needs (`needed()`: an estimate in bytes) and the space free, then `hint`."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            raise UserError(f"no space left on the device writing {path}: it needs about {human_bytes(needed())}, "
+                            f"{human_bytes(free_bytes(path))} free{'; ' + hint if hint else ''}") from e
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,9 +14,11 @@ settings or another list of input files (an image folder or shard directory that
 
 An input tar that cannot be read whole (missing, unreadable, cut short) is a failed shard: nothing of it is
 written, the manifest stays incomplete, the summary line names it and the command exits with status 1;
-rerunning the same command once the input is readable redoes exactly the failed shards. Samples without a
-class (label -1) are kept and counted in the summary; class-conditional training refuses them
-(`LatentDataset.num_classes`).
+rerunning the same command once the input is readable redoes exactly the failed shards. SIGTERM or SIGINT (to the
+process or its whole group, e.g. a cluster's preemption) finishes the shard being encoded and stops: the manifest
+lists the finished shards and marks the others "not done: stopped by SIGTERM", the command exits with status 1 and
+rerunning it does the rest. Samples without a class (label -1) are kept and counted in the summary;
+class-conditional training refuses them (`LatentDataset.num_classes`).
 """
 from __future__ import annotations
 

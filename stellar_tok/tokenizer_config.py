@@ -171,6 +171,9 @@ class TrainConfig:
     keep_ckpts: int = 3
     stats_batches: int = 20  # batches used for the exported latent statistics
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
+    # seconds a collective waits for a lost process (killed, its machine gone) before the others stop with one line
+    # naming it (stellar_tok.training.lost_process); resume with train.resume=auto
+    collective_timeout: float = 600.0
     progress: bool = True
 
 
@@ -259,6 +262,7 @@ def validate(cfg) -> None:
     check_precision(t)
     require(t.resume in (None, "auto") or os.path.isdir(t.resume), "train.resume", "null, auto, or an existing checkpoint folder", t.resume)
     require(t.keep_ckpts >= 1, "train.keep_ckpts", ">= 1", t.keep_ckpts)
+    require(t.collective_timeout > 0, "train.collective_timeout", "> 0 seconds", t.collective_timeout)
     require(-1 <= t.activation_checkpointing <= m.depth, "train.activation_checkpointing", f"-1 (all), 0 (none) or a block count up to model.depth={m.depth}", t.activation_checkpointing)
 
 

@@ -66,12 +66,16 @@ def launch_two_processes(module: str, args: list, port: int, config_file=None, t
     `config_file`: an accelerate config (e.g. FSDP) instead of `--multi_gpu`.
 
     gloo sometimes aborts at interpreter exit after all work is done: callers judge the outputs, not the exit code."""
+    return subprocess.run(**two_process_launch(module, args, port, config_file), capture_output=True, text=True, timeout=timeout)
+
+
+def two_process_launch(module: str, args: list, port: int, config_file=None) -> dict:
+    """The `args` and `env` of `launch_two_processes`, for `subprocess.run` or `subprocess.Popen`."""
     mode = ["--config_file", str(config_file)] if config_file else ["--multi_gpu"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", module, *map(str, args)]
     # unbuffered: what a process printed survives an abort at exit
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    return {"args": cmd, "env": {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}}
 
 
 def tokenize_shapes(root, n: int, *extra: str):

@@ -1,6 +1,8 @@
 """Fault injection: kills, signals, broken checkpoints, bad data, bad configs, non-finite losses and crafted
 pickles. docs/RELIABILITY.md lists what each test guarantees."""
 import builtins
+import contextlib
+import errno
 import json
 import os
 import random
@@ -16,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import tokenize_shapes
 from stellar_tok import StellarTokenizer
 from stellar_tok.training.checkpoint import MANIFEST, find_checkpoints, latest_valid_checkpoint, verify_checkpoint
 from stellar_tok.errors import UserError
@@ -148,6 +151,11 @@ def test_signal_writes_a_final_checkpoint_and_export(tmp_path, sig):
     _wait_for_step(proc, out, 3)
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=120)
+    _assert_stopped_with_checkpoint_and_export(proc, output, out, sig)
+
+
+def _assert_stopped_with_checkpoint_and_export(proc, output: str, out: str, sig) -> None:
+    """Exit 0, a verified checkpoint of the last finished step, a loadable export, the stop line printed."""
     assert proc.returncode == 0, output[-2000:]
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["stopped_by"] == sig.name
@@ -410,3 +418,135 @@ def test_mutated_config_runs_or_names_the_key(override, key, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and key in err, err
     assert not os.path.exists(out)  # failed before any work: nothing written
+
+
+# ----------------------------------------------------------------------------------------------
+# a stop signal to the whole process group (loader workers included); a full disk while saving
+# ----------------------------------------------------------------------------------------------
+
+
+def _image_folder(root, n: int) -> str:
+    rng = np.random.default_rng(0)
+    os.makedirs(root)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(os.path.join(root, f"{i:03d}.png"))
+    return str(root)
+
+
+def _popen_group(cmd, env=ENV):
+    """A command in a process group of its own (its loader workers join it), as a cluster's job step."""
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _children(pid: int) -> list[str]:
+    """The child processes of `pid` (Linux)."""
+    with contextlib.suppress(OSError):
+        return open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return []
+
+
+def _end_group(proc) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _sigterm_group_after_step_2(cmd, out):
+    """Start `cmd` in a process group of its own, SIGTERM the whole group once step 2 is logged: (proc, output)."""
+    proc = _popen_group(cmd)
+    try:
+        _wait_for_step(proc, out, 2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        _end_group(proc)
+    return proc, output
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_exports(tmp_path):
+    """SIGTERM to every process of the group (scancel, preemption, `timeout`) while 2 loader workers decode an image
+    folder: the workers ignore it, the run finishes its step, checkpoints and exports (they used to die first and
+    take the main process with them: "DataLoader worker ... is killed by signal")."""
+    images, out = _image_folder(tmp_path / "images", 64), str(tmp_path / "run")
+    proc, output = _sigterm_group_after_step_2(_cmd(out, "data.name=folder", f"data.path={images}", "data.num_workers=2",
+                                                    "train.steps=100000", "train.ckpt_every=100000"), out)
+    _assert_stopped_with_checkpoint_and_export(proc, output, out, signal.SIGTERM)
+    assert "DataLoader worker" not in output
+
+
+def test_sigterm_to_the_process_group_of_tokenize_keeps_finished_shards(short_run, tmp_path):
+    """`stellar_tok.tokenize` with 2 loader workers, SIGTERM to its group after the first shard: the shard being
+    encoded is finished, the manifest lists the finished shards and marks the rest not done (exit 1); the same
+    command then does exactly the rest."""
+    from stellar_tok.tokenize import main as tokenize_main
+
+    images, out = _image_folder(tmp_path / "images", 64), str(tmp_path / "latents")
+    args = [f"tokenizer={os.path.join(short_run, 'tokenizer')}", "data.name=folder", f"data.path={images}", f"out={out}",
+            "shard_size=16", "batch_size=2", "num_workers=2", "progress=false"]
+    proc = _popen_group([sys.executable, "-m", "stellar_tok.tokenize", *args])
+    try:
+        t0, shards = time.time(), os.path.join(out, "shards")
+        while not (os.path.isdir(shards) and any(n.endswith(".safetensors") for n in os.listdir(shards))
+                   and len(_children(proc.pid)) >= 2):  # a shard written, the next one's loader workers running
+            assert proc.poll() is None and time.time() - t0 < 120, "tokenize ended before its second shard"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        _end_group(proc)
+    assert proc.returncode == 1 and "tokenize: STOPPED by SIGTERM" in output and "DataLoader worker" not in output, output[-2000:]
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    done, rest = manifest["shards"], manifest["failed"]
+    assert not manifest["complete"] and done and rest and len(done) + len(rest) == 4
+    assert all(f["error"] == "not done: stopped by SIGTERM" for f in rest)
+    assert all(os.path.isfile(os.path.join(out, "shards", s["file"])) for s in done)
+    summary = tokenize_main(args)
+    assert summary["images"] == 64 and summary["shards_already_done"] == len(done) and not summary["failed"]
+
+
+def test_sigterm_to_the_process_group_of_generators_train_checkpoints_and_exports(tmp_path):
+    """`generators.train` with 2 loader workers: SIGTERM to its group ends in a verified checkpoint and the export."""
+    tokenize_shapes(tmp_path, 64)
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "generators.train", "config=configs/generator/b.yaml", f"data.latents={tmp_path / 'lat'}",
+           "data.num_workers=2", "model.width=32", "model.depth=1", "model.heads=2", "optim.batch_size=16",
+           "train.mixed_precision=no", "train.steps=100000", "train.log_every=1", "train.sample_every=100000",
+           "train.ckpt_every=100000", "train.progress=false", "sample.steps=1", "sample.per_class=1", f"train.output_dir={out}"]
+    proc, output = _sigterm_group_after_step_2(cmd, out)
+    assert proc.returncode == 0 and "DataLoader worker" not in output, output[-2000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    ckpt = find_checkpoints(os.path.join(out, "checkpoints"))[-1]
+    assert summary["stopped_by"] == "SIGTERM" and ckpt.endswith(f"step-{summary['step']:07d}") and verify_checkpoint(ckpt) is None
+    assert os.path.isfile(os.path.join(out, "generator", "config.json"))
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing the step-4 checkpoint: one line naming it and the space it needs, no half-written
+    folder left, step 2 verified; resumed from it, ENOSPC while exporting: the same, the checkpoint kept."""
+    import stellar_tok.training.checkpoint as checkpoint
+
+    real = checkpoint.save_file
+
+    def full_at_step_4(tensors, path):
+        if "step-0000004" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path)
+
+    out = str(tmp_path / "run")
+    cdir = os.path.join(out, "checkpoints")
+    monkeypatch.setattr(checkpoint, "save_file", full_at_step_4)
+    _refused(capsys, FAST + ["train.steps=6", "train.ckpt_every=2", f"train.output_dir={out}"],
+             r"no space left on the device writing \S*step-0000004: it needs about \d+\.\d [kMG]B, .* free")
+    assert os.listdir(cdir) == ["step-0000002"] and verify_checkpoint(os.path.join(cdir, "step-0000002")) is None
+    monkeypatch.setattr(checkpoint, "save_file", real)
+
+    def full_export(self, folder, **kwargs):
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, "diffusion_pytorch_model.safetensors"), "wb").write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StellarTokenizer, "save_pretrained", full_export)
+    _refused(capsys, FAST + ["train.steps=4", "train.ckpt_every=2", f"train.output_dir={out}", "train.resume=auto"],
+             r"no space left on the device writing \S*tokenizer: it needs about \d+\.\d [kMG]B")
+    assert sorted(os.listdir(cdir)) == ["step-0000002", "step-0000004"]
+    assert all(verify_checkpoint(os.path.join(cdir, n)) is None for n in os.listdir(cdir))
+    assert not any(n.startswith("tokenizer") for n in os.listdir(out))  # neither an export nor its .tmp

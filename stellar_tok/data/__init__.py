@@ -68,6 +68,7 @@ from .shards import (
     tar_samples,
     wds_shards,
 )
+from .stop_signals import STOP_SIGNALS, IgnoreStopSignals, StopSignals, worker_options
 from .skips import (
     SKIP_REASONS,
     BadSample,
@@ -85,14 +86,17 @@ __all__ = [
     "MIN_IMAGE_SIDE",
     "SKIP_REASONS",
     "SPLITS",
+    "STOP_SIGNALS",
     "WDS_IMAGE_KEYS",
     "ArrayDataset",
     "BadSample",
     "DataError",
     "FolderDataset",
+    "IgnoreStopSignals",
     "ImageSample",
     "ShardPipeline",
     "SkipCounter",
+    "StopSignals",
     "as_data_config",
     "build_dataset",
     "build_loader",
@@ -110,6 +114,7 @@ __all__ = [
     "skipped_summary",
     "tar_samples",
     "wds_shards",
+    "worker_options",
 ]
 
 
@@ -161,7 +166,8 @@ def build_loader(data_cfg: Any, batch_size: int, split: str = "train", num_worke
     ``shuffle`` switches the shuffle buffer, the shards are split by webdataset itself, and an epoch of
     the train loader is about ``epoch_size // world_size`` samples per process whatever ``num_workers``
     (each worker streams its share); its length is ``len(loader)`` batches. Train streaming order is not
-    reproducible (webdataset reseeds from the clock).
+    reproducible (webdataset reseeds from the clock). The loader's workers ignore SIGTERM/SIGINT from their
+    start (`stop_signals.py`): a stop signal sent to the whole process group leaves them to the main process.
     """
     data = as_data_config(data_cfg)
     name, resolution = check_name_split(data, split)
@@ -171,10 +177,11 @@ def build_loader(data_cfg: Any, batch_size: int, split: str = "train", num_worke
     drop_last = train if drop_last is None else bool(drop_last)
     num_workers = max(0, int(num_workers))
     common = dict(batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples,
-                  drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                  drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                  **worker_options(num_workers))  # a stop signal to the process group: the main process decides
     cropper = None
     if views is not None and train and name in ("folder", "wds"):
-        cropper = ViewCropper(views)
+        cropper = ViewCropper(views, seed=seed)  # each sample's views: seeded by (seed, epoch, sample)
     if name == "wds":
         dataset = shard_pipeline(data, resolution, split, shuffle=shuffle, num_workers=num_workers, cropper=cropper)
         return DataLoader(dataset, **common)

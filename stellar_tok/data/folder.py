@@ -117,10 +117,15 @@ class FolderDataset(Dataset):
         """All files, in item order."""
         return [self.path(i) for i in range(len(self))]
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose views the cropper draws (an image's views are seeded by run seed, epoch and its index)."""
+        if self.cropper is not None:
+            self.cropper.set_epoch(epoch)
+
     def load(self, index: int) -> ImageSample:
         """Decode item ``index``; raises `BadSample` if it is bad."""
         if self.cropper is not None:
-            return ImageSample(self.cropper(self.path(index)), int(self.labels[index]))
+            return ImageSample(self.cropper(self.path(index), sample=index), int(self.labels[index]))
         img = load_rgb(self.path(index), target=self.resolution)
         return ImageSample(resize_and_crop(img, self.resolution, self.random_crop), int(self.labels[index]))
 

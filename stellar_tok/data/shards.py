@@ -42,6 +42,12 @@ class ShardPipeline(wds.DataPipeline):
 
     size: int | None = None
     classes: list[str] = []
+    cropper = None  # the train views' `stellar_tok.data.crops.ViewCropper`, if the loader cuts them
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose views the cropper draws (a sample's views are seeded by run seed, epoch, shard and key)."""
+        if self.cropper is not None:
+            self.cropper.set_epoch(epoch)
 
     def __len__(self) -> int:
         if self.size is None:
@@ -58,13 +64,19 @@ def read_error_message(exn: Exception) -> str:
 
 
 class _ShardErrorHandler:
-    """webdataset exception handler: skip a shard (or the rest of it) that cannot be read, with a warning."""
+    """webdataset exception handler: skip a shard (or the rest of it) that cannot be read, with a warning; counted
+    once per read of the shard (webdataset reports a tar cut inside a member twice: at the member, then at the
+    next header)."""
 
     def __init__(self, skips: SkipCounter):
         self.skips = skips
         self.url: str | None = None  # the shard being read, set by tar_samples
+        self.failed = False  # this read of the shard has been counted
 
     def __call__(self, exn: Exception) -> bool:
+        if self.url is not None and self.failed:
+            return True
+        self.failed = self.url is not None
         # a shard that cannot be opened: webdataset appends its URL to exn.args
         where = self.url or next((a for a in reversed(exn.args) if isinstance(a, str)), "?")
         self.skips.add("bad_shard", warn=False)
@@ -78,7 +90,7 @@ def tar_samples(shards: Iterable[dict], skips: SkipCounter | None = None) -> Ite
     handler = _ShardErrorHandler(skips if skips is not None else skip_counter())
     for shard in shards:
         source = dict(shard)  # webdataset's opener adds the open "stream" to it: closed here once the shard is read
-        handler.url = source.get("url")
+        handler.url, handler.failed = source.get("url"), False
         try:
             yield from wds.tarfile_samples([source], handler=handler)
         finally:
@@ -113,10 +125,13 @@ def decode_shard_samples(samples: Iterable[dict], resolution: int, random_crop: 
                          with_keys: bool = False, cropper=None) -> Iterator[ImageSample]:
     """Pipeline stage: raw webdataset samples -> `ImageSample`s (or ``(ImageSample, __key__)`` pairs when
     ``with_keys``), skipping and counting bad ones; with a `stellar_tok.data.crops.ViewCropper`, the image of each
-    sample is its training views."""
+    sample is its training views, seeded by the run's seed, the epoch and the sample's shard file name and key."""
     make = cropper or (lambda data: resize_and_crop(load_rgb(data, target=resolution), resolution, random_crop))
     for sample in samples:
-        decoded = decode_wds_sample(sample, make, skips, f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}")
+        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+        if cropper is not None:
+            make = functools.partial(cropper, sample=f"{os.path.basename(str(url))}:{key}")
+        decoded = decode_wds_sample(sample, make, skips, f"{url}:{key}")
         if decoded is not None:
             item = ImageSample(*decoded)
             yield (item, str(sample.get("__key__", "?"))) if with_keys else item
@@ -208,6 +223,7 @@ def shard_pipeline(data: DataConfig, resolution: int, split: str, shuffle: bool 
     stages.append(functools.partial(decode_shard_samples, resolution=resolution, random_crop=train, skips=skips, cropper=cropper))
     pipeline = ShardPipeline(*stages)
     pipeline.classes = _shard_classes(urls)
+    pipeline.cropper = cropper
     if train:
         # with_epoch counts per worker: give each worker its share of the process's epoch
         per_process = max(1, positive_int(data.epoch_size, "data.epoch_size") // _world_size())

@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import torch
 import webdataset as wds
 
-from stellar_tok.data import ArrayDataset, BadSample, FolderDataset, decode_wds_sample, load_rgb, resize_and_crop
+from stellar_tok.data import ArrayDataset, BadSample, FolderDataset, decode_wds_sample, load_rgb, resize_and_crop, worker_options
 from stellar_tok.data.shards import read_error_message
 
 
@@ -108,7 +108,7 @@ def unit_batches(dataset, work: WorkUnit, cfg, skips, read: UnitRead) -> Iterato
             yield images, torch.from_numpy(dataset.labels[lo:hi].copy()), [f"{cfg.split}/{i:08d}" for i in range(lo, hi)]
     elif isinstance(dataset, FolderDataset):
         loader = torch.utils.data.DataLoader(KeyedFolder(dataset, work.source), batch_size=bs, num_workers=cfg.num_workers,
-                                             collate_fn=collate_keyed)
+                                             collate_fn=collate_keyed, **worker_options(cfg.num_workers))  # stop signals: the main process decides
         for b in loader:
             if b is not None:
                 yield b

@@ -20,7 +20,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from stellar_tok.config import DataConfig
-from stellar_tok.data import FolderDataset, SkipCounter, reset_skipped_samples
+from stellar_tok.data import FolderDataset, SkipCounter, StopSignals, reset_skipped_samples
 from stellar_tok.errors import UserError
 from stellar_tok.files import atomic_write_json
 from stellar_tok.launch import describe_launch
@@ -67,13 +67,17 @@ def tokenize(cfg, tokenizer=None) -> dict:
     shard_dir = os.path.join(cfg.out, SHARD_DIR)
     mine = work[state.process_index :: state.num_processes]
     todo = [w for w in mine if not shard_done(read_shard_meta(os.path.join(shard_dir, w.name + ".safetensors")), w, fingerprint)]
-    n_new, seconds = _run_units(cfg, state, tok, fingerprint, dataset, todo)
-    state.wait_for_everyone()
+    stop = StopSignals("stopping after this shard (finished shards are kept; the same command finishes the rest)")
+    try:  # SIGTERM/SIGINT, to this process or its group: the shard being encoded is finished, the others recorded
+        n_new, seconds = _run_units(cfg, state, tok, fingerprint, dataset, todo, stop)
+        state.wait_for_everyone()
+    finally:
+        stop.restore()
 
     summary = {}
     if state.is_main_process:
         summary = _finish(cfg.out, work, identity, classes, tok_config, n_new, seconds, len(mine) - len(todo), cfg.tokenizer,
-                          latent_fingerprint(tok))
+                          latent_fingerprint(tok), stopped_by=stop.signal_name)
         print(_summary_line(summary, work, cfg, cfg.out), flush=True)
     state.wait_for_everyone()
     return summary
@@ -105,9 +109,10 @@ def _prepare_folder(cfg, state, identity: dict, classes: list[str]) -> None:
         atomic_write_json(os.path.join(out, "manifest.json"), {**identity, "complete": False, "classes": classes})
 
 
-def _run_units(cfg, state, tok, fingerprint: str, dataset, todo: list[WorkUnit]) -> tuple[int, float]:
+def _run_units(cfg, state, tok, fingerprint: str, dataset, todo: list[WorkUnit], stop: StopSignals) -> tuple[int, float]:
     """Encode and write this process's unfinished units: (images written, seconds). A unit whose input could not
-    be read whole writes nothing but a record of why (for the summary); a rerun redoes it."""
+    be read whole writes nothing but a record of why (for the summary); a rerun redoes it. Once `stop` is requested
+    the units not begun get a record saying so instead."""
     reset_skipped_samples()
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     encoder = _UnitEncoder(tok, state.device, DTYPES[cfg.dtype], amp, bool(cfg.flip))
@@ -118,7 +123,13 @@ def _run_units(cfg, state, tok, fingerprint: str, dataset, todo: list[WorkUnit])
     shard_dir = os.path.join(cfg.out, SHARD_DIR)
     t0 = time.time()
     n_new = 0
-    for w in todo:
+    for i, w in enumerate(todo):
+        if stop.requested:
+            for rest in todo[i:]:
+                atomic_write_json(os.path.join(shard_dir, rest.name + FAILED_SUFFIX),
+                                  {"shard": rest.name, "source": str(rest.source if rest.count is None else rest.name + ".safetensors"),
+                                   "error": f"not done: stopped by {stop.signal_name}"})
+            break
         skipped_before = skips.total()
         read = UnitRead()
         parts, keys, acc = encoder.encode(unit_batches(dataset, w, cfg, skips, read), pbar)
@@ -193,16 +204,20 @@ def _summary_line(summary: dict, work: list, cfg, out: str) -> str:
     failed = s.get("failed") or []
     if not failed:
         return f"tokenize: {done}"
+    if s.get("stopped_by"):
+        return (f"tokenize: STOPPED by {s['stopped_by']}: {len(failed)} of {len(work)} shards not done; {done}; "
+                f"rerun the same command to finish them (list: {os.path.join(out, 'manifest.json')})")
     shown = "; ".join(f"{f['source']}: {f['error']}" for f in failed[:3]) + (f"; and {len(failed) - 3} more" if len(failed) > 3 else "")
     return (f"tokenize: INCOMPLETE: {len(failed)} of {len(work)} input shards failed ({shown}); {done}; "
             f"rerun the same command once they are readable to redo only the failed shards (list: {os.path.join(out, 'manifest.json')})")
 
 
 
-def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, tokenizer_path=None, latent_hash=None) -> dict:
+def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_before, tokenizer_path=None, latent_hash=None,
+            stopped_by=None) -> dict:
     """Write manifest.json (and stats.json when no shard failed) from the shards' metadata. `latent_hash`: the
     tokenizer's latent fingerprint (stellar_tok.model.latent.latent_fingerprint), which a generator trained on these
-    latents records, so that it needs no tokenizer at hand."""
+    latents records, so that it needs no tokenizer at hand. `stopped_by`: the signal that stopped the run early."""
     shard_dir = os.path.join(out, SHARD_DIR)
     fingerprint = identity["tokenizer_hash"]
     shards, parts, failed, skipped, images, unlabelled, first_unlabelled = [], [], [], 0, 0, 0, ""
@@ -229,7 +244,7 @@ def _finish(out, work, identity, classes, tok_config, n_new, seconds, done_befor
         raise UserError(f"no image could be tokenized from data.name={identity['data']['name']} split={identity['split']}")
     summary = {"images": images, "shards": len(shards), "skipped": skipped, "unlabelled": unlabelled,
                "first_unlabelled": first_unlabelled or None, "seconds": round(seconds, 2), "images_this_run": n_new,
-               "shards_already_done": done_before, "failed": failed}
+               "shards_already_done": done_before, "failed": failed, "stopped_by": stopped_by}
     n, r, c = tok_config["image_size"] // tok_config["patch_size"], tok_config["num_tokens"], tok_config["latent_channels"]
     manifest = {**identity, "complete": not failed, "classes": classes, "shards": shards, "count": images,
                 "unlabelled": unlabelled, "first_unlabelled": first_unlabelled or None, "failed": failed,

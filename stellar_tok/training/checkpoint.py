@@ -12,7 +12,9 @@ A checkpoint is a folder `OUT/checkpoints/step-XXXXXXX/` holding
 Writing is atomic: everything goes to `step-XXXXXXX.tmp/`, every file is fsynced, the manifest is written and
 fsynced, then the folder is renamed to its final name and the parent folder fsynced. A kill at any moment
 leaves either the previous checkpoints or the new one, never a half-written folder under a final name. The
-newest `keep` checkpoints are kept.
+newest `keep` checkpoints are kept. A save that fails (a full disk) removes its `.tmp` folder and leaves the
+previous checkpoints as they were; a full disk stops the run with one line naming the folder and the space it needs.
+Exports are written the same way.
 
 Reading checks the manifest first: a folder whose files are missing, truncated or changed is refused (with
 `resume=auto`, skipped with a warning for the next older one). Only then does accelerate load it, and every
@@ -20,6 +22,7 @@ Reading checks the manifest first: a folder whose files are missing, truncated o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,12 +36,13 @@ from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from stellar_tok.errors import UserError
-from stellar_tok.files import atomic_write_json, fsync_dir
+from stellar_tok.files import atomic_write_json, fsync_dir, writing_folder
 
 MANIFEST = "manifest.json"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 _NAME = re.compile(r"^step-\d{7}$")
+_RESUME_HINT = "the previous checkpoints are kept: free some space, then continue with train.resume=auto"
 
 
 class TrainState:
@@ -211,6 +215,14 @@ class Checkpointer:
                     shutil.rmtree(os.path.join(self.dir, n), ignore_errors=True)
             os.makedirs(tmp)
         acc.wait_for_everyone()
+        with writing_folder(tmp, final, self._bytes_needed, _RESUME_HINT):  # a failed save leaves no .tmp behind
+            self._write(tmp, final, rngs)
+        acc.wait_for_everyone()
+        return final
+
+    def _write(self, tmp: str, final: str, rngs: list) -> None:
+        """Every process's files into `tmp`; the main process adds the manifest and renames it onto `final`."""
+        acc = self.accelerator
         acc.save_state(tmp)
         if acc.is_main_process:
             tensors: dict = {}
@@ -230,8 +242,14 @@ class Checkpointer:
             fsync_dir(self.dir)
             for old in find_checkpoints(self.dir)[: -self.keep]:
                 _remove(old)
-        acc.wait_for_everyone()
-        return final
+
+    def _bytes_needed(self) -> int:
+        """About what a checkpoint writes: the size of the newest one, else the weights and two Adam moments."""
+        done = find_checkpoints(self.dir)
+        with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+            with open(os.path.join(done[-1], MANIFEST)) as f:
+                return sum(m["size"] for m in json.load(f)["files"].values())
+        return 3 * sum(p.numel() * p.element_size() for m in self.accelerator._models for p in m.parameters())
 
     # --- resume ---------------------------------------------------------------------------
     def resume(self, resume: str | None) -> str | None:
@@ -275,11 +293,13 @@ def export_pretrained(model, out_dir: str, name: str, extra_json: dict | None = 
     final = os.path.join(out_dir, name)
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    for fname, obj in (extra_json or {}).items():
-        with open(os.path.join(tmp, fname), "w") as f:
-            json.dump(obj, f, indent=1)
-    fsync_tree(tmp)
+    with writing_folder(tmp, final, lambda: _weight_bytes(model), "the checkpoint is written: free some space, then rerun "
+                        "with train.resume=auto to export it"):
+        model.save_pretrained(tmp, safe_serialization=True)
+        for fname, obj in (extra_json or {}).items():
+            with open(os.path.join(tmp, fname), "w") as f:
+                json.dump(obj, f, indent=1)
+        fsync_tree(tmp)
     if os.path.exists(final):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -289,6 +309,13 @@ def export_pretrained(model, out_dir: str, name: str, extra_json: dict | None = 
     return final
 
 
+def _weight_bytes(model) -> int:
+    """Bytes of the weights of a model, or of a pipeline's models: about what its export writes."""
+    parts = [model] if isinstance(model, torch.nn.Module) else [c for c in getattr(model, "components", {}).values()
+                                                                 if isinstance(c, torch.nn.Module)]
+    return sum(t.numel() * t.element_size() for m in parts for t in [*m.parameters(), *m.buffers()])
+
+
 def epoch_batches(loader, state: TrainState, accelerator, skip: bool = True):
     """Endless batches, epoch after epoch. After a resume the batches already used in the current epoch are
     skipped, so the data order continues exactly (`skip`: the loader was prepared by accelerate with a
@@ -296,6 +323,8 @@ def epoch_batches(loader, state: TrainState, accelerator, skip: bool = True):
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(state.epoch)
+        if hasattr(getattr(loader, "dataset", None), "set_epoch"):  # per-sample views (stellar_tok.data.crops); accelerate
+            loader.dataset.set_epoch(state.epoch)                   # tells the data set only when its sampler cannot hear it
         it = accelerator.skip_first_batches(loader, state.batch_in_epoch) if skip and state.batch_in_epoch else loader
         for batch in it:
             state.batch_in_epoch += 1

@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import time
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -37,6 +38,7 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
     FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     set_seed,
 )
@@ -49,6 +51,7 @@ from stellar_tok.launch import describe_launch
 from .budget import Budget, RunProgress
 from .checkpoint import Checkpointer, TrainState, epoch_batches
 from .guards import GracefulStop, NonFiniteGuard
+from .lost_process import raise_if_lost, register_process, report_lost_process
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,8 +62,11 @@ def make_accelerator(train_cfg, cfg, cpu_fsdp: bool = False, **kwargs):
     """The `accelerate.Accelerator` of a run writing to train_cfg.output_dir (TensorBoard in logs/, seedable
     samplers), seeded with train_cfg.seed on every process; the main process writes `cfg` to config.yaml and makes
     images/. `cpu_fsdp`: an FSDP launch config on a machine without GPUs runs FSDP2 (`fsdp_on_cpu`). `kwargs`: more
-    Accelerator arguments (kwargs_handlers)."""
+    Accelerator arguments (kwargs_handlers). A collective waits at most train.collective_timeout seconds for a lost
+    process (stellar_tok.training.lost_process)."""
     out_dir = train_cfg.output_dir
+    timeout = timedelta(seconds=collective_timeout(train_cfg))
+    kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(timeout=timeout)]
     accelerator = Accelerator(
         # several processes without GPUs (`accelerate launch --multi_gpu` or torchrun on a CPU machine):
         # accelerate only forms the gloo group when asked for the CPU explicitly
@@ -74,11 +80,17 @@ def make_accelerator(train_cfg, cfg, cpu_fsdp: bool = False, **kwargs):
     if cpu_fsdp:
         fsdp_on_cpu(accelerator)
     set_seed(train_cfg.seed)  # same initial weights on every process
+    register_process(accelerator, out_dir)  # who runs where: a survivor names the process that was lost
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # GPUs: TF32 for what autocast leaves in fp32 (as DiT)
     if accelerator.is_main_process:
         os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
         OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"))
     return accelerator
+
+
+def collective_timeout(train_cfg) -> float:
+    """train.collective_timeout (seconds; 600 where a config has no such key)."""
+    return float(train_cfg.get("collective_timeout", 600.0))
 
 
 def announce(accelerator, batch: int, length: str) -> None:
@@ -256,8 +268,11 @@ class TrainingRun:
                     after_step(stopping)
                 if state.step % cfg.ckpt_every == 0 and not stopping:
                     self.save()
-        except BaseException:
-            self.stop.restore()  # on the normal path finish() restores the signal handlers
+        except BaseException as e:
+            try:
+                raise_if_lost(acc, self.out_dir, collective_timeout(cfg), e)  # a process gone: one line naming it
+            finally:
+                self.stop.restore()  # on the normal path finish() restores the signal handlers
             raise
         finally:
             pbar.close()
@@ -275,9 +290,10 @@ class TrainingRun:
     # --- the end ----------------------------------------------------------------------------
     def save(self) -> str:
         """A checkpoint now (every process calls it)."""
-        if self.before_save is not None:
-            self.before_save()
-        return self.ckpt.save()
+        with report_lost_process(self.accelerator, self.out_dir, collective_timeout(self.cfg)):
+            if self.before_save is not None:
+                self.before_save()
+            return self.ckpt.save()
 
     def finish(self, checkpoint: str, outputs: dict, done: str) -> dict:
         """The run's summary (also summary.json) and its last line, `done` at its end; then `end_training`."""

@@ -7,30 +7,24 @@
     stop.restore()
 
 Clusters send SIGTERM some time before they preempt a job: the run finishes its step, writes a checkpoint and
-exports. A second Ctrl-C aborts at once. The flags are summed over processes, so all of them stop at the same
-step even when only one was signalled (a process that left the loop alone would hang the others).
+exports. A second Ctrl-C aborts at once. The DataLoader workers ignore these signals (`stellar_tok.data.stop_signals`),
+so a signal to the whole process group stops the run the same way. The flags are summed over processes, so all of
+them stop at the same step even when only one was signalled (a process that left the loop alone would hang the others).
 """
 from __future__ import annotations
 
-import signal
-
 import torch
 
+from stellar_tok.data.stop_signals import STOP_SIGNALS, StopSignals
 from stellar_tok.errors import UserError
 
 
-class GracefulStop:
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
-        self.requested = False
-        self.signal_name: str | None = None
-        self._old = {s: signal.signal(s, self._handle) for s in signals}
+class GracefulStop(StopSignals):
+    """SIGTERM/SIGINT (to this process or its whole group: the loader workers ignore them) request a stop after
+    the current step; `should_stop` is the decision every process agrees on."""
 
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name}: stopping after this step (checkpoint and export follow); Ctrl-C again aborts", flush=True)
+    def __init__(self, signals=STOP_SIGNALS):
+        super().__init__("stopping after this step (checkpoint and export follow)", signals)
 
     def should_stop(self, accelerator, late: bool = False, done: bool = False) -> bool:
         """True on every process when any process was signalled, is over its time budget, or is `done`."""
@@ -38,10 +32,6 @@ class GracefulStop:
         if accelerator.num_processes > 1:
             flags = accelerator.reduce(flags, "sum")
         return bool(flags.item() > 0)
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 class NonFiniteGuard:
