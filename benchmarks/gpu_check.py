@@ -122,10 +122,10 @@ def chain_section(work: str) -> str:
     return text.split("\n", 1)[1].strip() if text.startswith("#") else text.strip()
 
 
-def body(work: str) -> str:
+def body(work: str, rows: dict) -> str:
+    """The report's text; `rows`: the b16 and h14 rows (`read_rows` of their logs)."""
     env_path = os.path.join(work, "env.json")
     env = json.load(open(env_path)) if os.path.isfile(env_path) else {"machine": "unknown", "scale": "?"}
-    h14 = read_rows(os.path.join(work, "logs", "h14.log"))
     return f"""{env['machine']} (SCALE={env['scale']}).
 
 Stages (`bash benchmarks/gpu_check.sh`; exit 124: stopped at its time limit):
@@ -138,7 +138,7 @@ Stages (`bash benchmarks/gpu_check.sh`; exit 124: stopped at its time limit):
 row per setting on random images, median of the timed steps; TFLOP counted by `FlopCounterMode` over one eager step; MFU
 against the dense bf16 peak; peak memory = `torch.cuda.max_memory_allocated` over the timed steps.
 
-{rows_table(read_rows(os.path.join(work, 'logs', 'b16.log')))}
+{rows_table(rows['b16'])}
 
 ### The generation chain
 
@@ -149,17 +149,17 @@ against the dense bf16 peak; peak memory = `torch.cuda.max_memory_allocated` ove
 `configs/tokenizer/vit_h14.yaml` (252 px, 8 + 8 views, bf16) in one process, no FSDP wrapping (parameters, gradients
 and AdamW states whole on one GPU, about 11 GiB: 8-GPU FSDP2 holds an eighth of them per GPU).
 
-{rows_table(h14)}
+{rows_table(rows['h14'])}
 """
 
 
 def write_report(work: str, out: str, doc: bool) -> str:
     os.makedirs(out, exist_ok=True)
-    text = body(work)
+    rows = {name: read_rows(os.path.join(work, "logs", f"{name}.log")) for name in ("b16", "h14")}
+    text = body(work, rows)
     with open(os.path.join(out, "gpu_check.md"), "w") as f:
         f.write("# benchmarks/gpu_check.sh\n\n" + text)
-    atomic_write_json(os.path.join(out, "gpu_check.json"), {"b16": read_rows(os.path.join(work, "logs", "b16.log")),
-                                                            "h14": read_rows(os.path.join(work, "logs", "h14.log"))})
+    atomic_write_json(os.path.join(out, "gpu_check.json"), rows)
     for name in ("samples_grid.png", "b16_reconstruction.png"):
         src = os.path.join(work, "chain", "out", name)
         if os.path.isfile(src):

@@ -40,7 +40,7 @@ if [ "$SCALE" = gpu ]; then
   # measured on an H200: data 57 s, MAE folder 12, B/16 47, tokenize 22, generator 63, sample 31, Inception 15, FID 2 x 17
   CHAIN=(N_TRAIN=320 N_VAL=128 CLASSES=16 SHARD=80 B16_STEPS=20 B16_GAN=10 B16_BATCH=64 B16_MIN=0.4 FID_N=128 GLOBAL_S=290
          REPORT_EACH=0)
-  NEED=(b16 60 chain 200 h14 40) LIMIT=(b16 150 chain 300 h14 100)
+  declare -A NEED=([b16]=60 [chain]=200 [h14]=40) LIMIT=([b16]=150 [chain]=300 [h14]=100)
 else
   W=${WORK:-runs/gpu_check_cpu}
   GLOBAL_S=${GLOBAL_S:-900}
@@ -51,10 +51,8 @@ else
   H14=(configs=tiny batch.tiny=3 warmup.tiny=1 steps.tiny=1)
   H14_ROWS="batch=2+ckpt=0;base;batch=4"
   CHAIN=(GLOBAL_S=600 REPORT_EACH=0)
-  NEED=(b16 5 chain 30 h14 5) LIMIT=(b16 120 chain 600 h14 120)
+  declare -A NEED=([b16]=5 [chain]=30 [h14]=5) LIMIT=([b16]=120 [chain]=600 [h14]=120)
 fi
-need() { local i; for ((i = 0; i < ${#NEED[@]}; i += 2)); do [ "${NEED[i]}" = "$1" ] && echo "${NEED[i+1]}"; done; }
-limit() { local i; for ((i = 0; i < ${#LIMIT[@]}; i += 2)); do [ "${LIMIT[i]}" = "$1" ] && echo "${LIMIT[i+1]}"; done; }
 R=${OUT:-$W/out}
 case "$W" in /|"$PWD"|"$HOME") echo "refusing WORK=$W" >&2; exit 2;; esac
 if [ -e "$W" ] && [ ! -e "$W/.gpu_check" ]; then echo "WORK=$W exists and is not a gpu_check folder; choose another WORK" >&2; exit 2; fi
@@ -69,8 +67,8 @@ report() { "$PY" -m benchmarks.gpu_check stage=report work="$W" out="$R" > "$W/l
 stage() {  # stage NAME CMD...: CMD under `timeout` within what is left of GLOBAL_S, its output in logs/NAME.log
   local name=$1 lim left rc t0; shift
   left=$(( GLOBAL_S - ($(date +%s) - T0) ))
-  lim=$(limit "$name")
-  if [ "$left" -lt "$(need "$name")" ]; then
+  lim=${LIMIT[$name]}
+  if [ "$left" -lt "${NEED[$name]}" ]; then
     echo "=== [$name] SKIPPED: only ${left}s of GLOBAL_S=${GLOBAL_S} left" | tee "$W/logs/$name.log"
     printf '{"stage": "%s", "rc": "skipped", "wall_s": 0}\n' "$name" >> "$W/stages.jsonl"
     FAILED="$FAILED $name"; report; return 0
